@@ -1,0 +1,168 @@
+"""One typed configuration object for the whole platform.
+
+Parsed once at an entry point (CLI command or Airflow task) from an optional YAML file plus
+``OVTASKS_*`` environment variables, then passed down explicitly. Nested fields are addressed with a
+double underscore: ``OVTASKS_INGEST__PUNSAFE_MAX=0.3``, ``OVTASKS_S3__ENDPOINT=minio:9000``.
+Precedence (lowest first): defaults, YAML file, environment.
+
+Defaults are the embedded ones: a local store under ``data_dir`` and no credentials. Credentials are
+never given defaults in code; S3 access needs them from the environment or a secret-mounted file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "OVTASKS_"
+CONFIG_ENV = "OVTASKS_CONFIG"
+
+
+class ConfigError(ValueError):
+    """The configuration file or environment could not be turned into a valid Settings."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class S3Config(_Frozen):
+    """Connection to an S3-compatible object store (MinIO in docker/helm, SeaweedFS in tests)."""
+
+    endpoint: str = Field("", description="host:port of the S3 API, without scheme")
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    secure: bool = Field(False, description="use TLS")
+    cert_check: bool = Field(True, description="verify the server certificate when secure")
+    region: str | None = None
+    retries: int = Field(5, ge=0, le=20, description="retries of a failed request (urllib3 backoff)")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _no_scheme(cls, v: str) -> str:
+        for scheme in ("http://", "https://"):
+            if v.startswith(scheme):
+                raise ValueError(
+                    f"endpoint must be host:port without scheme (got {v!r}); set s3.secure for TLS"
+                )
+        return v
+
+
+class IngestConfig(_Frozen):
+    """Filters of the ingest stage. Every filter can be switched off or re-thresholded."""
+
+    require_english: bool = True
+    english_min_score: float = Field(
+        0.2, ge=0.0, le=1.0, description="English kept when top-1, or when its probability reaches this"
+    )
+    punsafe_max: float | None = Field(0.5, ge=0.0, le=1.0, description="None disables")
+    pwatermark_max: float | None = Field(None, ge=0.0, le=1.0, description="None disables")
+    keep_missing_punsafe: bool = Field(
+        True, description="a sample without a punsafe value passes the punsafe filter"
+    )
+    min_side: int = Field(64, ge=1)
+    max_aspect_ratio: float = Field(3.0, ge=1.0)
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="decompression-bomb guard on the declared size"
+    )
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    max_caption_bytes: int = Field(2000, ge=1)
+    dedup: bool = True
+    dedup_max_distance: int = Field(
+        4, ge=0, le=16, description="Hamming distance of 64-bit pHashes counted as a near duplicate"
+    )
+    allow_animated: bool = Field(False, description="keep the first frame of animated images")
+    reencode_quality: int = Field(95, ge=50, le=100, description="JPEG quality when re-encoding")
+
+
+class SynthConfig(_Frozen):
+    image_size: int = Field(192, ge=32, le=2048)
+    failure_rate: float = Field(
+        0.15, ge=0.0, le=0.9, description="fraction of samples made to fail an ingest filter"
+    )
+
+
+class Settings(_Frozen):
+    """Everything configurable. Build it with :func:`load_settings`."""
+
+    data_dir: Path = Path("data")
+    s3: S3Config = S3Config()
+    ingest: IngestConfig = IngestConfig()
+    synth: SynthConfig = SynthConfig()
+    workers: int = Field(2, ge=1, le=256)
+    log_format: str = Field("auto", pattern="^(auto|json|text)$")
+
+    def fingerprint(self, section: str) -> str:
+        """Stable hash of one section, recorded in manifests so outputs name their config."""
+        data = getattr(self, section).model_dump(mode="json")
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_nested(target: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        node = target.get(part)
+        if not isinstance(node, dict):
+            node = {}
+            target[part] = node
+        target = node
+    target[path[-1]] = value
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Env values are YAML scalars: ``0.3`` → float, ``false`` → bool, ``null`` → None."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _secret_files(env: Mapping[str, str]) -> dict[str, str]:
+    """``OVTASKS_S3__SECRET_KEY_FILE=/run/secrets/x`` reads the value from a mounted file."""
+    out = {}
+    for key, path in env.items():
+        if key.startswith(ENV_PREFIX) and key.endswith("_FILE") and key != CONFIG_ENV:
+            try:
+                out[key[: -len("_FILE")]] = Path(path).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"{key}: cannot read {path}: {exc}") from exc
+    return out
+
+
+def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Parse YAML (``path`` or ``$OVTASKS_CONFIG``) and ``OVTASKS_*`` overrides into Settings.
+
+    Raises :class:`ConfigError` naming the offending key when anything is invalid.
+    """
+    env = dict(os.environ if env is None else env)
+    path = path or env.get(CONFIG_ENV)
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+        data = loaded
+    overrides = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX) and not k.endswith("_FILE")}
+    overrides.update(_secret_files(env))
+    for key, raw in sorted(overrides.items()):
+        if key == CONFIG_ENV:
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        if parts:
+            _set_nested(data, parts, _parse_env_value(raw))
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc
