@@ -61,6 +61,9 @@ class IngestConfig(_Frozen):
     english_min_score: float = Field(
         0.2, ge=0.0, le=1.0, description="English kept when top-1, or when its probability reaches this"
     )
+    other_language_min_score: float = Field(
+        0.5, ge=0.0, le=1.0, description="non-English only when another language is at least this likely"
+    )
     punsafe_max: float | None = Field(0.5, ge=0.0, le=1.0, description="None disables")
     pwatermark_max: float | None = Field(None, ge=0.0, le=1.0, description="None disables")
     keep_missing_punsafe: bool = Field(

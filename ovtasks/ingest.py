@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ class ShardStage:
     source_bytes: int = 0
     kept_path: str = ""
     rejected_path: str = ""
+    kept_file: tuple[str, int] = ("", 0)  # (sha256, bytes) of the staged tars
+    rejected_file: tuple[str, int] = ("", 0)
     rejected_index: list[dict] = field(default_factory=list)
 
 
@@ -182,7 +185,7 @@ def check_sample(raw: RawSample, row: dict | None, cfg: IngestConfig) -> Verdict
     if cfg.pwatermark_max is not None and pwatermark is not None and pwatermark > cfg.pwatermark_max:
         return reject("watermark", f"{pwatermark:.3f} > {cfg.pwatermark_max}")
     guess = detect_language(caption)
-    if cfg.require_english and not is_english(guess, caption, cfg.english_min_score):
+    if cfg.require_english and not is_english(guess, cfg.english_min_score, cfg.other_language_min_score):
         return reject("non_english", f"{guess.lang} p={guess.score:.2f}, en p={guess.english_score:.2f}")
     try:
         decoded = decode_image(raw.members[image_ext], cfg)
@@ -242,11 +245,18 @@ def stage_shard(src_uri: str, name: str, settings: Settings, staging_dir: str) -
             log.error("shard %s: %s", name, stage.error)
             return stage
     seen_keys: set[str] = set()
+    local_dups = NearDuplicateIndex(cfg.dedup_max_distance)  # within this shard; across shards: phase 2
     with open(stage.kept_path, "wb") as kf, open(stage.rejected_path, "wb") as rf, \
             ShardWriter(kf) as kept_w, ShardWriter(rf) as rej_w:
 
         def record(v: Verdict) -> None:
             stage.seen += 1
+            if v.reason is None and v.phash is not None and cfg.dedup:
+                original = local_dups.find(v.phash)
+                if original is not None:
+                    v = Verdict(v.key, "near_duplicate", f"near duplicate of {name}/{original}", v.members)
+                else:
+                    local_dups.add(v.phash, v.key)
             if v.reason is None:
                 kept_w.add(v.key, v.members)
                 stage.kept.append((v.key, v.phash if v.phash is not None else -1))
@@ -276,12 +286,14 @@ def stage_shard(src_uri: str, name: str, settings: Settings, staging_dir: str) -
         for key, row in rows.items():
             if key not in seen_keys and row.get("status") in (None, "success"):
                 record(Verdict(key, missing_reason, "listed in parquet, absent from tar", {}))
+    stage.kept_file = (kept_w.sha.hexdigest(), kept_w.bytes)
+    stage.rejected_file = (rej_w.sha.hexdigest(), rej_w.bytes)
     return stage
 
 
 def _safe_key(key: str, n: int) -> str:
     """A quarantine member name that cannot escape (keys of unsafe members are rewritten)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", key)[:100] or "sample"
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", key)[:60] or "sample"
     return f"{n:06d}_{cleaned}"
 
 
@@ -302,18 +314,8 @@ def find_duplicates(stages: Iterable[ShardStage], max_distance: int) -> dict[str
     return drops
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def publish_shard(stage: ShardStage, drops: dict[str, str], src_uri: str, out_uri: str, settings: Settings) -> dict:
     """Phase 3: write the shard's outputs atomically, manifest last; returns its report entry."""
-    from ovtasks.shards import iter_tar_samples as _iter
-
     store = open_store(out_uri, settings.s3)
     name = stage.name
     entry = {"shard": name, "status": stage.status, "error": stage.error, "seen": stage.seen}
@@ -326,28 +328,34 @@ def publish_shard(stage: ShardStage, drops: dict[str, str], src_uri: str, out_ur
     workdir = os.path.dirname(stage.kept_path)
     clean_path = os.path.join(workdir, f"{name}.clean.tar")
     quar_path = os.path.join(workdir, f"{name}.quarantine.tar")
-    kept = 0
-    with open(clean_path, "wb") as cf, open(quar_path, "wb") as qf, ShardWriter(cf) as clean_w, ShardWriter(qf) as quar_w:
-        with open(stage.rejected_path, "rb") as rf:
-            for raw in _iter(rf, {}, default_limit=1 << 62):
-                quar_w.add(raw.key, raw.members)
-        with open(stage.kept_path, "rb") as kf:
-            for raw in _iter(kf, {}, default_limit=1 << 62):
-                if raw.key in drops:
-                    v = Verdict(raw.key, "near_duplicate", f"near duplicate of {drops[raw.key]}", raw.members)
-                    quarantined["near_duplicate"] += 1
-                    index.append({"key": raw.key, "reason": v.reason, "detail": v.detail})
-                    quar_w.add(_safe_key(raw.key, stage.seen + len(index)), {**raw.members, "reason.json": _reason_member(v, name)})
-                else:
-                    clean_w.add(raw.key, raw.members)
-                    kept += 1
+    kept = len(stage.kept)
+    if not drops:  # nothing to remove: the staged tars are the final ones
+        clean_path, quar_path = stage.kept_path, stage.rejected_path
+        digests = {clean_path: stage.kept_file, quar_path: stage.rejected_file}
+    else:
+        kept = 0
+        with open(clean_path, "wb") as cf, open(quar_path, "wb") as qf, ShardWriter(cf) as clean_w, ShardWriter(qf) as quar_w:
+            with open(stage.rejected_path, "rb") as rf:
+                for raw in iter_tar_samples(rf, {}, default_limit=1 << 62):
+                    quar_w.add(raw.key, raw.members)
+            with open(stage.kept_path, "rb") as kf:
+                for raw in iter_tar_samples(kf, {}, default_limit=1 << 62):
+                    if raw.key in drops:
+                        v = Verdict(raw.key, "near_duplicate", f"near duplicate of {drops[raw.key]}", raw.members)
+                        quarantined["near_duplicate"] += 1
+                        index.append({"key": raw.key, "reason": v.reason, "detail": v.detail})
+                        quar_w.add(_safe_key(raw.key, stage.seen + len(index)), {**raw.members, "reason.json": _reason_member(v, name)})
+                    else:
+                        clean_w.add(raw.key, raw.members)
+                        kept += 1
+        digests = {clean_path: (clean_w.sha.hexdigest(), clean_w.bytes), quar_path: (quar_w.sha.hexdigest(), quar_w.bytes)}
     index_bytes = b"".join(dumps_json(e) + b"\n" for e in index)
     files = {
         f"shards/{name}.tar": clean_path,
         f"quarantine/{name}.tar": quar_path,
     }
     for key, path in files.items():
-        store.put_file(key, path)
+        store.put_file(key, path, move=True)
     store.put_bytes(f"quarantine/{name}.jsonl", index_bytes)
     counts = {"seen": stage.seen, "kept": kept, "quarantined": dict(sorted(quarantined.items()))}
     assert counts["seen"] == kept + sum(quarantined.values()), counts
@@ -359,15 +367,16 @@ def publish_shard(stage: ShardStage, drops: dict[str, str], src_uri: str, out_ur
         "source": {"uri": f"{src_uri.rstrip('/')}/{name}.tar", "sha256": stage.source_sha256, "bytes": stage.source_bytes},
         "counts": counts,
         "files": {
-            **{k: {"sha256": _sha256_file(p), "bytes": os.path.getsize(p)} for k, p in files.items()},
+            **{k: {"sha256": digests[p][0], "bytes": digests[p][1]} for k, p in files.items()},
             f"quarantine/{name}.jsonl": {"sha256": hashlib.sha256(index_bytes).hexdigest(), "bytes": len(index_bytes)},
         },
         "config_hash": settings.fingerprint("ingest"),
         "code_version": __version__,
     }
     store.put_bytes(f"shards/{name}.manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
-    for p in (clean_path, quar_path, stage.kept_path, stage.rejected_path):
-        os.unlink(p)
+    for p in (stage.kept_path, stage.rejected_path, clean_path, quar_path):
+        if os.path.exists(p):
+            os.unlink(p)
     entry.update(kept=kept, quarantined=counts["quarantined"])
     return entry
 
@@ -382,24 +391,31 @@ def list_shards(src: Store) -> list[str]:
     return sorted(names)
 
 
-def _pool(workers: int):
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes: plain fork when this process has a single thread (fast, and safe then);
+    otherwise a forkserver, since forking a multi-threaded process can deadlock the child."""
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("fork")
+    else:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["ovtasks.ingest"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
-def _run(fn, jobs: list[tuple], workers: int, tick: Callable[[], None] | None) -> list:
+def _run(pool: ProcessPoolExecutor | None, fn, jobs: list[tuple], tick: Callable[[], None] | None) -> list:
+    """Run jobs in order (serially without a pool); results keep job order."""
     results = []
-    if workers <= 1 or len(jobs) <= 1:
+    if pool is None:
         for job in jobs:
             results.append(fn(*job))
             if tick:
                 tick()
         return results
-    with _pool(min(workers, len(jobs))) as pool:
-        futures = [pool.submit(fn, *job) for job in jobs]
-        for fut in futures:
-            results.append(fut.result())
-            if tick:
-                tick()
+    futures = [pool.submit(fn, *job) for job in jobs]
+    for fut in futures:
+        results.append(fut.result())
+        if tick:
+            tick()
     return results
 
 
@@ -424,14 +440,17 @@ def ingest(src_uri: str, out_uri: str, settings: Settings, workers: int | None =
     names = list_shards(src)
     if not names:
         raise FileNotFoundError(f"no *.tar shards found at {src.uri}")
-    staging = tempfile.mkdtemp(prefix="ovtasks-ingest-")
+    staging = open_store(out_uri, settings.s3).scratch_dir()
+    pool = _pool(min(workers, len(names))) if workers > 1 and len(names) > 1 else None
     try:
         tick = progress("ingest: check", len(names)) if progress else None
-        stages = _run(stage_shard, [(src_uri, n, settings, staging) for n in names], workers, tick)
+        stages = _run(pool, stage_shard, [(src_uri, n, settings, staging) for n in names], tick)
         drops = find_duplicates(stages, settings.ingest.dedup_max_distance) if settings.ingest.dedup else {}
         tick = progress("ingest: publish", len(names)) if progress else None
-        entries = _run(publish_shard, [(s, drops.get(s.name, {}), src_uri, out_uri, settings) for s in stages], workers, tick)
+        entries = _run(pool, publish_shard, [(s, drops.get(s.name, {}), src_uri, out_uri, settings) for s in stages], tick)
     finally:
+        if pool is not None:
+            pool.shutdown()
         shutil.rmtree(staging, ignore_errors=True)
     total: Counter = Counter()
     for e in entries:

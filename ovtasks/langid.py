@@ -33,12 +33,14 @@ def detect_language(text: str) -> LanguageGuess:
     return LanguageGuess(top["lang"], float(top["score"]), scores.get("en", 0.0))
 
 
-def is_english(guess: LanguageGuess, text: str, min_score: float) -> bool:
-    """English when it is the top language, or its probability reaches ``min_score``.
+def is_english(guess: LanguageGuess, english_min_score: float, other_min_score: float) -> bool:
+    """Rejected as non-English only when the detector is confident of another language.
 
-    Very short alt-text ("a red ball") carries little signal for a character n-gram model, so up to
-    three words English only needs to be among the top five languages with probability >= 0.05.
+    English passes when it is the top language or reaches ``english_min_score``. Otherwise the
+    caption is non-English only if the top language reaches ``other_min_score``: very short
+    alt-text ("a blue donut") carries little signal for a character n-gram model, and an unsure
+    detector should not throw data away.
     """
-    if guess.lang == "en" or guess.english_score >= min_score:
+    if guess.lang == "en" or guess.english_score >= english_min_score:
         return True
-    return len(clean_caption_for_lid(text).split()) <= 3 and guess.english_score >= 0.05
+    return guess.score < other_min_score

@@ -8,12 +8,11 @@ Members sharing a key are consecutive (webdataset convention); the reader groups
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import tarfile
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 FIXED_MTIME = 1_700_000_000  # written into tar headers so identical content gives identical bytes
@@ -58,20 +57,126 @@ class RawSample:
 
 def split_member_name(name: str) -> tuple[str, str]:
     """``dir/00012.jpg`` → (``dir/00012``, ``jpg``); the key ends at the basename's first dot."""
-    path = PurePosixPath(name)
-    base = path.name
-    stem, dot, ext = base.partition(".")
-    key = str(path.parent / stem) if str(path.parent) not in ("", ".") else stem
+    slash = name.rfind("/")
+    stem, dot, ext = name[slash + 1:].partition(".")
+    key = name[:slash + 1] + stem if slash > 0 else stem
     return key, ext.lower() if dot else ""
 
 
 def is_unsafe_name(name: str) -> bool:
-    p = PurePosixPath(name)
-    return name.startswith("/") or "\\" in name or ".." in p.parts or "\x00" in name
+    return name.startswith("/") or "\\" in name or ".." in name.split("/") or "\x00" in name
 
 
 def normalise_ext(ext: str) -> str:
     return "jpg" if ext == "jpeg" else ext
+
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR = (b"0", b"\x00", b"7")
+_PASSIVE = (b"5",)  # directories: skipped
+
+
+class _TarCorrupt(Exception):
+    pass
+
+
+def _read_exact(fh: BinaryIO, n: int) -> bytes:
+    chunks, need = [], n
+    while need:
+        chunk = fh.read(need)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        need -= len(chunk)
+    data = b"".join(chunks) if len(chunks) != 1 else chunks[0]
+    if len(data) != n:
+        raise EOFError(f"unexpected end of data: wanted {n} bytes, got {len(data)}")
+    return data
+
+
+def _skip(fh: BinaryIO, n: int) -> None:
+    while n:
+        chunk = fh.read(min(n, 1 << 20))
+        if not chunk:
+            raise EOFError("unexpected end of data while skipping a member")
+        n -= len(chunk)
+
+
+def _octal(field: bytes) -> int:
+    if field and field[0] & 0x80:  # GNU base-256
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\x00", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = _octal(header[148:156])
+    unsigned = sum(header[:148]) + 256 + sum(header[156:])
+    return stored == unsigned
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        sp = data.index(b" ", pos)
+        length = int(data[pos:sp])
+        record = data[sp + 1:pos + length - 1]
+        k, _, v = record.partition(b"=")
+        out[k.decode("utf-8", "replace")] = v.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+def iter_tar_members(fh: BinaryIO, limit_for: "Callable[[str], int]") -> Iterator[tuple[str, bytes, int | None]]:
+    """Stream ``(name, typeflag, data_or_None, size)`` from a tar without ``tarfile``.
+
+    Reads ustar, PAX (``path``/``size``) and GNU long-name headers, verifies header checksums and
+    never seeks. A member larger than ``limit_for(name)`` is skipped unread (data ``None``).
+    Raises ``EOFError`` on truncation and ``_TarCorrupt`` on a damaged header.
+    """
+    pending: dict[str, str] = {}
+    saw_any = False
+    while True:
+        header = fh.read(_BLOCK)
+        if len(header) < _BLOCK:
+            if len(header) == 0 and not saw_any:
+                raise _TarCorrupt("empty file")
+            raise EOFError("unexpected end of data: no end-of-archive marker")
+        if header == _ZERO_BLOCK:
+            return
+        saw_any = True
+        if not _checksum_ok(header):
+            raise _TarCorrupt("bad header checksum")
+        typeflag = header[156:157]
+        size = _octal(header[124:136])
+        if typeflag in (b"x", b"g", b"L", b"K"):
+            data = _read_exact(fh, size)
+            _skip(fh, (-size) % _BLOCK)
+            if typeflag == b"x":
+                pending.update(_pax_records(data))
+            elif typeflag == b"L":
+                pending["path"] = data.rstrip(b"\x00").decode("utf-8", "replace")
+            continue
+        name = header[0:100].split(b"\x00", 1)[0]
+        prefix = header[345:500].split(b"\x00", 1)[0] if header[257:263] == b"ustar\x00" else b""
+        name = (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
+        name = pending.pop("path", name)
+        if "size" in pending:
+            size = int(pending.pop("size"))
+        pending.clear()
+        if typeflag not in _REGULAR:
+            size_on_disk = size if typeflag not in (b"1", b"2", b"3", b"4", b"5", b"6") else 0
+            _skip(fh, size_on_disk + (-size_on_disk) % _BLOCK)
+            yield name, typeflag, None, size
+            continue
+        if size > limit_for(name):
+            _skip(fh, size + (-size) % _BLOCK)
+            yield name, typeflag, None, size
+            continue
+        data = _read_exact(fh, size)
+        _skip(fh, (-size) % _BLOCK)
+        yield name, typeflag, data, size
 
 
 def iter_tar_samples(fileobj: BinaryIO, limits: dict[str, int], default_limit: int = 1 << 20) -> Iterator[RawSample]:
@@ -79,21 +184,19 @@ def iter_tar_samples(fileobj: BinaryIO, limits: dict[str, int], default_limit: i
 
     A member whose declared size exceeds ``limits[ext]`` (or ``default_limit``) is not read: its
     extension goes into ``oversized`` so the caller can quarantine the sample with a reason.
-    Links, devices and names escaping the directory are reported as ``unsafe_member`` problems and
-    never extracted. A key seen again after another key gets a ``duplicate_key`` problem.
+    Links, devices and names escaping the directory are reported as ``unsafe_member_*`` problems
+    and never extracted. A key seen again after another key gets a ``duplicate_key`` problem.
     Raises :class:`ShardReadError` after yielding what was complete when the tar ends early.
     """
+    def limit_for(name: str) -> int:
+        return limits.get(normalise_ext(split_member_name(name)[1]), default_limit)
+
     seen_keys: set[str] = set()
     current: RawSample | None = None
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|*")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardReadError("unreadable_tar", str(exc)) from exc
-    try:
-        for info in tar:
-            if info.isdir():
+        for name, typeflag, data, size in iter_tar_members(fileobj, limit_for):
+            if typeflag in _PASSIVE:
                 continue
-            name = info.name
             key, ext = split_member_name(name)
             ext = normalise_ext(ext)
             if current is None or key != current.key:
@@ -105,53 +208,87 @@ def iter_tar_samples(fileobj: BinaryIO, limits: dict[str, int], default_limit: i
                 seen_keys.add(key)
             if is_unsafe_name(name):
                 current.problems.append("unsafe_member_path")
-                continue
-            if not info.isfile():
+            elif typeflag not in _REGULAR:
                 current.problems.append("unsafe_member_type")
-                continue
-            if ext in current.members or ext in current.oversized:
+            elif ext in current.members or ext in current.oversized:
                 current.problems.append("duplicate_key")
-                continue
-            limit = limits.get(ext, default_limit)
-            if info.size > limit:
-                current.oversized[ext] = info.size
-                continue
-            fh = tar.extractfile(info)
-            data = fh.read() if fh is not None else b""
-            if len(data) != info.size:
-                raise EOFError(f"member {name} ended after {len(data)} of {info.size} bytes")
-            current.members[ext] = data
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            elif data is None:
+                current.oversized[ext] = size
+            else:
+                current.members[ext] = data
+    except _TarCorrupt as exc:
+        if current is None:
+            raise ShardReadError("unreadable_tar", str(exc)) from exc
+        current.problems.append("truncated_tar")
+        yield current
+        raise ShardReadError("truncated_tar", str(exc)) from exc
+    except (EOFError, ValueError) as exc:
         if current is not None:
             current.problems.append("truncated_tar")
             yield current
         raise ShardReadError("truncated_tar", str(exc)) from exc
-    finally:
-        tar.close()
     if current is not None:
         yield current
 
 
+def _tar_header(name: bytes, size: int, typeflag: bytes = b"0") -> bytes:
+    h = bytearray(_BLOCK)
+    h[0:len(name)] = name
+    h[100:108] = b"0000644\x00"
+    h[108:116] = b"0000000\x00"
+    h[116:124] = b"0000000\x00"
+    h[124:136] = b"%011o\x00" % size
+    h[136:148] = b"%011o\x00" % FIXED_MTIME
+    h[148:156] = b" " * 8
+    h[156:157] = typeflag
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"%06o\x00 " % sum(h)
+    return bytes(h)
+
+
 class ShardWriter:
-    """Writes a webdataset tar with fixed metadata so that equal input gives byte-identical output."""
+    """Writes a webdataset tar with fixed metadata so that equal input gives byte-identical output.
+
+    Plain ustar headers; names longer than 100 bytes get a PAX ``path`` record.
+    """
 
     def __init__(self, fileobj: BinaryIO):
-        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._out = fileobj
         self.count = 0
+        self.sha = hashlib.sha256()  # of every byte written: the manifest checksum, no re-read
+        self.bytes = 0
+        self._closed = False
+
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+        self.sha.update(data)
+        self.bytes += len(data)
+
+    def _member(self, name: str, data: bytes) -> None:
+        raw = name.encode("utf-8")
+        if len(raw) > 100:
+            rec = b" path=" + raw + b"\n"
+            n = len(rec)
+            n = len(str(n + len(str(n))).encode()) + n
+            pax = str(n).encode() + rec
+            self._write(_tar_header(b"././@PaxHeader", len(pax), b"x"))
+            self._write(pax + bytes((-len(pax)) % _BLOCK))
+            raw = raw[:100]
+        self._write(_tar_header(raw, len(data)))
+        self._write(data)
+        pad = (-len(data)) % _BLOCK
+        if pad:
+            self._write(bytes(pad))
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = FIXED_MTIME
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            self._member(f"{key}.{ext}", data)
         self.count += 1
 
     def close(self) -> None:
-        self._tar.close()
+        if not self._closed:
+            self._write(_ZERO_BLOCK * 2)
+            self._closed = True
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -70,8 +70,9 @@ class Store(ABC):
     def get_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
-    def put_file(self, key: str, path: str | os.PathLike) -> None:
-        """Upload a local file atomically."""
+    def put_file(self, key: str, path: str | os.PathLike, move: bool = False) -> None:
+        """Publish a local file atomically. ``move=True`` lets the store consume the file (a rename
+        when it is on the same local filesystem); the caller must not use it afterwards."""
 
     @abstractmethod
     def get_file(self, key: str, path: str | os.PathLike) -> None:
@@ -95,6 +96,10 @@ class Store(ABC):
     @abstractmethod
     def child(self, prefix: str) -> "Store":
         """A store rooted at ``prefix`` below this one."""
+
+    def scratch_dir(self) -> str:
+        """A private local directory for staging files before publishing them (caller removes it)."""
+        return tempfile.mkdtemp(prefix="ovtasks-")
 
     def uri_for(self, key: str) -> str:
         return self.uri.rstrip("/") + "/" + check_key(key)
@@ -149,7 +154,18 @@ class LocalStore(Store):
         except FileNotFoundError as exc:
             raise StoreError(f"no object {self.uri_for(key)}") from exc
 
-    def put_file(self, key: str, path: str | os.PathLike) -> None:
+    def put_file(self, key: str, path: str | os.PathLike, move: bool = False) -> None:
+        if move:
+            dest = self._path(key)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(path, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(path, dest)  # atomic within one filesystem
+                return
+            except OSError:
+                pass  # another filesystem: copy below
+
         def fill(fh):
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, fh, 1 << 20)
@@ -178,7 +194,7 @@ class LocalStore(Store):
             return []
         keys = []
         for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(_TMP_MARK))
             for name in filenames:
                 if name.startswith(_TMP_MARK):
                     continue
@@ -197,6 +213,12 @@ class LocalStore(Store):
 
     def child(self, prefix: str) -> "LocalStore":
         return LocalStore(self._path(prefix))
+
+    def scratch_dir(self) -> str:
+        """A private directory on the store's filesystem (never listed), so put_file(move=True)
+        is a rename. The caller removes it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkdtemp(prefix=_TMP_MARK + "scratch-", dir=self.root)
 
 
 class S3Store(Store):
@@ -238,9 +260,11 @@ class S3Store(Store):
         with self.open_read(key) as fh:
             return fh.read()
 
-    def put_file(self, key: str, path: str | os.PathLike) -> None:
+    def put_file(self, key: str, path: str | os.PathLike, move: bool = False) -> None:
         self._ensure_bucket()
         self.client.fput_object(self.bucket, self._name(key), str(path))
+        if move:
+            os.unlink(path)
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         path = Path(path)

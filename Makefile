@@ -1,0 +1,43 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both create .venv when missing and
+# install the pinned set (constraints.txt); re-running is fast because installation is stamped.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ovtasks-installed
+TEST_OUT ?= test-output
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow bench lock clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=python3.x)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first and by pip: the CPU machine keeps torch/torchvision wheels on local disk.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/ovtasks demo
+
+# pytest's exit code lands in $(TEST_OUT)/pytest-exit-code so .ci/run can tell "no tests ran" (5).
+test: $(STAMP)
+	@mkdir -p $(TEST_OUT)
+	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest --junitxml=$(TEST_OUT)/junit.xml $(PYTEST_ARGS); \
+	  rc=$$?; echo $$rc > $(TEST_OUT)/pytest-exit-code; exit $$rc
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ingest.py
+
+lock: $(BIN)/python
+	{ echo "# Tested set, Python 3.11 / x86_64 (pip freeze of the make-test venv). Regenerate: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -vi '^ovtasks'; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) $(TEST_OUT) .pytest_cache
