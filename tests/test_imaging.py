@@ -1,0 +1,75 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ovtasks.config import IngestConfig
+from ovtasks.imaging import ImageRejected, NearDuplicateIndex, decode_image, phash64
+
+
+def _noise(seed: int, size=(96, 80)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.BICUBIC)
+
+
+def _jpeg(im: Image.Image, q=90) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=q)
+    return buf.getvalue()
+
+
+def test_phash_near_and_far():
+    a, b = _noise(1), _noise(2)
+    ha = phash64(a)
+    h_re = phash64(Image.open(io.BytesIO(_jpeg(a, 60))))
+    h_b = phash64(b)
+    assert (ha ^ h_re).bit_count() <= 4
+    assert (ha ^ h_b).bit_count() > 12
+    assert 0 <= ha < 2**64
+
+
+def test_phash_agrees_with_imagehash_construction():
+    imagehash = pytest.importorskip("imagehash")
+    im = _noise(3, (128, 128))
+    ours = phash64(im)
+    theirs = int(str(imagehash.phash(im)), 16)
+    assert (ours ^ theirs).bit_count() <= 8  # same construction, different resampling filter
+
+
+@pytest.mark.parametrize("distance", [0, 2, 4, 8])
+def test_near_duplicate_index_matches_brute_force(distance):
+    rng = np.random.default_rng(distance)
+    index = NearDuplicateIndex(distance)
+    stored = []
+    for i in range(300):
+        h = int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2))
+        if i % 3 == 0 and stored:  # plant near copies
+            base = stored[int(rng.integers(len(stored)))][0]
+            flips = rng.choice(64, size=int(rng.integers(0, distance + 3)), replace=False)
+            h = base
+            for f in flips:
+                h ^= 1 << int(f)
+        brute = next((ident for other, ident in stored if (h ^ other).bit_count() <= distance), None)
+        found = index.find(h)
+        assert (found is None) == (brute is None)
+        if found is None:
+            index.add(h, str(i))
+            stored.append((h, str(i)))
+
+
+def test_decode_rejects_and_converts():
+    cfg = IngestConfig()
+    with pytest.raises(ImageRejected) as e:
+        decode_image(b"", cfg)
+    assert e.value.reason == "empty_image"
+    with pytest.raises(ImageRejected) as e:
+        decode_image(b"GIF89a not really", cfg)
+    assert e.value.reason == "undecodable_image"
+    data = _jpeg(_noise(4))
+    with pytest.raises(ImageRejected) as e:
+        decode_image(data[: len(data) // 2], cfg)
+    assert e.value.reason == "truncated_image"
+    ok = decode_image(data, cfg)
+    assert ok.data == data and not ok.reencoded and ok.image.mode == "RGB"
