@@ -297,21 +297,36 @@ def _safe_key(key: str, n: int) -> str:
     return f"{n:06d}_{cleaned}"
 
 
-def find_duplicates(stages: Iterable[ShardStage], max_distance: int) -> dict[str, dict[str, str]]:
-    """Phase 2: {shard: {key: key_of_earlier_kept_copy}} in deterministic shard/key order."""
-    index = NearDuplicateIndex(max_distance)
-    drops: dict[str, dict[str, str]] = {}
-    for stage in sorted(stages, key=lambda s: s.name):
+class CrossShardDedup:
+    """Phase 2, incremental: feed staged shards in name order; each gets {key: earlier_copy}.
+
+    A shard's decision depends only on shards before it, so it can be published as soon as every
+    earlier shard is staged, while later shards are still being checked.
+    """
+
+    def __init__(self, max_distance: int, enabled: bool = True):
+        self.index = NearDuplicateIndex(max_distance)
+        self.enabled = enabled
+
+    def drops_for(self, stage: ShardStage) -> dict[str, str]:
+        drops: dict[str, str] = {}
+        if not self.enabled:
+            return drops
         for key, h in stage.kept:
             if h < 0:
                 continue
-            ident = f"{stage.name}/{key}"
-            original = index.find(h)
+            original = self.index.find(h)
             if original is not None:
-                drops.setdefault(stage.name, {})[key] = original
+                drops[key] = original
             else:
-                index.add(h, ident)
-    return drops
+                self.index.add(h, f"{stage.name}/{key}")
+        return drops
+
+
+def find_duplicates(stages: Iterable[ShardStage], max_distance: int) -> dict[str, dict[str, str]]:
+    """Phase 2 over all staged shards at once: {shard: {key: key_of_earlier_kept_copy}}."""
+    dedup = CrossShardDedup(max_distance)
+    return {st.name: d for st in sorted(stages, key=lambda x: x.name) if (d := dedup.drops_for(st))}
 
 
 def publish_shard(stage: ShardStage, drops: dict[str, str], src_uri: str, out_uri: str, settings: Settings) -> dict:
@@ -402,23 +417,6 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
-def _run(pool: ProcessPoolExecutor | None, fn, jobs: list[tuple], tick: Callable[[], None] | None) -> list:
-    """Run jobs in order (serially without a pool); results keep job order."""
-    results = []
-    if pool is None:
-        for job in jobs:
-            results.append(fn(*job))
-            if tick:
-                tick()
-        return results
-    futures = [pool.submit(fn, *job) for job in jobs]
-    for fut in futures:
-        results.append(fut.result())
-        if tick:
-            tick()
-    return results
-
-
 @dataclass(frozen=True)
 class IngestResult:
     report: dict
@@ -442,12 +440,28 @@ def ingest(src_uri: str, out_uri: str, settings: Settings, workers: int | None =
         raise FileNotFoundError(f"no *.tar shards found at {src.uri}")
     staging = open_store(out_uri, settings.s3).scratch_dir()
     pool = _pool(min(workers, len(names))) if workers > 1 and len(names) > 1 else None
+    dedup = CrossShardDedup(settings.ingest.dedup_max_distance, settings.ingest.dedup)
+    tick = progress("ingest", len(names)) if progress else None
     try:
-        tick = progress("ingest: check", len(names)) if progress else None
-        stages = _run(pool, stage_shard, [(src_uri, n, settings, staging) for n in names], tick)
-        drops = find_duplicates(stages, settings.ingest.dedup_max_distance) if settings.ingest.dedup else {}
-        tick = progress("ingest: publish", len(names)) if progress else None
-        entries = _run(pool, publish_shard, [(s, drops.get(s.name, {}), src_uri, out_uri, settings) for s in stages], tick)
+        if pool is None:
+            entries = []
+            for n in names:
+                stage = stage_shard(src_uri, n, settings, staging)
+                entries.append(publish_shard(stage, dedup.drops_for(stage), src_uri, out_uri, settings))
+                if tick:
+                    tick()
+        else:
+            # Stage every shard; publish shard k as soon as shards 0..k are staged (no barrier).
+            staged = [pool.submit(stage_shard, src_uri, n, settings, staging) for n in names]
+            published = []
+            for fut in staged:
+                stage = fut.result()
+                published.append(pool.submit(publish_shard, stage, dedup.drops_for(stage), src_uri, out_uri, settings))
+            entries = []
+            for fut in published:
+                entries.append(fut.result())
+                if tick:
+                    tick()
     finally:
         if pool is not None:
             pool.shutdown()
