@@ -34,7 +34,7 @@ def overlay_instances(image: Image.Image, anns: list[dict], names: dict[int, str
 
     base = np.asarray(image.convert("RGB"), np.float32)
     draw_boxes = []
-    for k, ann in enumerate(anns):
+    for ann in anns:
         rle = dict(ann["segmentation"])
         m = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
         colour = np.array(_PALETTE[(ann["category_id"] - 1) % len(_PALETTE)], np.float32)

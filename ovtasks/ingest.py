@@ -5,8 +5,9 @@ Three phases, so that near-duplicate removal is global yet the output is determi
 1. ``stage_shard`` (one process per shard): stream the tar, check every sample (caption, safety,
    language, full decode, size/aspect), normalise images to RGB JPEG, hash them; write kept and
    rejected samples to local staging tars.
-2. ``find_duplicates`` (main process): walk staged hashes in shard/key order; a sample within the
-   Hamming distance of an earlier kept one is a near duplicate.
+2. ``CrossShardDedup`` (main process): walk staged hashes in shard/key order; a sample within the
+   Hamming distance of an earlier kept one (in an earlier shard; in-shard ones are caught in 1) is
+   a near duplicate. Shard k is decided as soon as shards 0..k are staged.
 3. ``publish_shard`` (one process per shard): remove the old manifest, write the clean shard, the
    quarantine tar and index, then the manifest last (counts, checksums, config hash, code version).
 
@@ -31,12 +32,11 @@ import multiprocessing
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO, Callable
 
 from ovtasks import __version__
 from ovtasks.config import IngestConfig, Settings
@@ -321,12 +321,6 @@ class CrossShardDedup:
             else:
                 self.index.add(h, f"{stage.name}/{key}")
         return drops
-
-
-def find_duplicates(stages: Iterable[ShardStage], max_distance: int) -> dict[str, dict[str, str]]:
-    """Phase 2 over all staged shards at once: {shard: {key: key_of_earlier_kept_copy}}."""
-    dedup = CrossShardDedup(max_distance)
-    return {st.name: d for st in sorted(stages, key=lambda x: x.name) if (d := dedup.drops_for(st))}
 
 
 def publish_shard(stage: ShardStage, drops: dict[str, str], src_uri: str, out_uri: str, settings: Settings) -> dict:

@@ -19,7 +19,6 @@ from PIL import Image
 from ovtasks.config import load_settings
 from ovtasks.ingest import ingest
 from ovtasks.shards import iter_tar_samples
-from ovtasks.storage import open_store
 
 CAPTION = "a photo of a red ball and a blue box on the kitchen table"
 
