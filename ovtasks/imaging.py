@@ -147,3 +147,10 @@ class NearDuplicateIndex:
     def add(self, h: int, ident: str) -> None:
         for table, part in self._parts(h):
             table.setdefault(part, []).append((h, ident))
+
+    def find_or_add(self, h: int, ident: str) -> str | None:
+        """The earlier near copy's ident, or None after storing ``h`` as ``ident``."""
+        original = self.find(h)
+        if original is None:
+            self.add(h, ident)
+        return original

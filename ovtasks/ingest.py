@@ -252,11 +252,9 @@ def stage_shard(src_uri: str, name: str, settings: Settings, staging_dir: str) -
         def record(v: Verdict) -> None:
             stage.seen += 1
             if v.reason is None and v.phash is not None and cfg.dedup:
-                original = local_dups.find(v.phash)
+                original = local_dups.find_or_add(v.phash, v.key)
                 if original is not None:
                     v = Verdict(v.key, "near_duplicate", f"near duplicate of {name}/{original}", v.members)
-                else:
-                    local_dups.add(v.phash, v.key)
             if v.reason is None:
                 kept_w.add(v.key, v.members)
                 stage.kept.append((v.key, v.phash if v.phash is not None else -1))
@@ -315,11 +313,9 @@ class CrossShardDedup:
         for key, h in stage.kept:
             if h < 0:
                 continue
-            original = self.index.find(h)
+            original = self.index.find_or_add(h, f"{stage.name}/{key}")
             if original is not None:
                 drops[key] = original
-            else:
-                self.index.add(h, f"{stage.name}/{key}")
         return drops
 
 
