@@ -68,8 +68,13 @@ def start_seaweed(workdir: Path, timeout: float = 60.0) -> SeaweedServer:
         "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg")}
     data = workdir / "data"
     data.mkdir(exist_ok=True)
+    # Every bucket is a SeaweedFS collection, and by default each new collection grows 7 volumes. The
+    # suite makes one bucket per test, so with a fixed volume budget later tests got HTTP 500s
+    # ("no free volumes") depending on test order. Grow one volume per collection (weed reads
+    # ./master.toml from its working directory) and leave plenty of volume slots.
+    (workdir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\ncopy_other = 1\n")
     args = [binary, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.config={cfg}",
-            "-master.volumeSizeLimitMB=64", "-volume.max=50"] + [f"-{k}={v}" for k, v in ports.items()]
+            "-master.volumeSizeLimitMB=64", "-volume.max=2000"] + [f"-{k}={v}" for k, v in ports.items()]
     log_path = workdir / "weed.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)

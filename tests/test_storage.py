@@ -130,3 +130,12 @@ def test_s3_requires_endpoint_and_credentials():
         open_store("s3://b/p", S3Config())
     with pytest.raises(StoreError, match="credentials"):
         open_store("s3://b/p", S3Config(endpoint="127.0.0.1:1"))
+
+
+def test_many_fresh_buckets(s3_settings):
+    """Each test makes its own bucket; the server must keep accepting new ones (regression: after
+    about seven buckets SeaweedFS ran out of volume slots and answered HTTP 500)."""
+    for i in range(12):
+        store = open_store(f"s3://many-{uuid.uuid4().hex[:8]}/p", s3_settings.s3)
+        store.put_bytes("k", str(i).encode())
+        assert store.get_bytes("k") == str(i).encode()
