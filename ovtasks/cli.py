@@ -78,6 +78,65 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if result.failed_shards else 0
 
 
+def _with_overrides(settings: Settings, section: str, **values) -> Settings:
+    """A copy of ``settings`` with ``section`` fields replaced (None values are ignored)."""
+    values = {k: v for k, v in values.items() if v is not None}
+    if not values:
+        return settings
+    merged = getattr(settings, section).model_copy(update=values)
+    return settings.model_copy(update={section: type(merged).model_validate(merged.model_dump())})
+
+
+def _print_progress(step: int, rec: dict) -> None:
+    print("  " + "  ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
+
+
+def _on_device(args: argparse.Namespace, settings: Settings) -> Settings:
+    return settings.model_copy(update={"device": args.device}) if args.device else settings
+
+
+def _report_trained(result, title: str) -> int:
+    _print_table([(k, str(v)) for k, v in result.metrics.items()], title)
+    print(f"\nmodel: {result.model_uri}")
+    return 0
+
+
+def cmd_train_itm(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.train_itm import ItmTrainConfig, train_itm
+
+    cfg = ItmTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         image_size=args.image_size, max_images=args.max_images)
+    return _report_trained(train_itm(args.src, args.out, _on_device(args, settings), cfg, gt_uri=args.gt,
+                                     progress=_print_progress), "train-itm metrics")
+
+
+def cmd_train_wspn(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.train_wspn import WspnTrainConfig, train_wspn
+
+    cfg = WspnTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          classes=args.classes, max_images=args.max_images)
+    return _report_trained(train_wspn(args.src, args.out, _on_device(args, settings), cfg, progress=_print_progress),
+                           "train-wspn metrics")
+
+
+def cmd_pseudo_label(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.pseudo_label import pseudo_label
+
+    settings = _with_overrides(_on_device(args, settings), "maskfree", itm_model=args.itm_model, wspn_model=args.wspn_model,
+                               proposals=args.proposals)
+    t0 = time.perf_counter()
+    result = pseudo_label(args.src, args.out, settings, args.generator, progress=_progress_factory(sys.stderr.isatty()))
+    rep = result.report
+    dt = time.perf_counter() - t0
+    rows = [("shards", f"{len(rep['shards'])} ({sum(1 for e in rep['shards'] if e['status'] != 'done')} skipped as complete)"),
+            ("images", str(rep["images"])), ("candidates", str(rep["candidates"])), ("annotations", str(rep["annotations"]))]
+    rows += [(f"skipped: {k}", str(v)) for k, v in rep["skipped"].items()]
+    rows += [("seconds", f"{dt:.1f}")]
+    _print_table(rows, "pseudo-label report")
+    print(f"\nreport: {result.report_uri}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
     return 0
@@ -87,7 +146,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.demo import run_demo
 
     return run_demo(args.out or str(settings.data_dir / "demo"), settings, shards=args.shards,
-                    images_per_shard=args.images_per_shard, seed=args.seed, workers=args.workers)
+                    images_per_shard=args.images_per_shard, seed=args.seed, workers=args.workers,
+                    train_itm_steps=args.train_itm_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,12 +172,48 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--workers", type=int, default=None, help="processes (default from config)")
     i.set_defaults(func=cmd_ingest)
 
+    t = sub.add_parser("train-itm", help="train a small BLIP image-text-matching model from scratch on clean shards")
+    t.add_argument("--src", required=True, help="URI of ingested (clean) shards")
+    t.add_argument("--out", required=True, help="directory or store URI for the model")
+    t.add_argument("--gt", default=None, help="synthetic GT root, only to report grounding metrics")
+    t.add_argument("--steps", type=int, default=3500)
+    t.add_argument("--batch-size", type=int, default=24)
+    t.add_argument("--lr", type=float, default=1.5e-3)
+    t.add_argument("--image-size", type=int, default=96)
+    t.add_argument("--max-images", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None, help="cpu | cuda (default from config)")
+    t.set_defaults(func=cmd_train_itm)
+
+    w = sub.add_parser("train-wspn", help="train the weakly-supervised proposal network on clean shards")
+    w.add_argument("--src", required=True)
+    w.add_argument("--out", required=True, help="directory or store URI for wspn.pt")
+    w.add_argument("--steps", type=int, default=600)
+    w.add_argument("--batch-size", type=int, default=8)
+    w.add_argument("--lr", type=float, default=1e-3)
+    w.add_argument("--classes", choices=("base", "all"), default="base", help="image labels from base categories only (default)")
+    w.add_argument("--max-images", type=int, default=None)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--device", default=None)
+    w.set_defaults(func=cmd_train_wspn)
+
+    pl = sub.add_parser("pseudo-label", help="clean shards -> COCO instance pseudo-masks (resumes complete shards)")
+    pl.add_argument("--src", required=True, help="URI of ingested (clean) shards")
+    pl.add_argument("--out", required=True, help="output URI; writes pseudo/<generator>/")
+    pl.add_argument("--generator", default="maskfree", choices=("maskfree",))
+    pl.add_argument("--device", default=None, help="cpu | cuda (default from config)")
+    pl.add_argument("--itm-model", default=None, help="override maskfree.itm_model")
+    pl.add_argument("--wspn-model", default=None, help="override maskfree.wspn_model")
+    pl.add_argument("--proposals", default=None, choices=("wspn", "selective_search"))
+    pl.set_defaults(func=cmd_pseudo_label)
+
     d = sub.add_parser("demo", help="run the pipeline end to end on embedded defaults and print where results are")
     d.add_argument("--out", default=None, help="default: <data_dir>/demo")
     d.add_argument("--shards", type=int, default=4)
     d.add_argument("--images-per-shard", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--train-itm-steps", type=int, default=None, help="train the ITM here instead of using the committed checkpoint")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("config", help="print the effective configuration (secrets masked)")

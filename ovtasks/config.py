@@ -91,6 +91,39 @@ class SynthConfig(_Frozen):
     )
 
 
+class CandidatesConfig(_Frozen):
+    """Object candidates: which extractor proposes names, against which vocabulary."""
+
+    extractor: str = Field("lexicon", pattern="^(lexicon|llm)$")
+    vocabulary: str | None = Field(None, description="vocabulary file (JSON/YAML); None = the built-in synthetic one")
+    llm_model: str | None = Field(None, description="causal LM: Hugging Face id or local directory")
+    llm_batch_size: int = Field(8, ge=1)
+    llm_max_new_tokens: int = Field(32, ge=1, le=512)
+    keep_unknown: bool = Field(True, description="keep names outside the vocabulary as open-vocabulary categories")
+    text_encoder: str = Field("minilm", description="'minilm' (offline default) or a CLIP id/directory")
+
+
+class MaskFreeConfig(_Frozen):
+    """The Mask-free OVIS generator (patent eq. 1-7). Model paths are ids, directories or store URIs."""
+
+    itm_model: str | None = Field(None, description="BlipForImageTextRetrieval: HF id, directory or store URI")
+    itm_layer: int | None = Field(None, description="cross-attention layer for GradCAM (default: the middle one)")
+    prompt: str = Field("a photo of a {name}", description="text prompt per object name")
+    masking_rounds: int = Field(3, ge=1, le=10, description="G in eq. 4")
+    mask_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="IM() threshold on the normalised map")
+    proposals: str = Field("wspn", pattern="^(wspn|selective_search)$")
+    wspn_model: str | None = Field(None, description="trained WSPN checkpoint (file or store URI)")
+    top_k: int = Field(50, ge=1, description="K proposals kept at inference")
+    wss_points: int = Field(32, ge=1, description="Z foreground and Z background points per box")
+    wss_iterations: int = Field(100, ge=1)
+    wss_lr: float = Field(0.25, gt=0.0)
+    wss_crop: int = Field(64, ge=8, le=512, description="side of the box crop fed to the WSS network")
+    wss_hidden: int = Field(16, ge=1)
+    min_score: float = Field(0.0, ge=0.0, le=1.0, description="drop candidates whose ITM score is below")
+    batch_size: int = Field(8, ge=1, description="images per GradCAM batch")
+    seed: int = 0
+
+
 class Settings(_Frozen):
     """Everything configurable. Build it with :func:`load_settings`."""
 
@@ -98,6 +131,9 @@ class Settings(_Frozen):
     s3: S3Config = S3Config()
     ingest: IngestConfig = IngestConfig()
     synth: SynthConfig = SynthConfig()
+    candidates: CandidatesConfig = CandidatesConfig()
+    maskfree: MaskFreeConfig = MaskFreeConfig()
+    device: str = Field("cpu", description="torch device for model stages: cpu, cuda, cuda:1, ...")
     workers: int = Field(2, ge=1, le=256)
     log_format: str = Field("auto", pattern="^(auto|json|text)$")
 

@@ -1,6 +1,6 @@
 """``make demo``: the pipeline on embedded defaults (local store, synthetic data), with pictures.
 
-At this stage of the project the pipeline is synth → ingest; later stages append themselves here.
+Pipeline: synth → ingest → train-itm (or the committed checkpoint) → train-wspn → pseudo-label.
 """
 
 from __future__ import annotations
@@ -121,33 +121,74 @@ def ingest_overview(synth_uri: str, ingest_uri: str, settings: Settings, path: P
     return path
 
 
-def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: int = 64, seed: int = 0, workers: int | None = None) -> int:
+COMMITTED_ITM = Path(__file__).resolve().parents[1] / "models" / "itm-synth"
+ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 16 --images-per-shard 256 --seed 1 --failure-rate 0.05 && "
+              "ovtasks ingest --src data/itm/laion --out data/itm/clean && "
+              "ovtasks train-itm --src data/itm/clean --out models/itm-synth --gt data/itm/laion --steps 3000 --lr 1e-3")
+
+
+def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: int = 64, seed: int = 0, workers: int | None = None,
+             train_itm_steps: int | None = None, wspn_steps: int = 100, eval_images: int = 64) -> int:
     from ovtasks.ingest import ingest
+    from ovtasks.pseudo_label import load_maskfree, pseudo_label
+    from ovtasks.quality import evaluate_pseudo_labels, format_table, overlay_grid
     from ovtasks.synth import SynthSpec, generate
+    from ovtasks.train_itm import ItmTrainConfig, train_itm
+    from ovtasks.train_wspn import WspnTrainConfig, train_wspn
 
     root = Path(out).absolute()
     workers = workers or settings.workers
     t0 = time.perf_counter()
     synth_uri, ingest_uri = str(root / "laion"), str(root / "clean")
-    print(f"[1/2] synth: {shards} shards x {images_per_shard} images -> {synth_uri}", flush=True)
+    print(f"[1/5] synth: {shards} shards x {images_per_shard} images -> {synth_uri}", flush=True)
     summary = generate(SynthSpec(seed=seed, shards=shards, images_per_shard=images_per_shard,
                                  image_size=settings.synth.image_size, failure_rate=settings.synth.failure_rate),
                        synth_uri, settings, workers=workers)
-    print(f"[2/2] ingest -> {ingest_uri}", flush=True)
+    print(f"[2/5] ingest -> {ingest_uri}", flush=True)
     result = ingest(synth_uri, ingest_uri, settings, workers=workers)
     picture = ingest_overview(synth_uri, ingest_uri, settings, root / "report" / "ingest_overview.png")
+    itm_uri = settings.maskfree.itm_model
+    if itm_uri:
+        print(f"[3/5] train-itm: skipped, using maskfree.itm_model={itm_uri}", flush=True)
+    elif train_itm_steps is None and (COMMITTED_ITM / "model.safetensors").exists():
+        itm_uri = str(COMMITTED_ITM)
+        print(f"[3/5] train-itm: using the committed checkpoint {itm_uri}\n      (made by: {ITM_RECIPE};"
+              " pass --train-itm-steps N to train one here)", flush=True)
+    else:
+        itm_uri = str(root / "models" / "itm")
+        steps = train_itm_steps or 300
+        print(f"[3/5] train-itm: {steps} steps on {ingest_uri} -> {itm_uri}", flush=True)
+        train_itm(ingest_uri, itm_uri, settings, ItmTrainConfig(steps=steps, lr=1e-3, batch_size=24, holdout=32), gt_uri=synth_uri)
+    wspn_uri = str(root / "models" / "wspn")
+    print(f"[4/5] train-wspn: {wspn_steps} steps on the clean shards' captions -> {wspn_uri}", flush=True)
+    wspn = train_wspn(ingest_uri, wspn_uri, settings, WspnTrainConfig(steps=wspn_steps))
+    settings = settings.model_copy(update={"maskfree": settings.maskfree.model_copy(update={"itm_model": itm_uri, "wspn_model": wspn_uri})})
+    print(f"[5/5] pseudo-label (maskfree) -> {root}/pseudo/maskfree/", flush=True)
+    models = load_maskfree(settings)
+    pl = pseudo_label(ingest_uri, str(root), settings, models=models)
+    table, samples, results = evaluate_pseudo_labels(ingest_uri, synth_uri, settings, models, limit=eval_images)
+    overlays = overlay_grid(samples, results, root / "report" / "pseudo_label_overlays.png")
+    (root / "report" / "pseudo_label_quality.json").write_text(json.dumps(table, indent=2))
     rep = result.report
     dt = time.perf_counter() - t0
     print("\n== ovtasks demo summary ==")
-    print(f"{'stage':<10}{'seen':>8}{'kept':>8}{'quarantined':>13}  details")
-    print(f"{'synth':<10}{summary['images']:>8}{summary['images']:>8}{0:>13}  {summary['instances']} GT instances, "
+    print(f"{'stage':<14}{'in':>8}{'out':>8}{'dropped':>9}  details")
+    print(f"{'synth':<14}{summary['images']:>8}{summary['images']:>8}{0:>9}  {summary['instances']} GT instances, "
           f"made to fail: {', '.join(f'{k}={v}' for k, v in sorted(summary['expected'].items()) if k != 'clean')}")
     q = sum(rep["quarantined"].values())
-    print(f"{'ingest':<10}{rep['seen']:>8}{rep['kept']:>8}{q:>13}  {', '.join(f'{k}={v}' for k, v in rep['quarantined'].items())}")
+    print(f"{'ingest':<14}{rep['seen']:>8}{rep['kept']:>8}{q:>9}  {', '.join(f'{k}={v}' for k, v in rep['quarantined'].items())}")
+    print(f"{'train-wspn':<14}{wspn.metrics['images']:>8}{'':>8}{'':>9}  image-label accuracy {wspn.metrics['label_accuracy']}")
+    plr = pl.report
+    print(f"{'pseudo-label':<14}{plr['candidates']:>8}{plr['annotations']:>8}{sum(plr['skipped'].values()):>9}  "
+          f"candidates -> masks; skipped: {', '.join(f'{k}={v}' for k, v in plr['skipped'].items()) or 'none'}")
+    print(f"\npseudo-label quality on {table['_meta']['images']} images (mask AP50 %, synthetic GT):")
+    print(format_table(table))
     print(f"\nfinished in {dt:.1f}s. Results:")
     print(f"  synthetic LAION shards + COCO GT : {synth_uri}  (gt/instances.json, gt/categories.json)")
     print(f"  clean shards + manifests        : {ingest_uri}/shards/")
     print(f"  quarantine (with reasons)       : {ingest_uri}/quarantine/")
-    print(f"  run report                      : {result.report_uri}")
-    print(f"  picture                         : {picture}")
+    print(f"  pseudo-masks (COCO per shard)   : {root}/pseudo/maskfree/  (report.json, categories.json, text_embeddings.npy)")
+    print(f"  models                          : ITM {itm_uri}, WSPN {wspn_uri}")
+    print(f"  pictures                        : {picture}")
+    print(f"                                    {overlays}")
     return 1 if result.failed_shards else 0

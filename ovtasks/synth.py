@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ovtasks.config import Settings
+from ovtasks.groundtruth import encode_rle, mask_bbox
 from ovtasks.shards import ShardWriter, dumps_json
 from ovtasks.storage import open_store
 
@@ -480,18 +481,6 @@ def make_sample(spec: SynthSpec, shard: int, idx: int) -> dict:
     }
 
 
-def _encode_rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
-
-def _bbox(mask: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-
-
 def write_shard(spec: SynthSpec, shard: int, out_uri: str, settings: Settings) -> dict:
     """Write one shard (tar, parquet, stats) to the store; return its GT images and annotations."""
     import pyarrow as pa
@@ -529,7 +518,7 @@ def write_shard(spec: SynthSpec, shard: int, out_uri: str, settings: Settings) -
                 for k, inst in enumerate(s["instances"]):
                     annotations.append({
                         "id": image_id * 10 + k, "image_id": image_id, "category_id": inst.category.id,
-                        "segmentation": _encode_rle(inst.mask), "area": float(inst.mask.sum()), "bbox": _bbox(inst.mask),
+                        "segmentation": encode_rle(inst.mask), "area": float(inst.mask.sum()), "bbox": mask_bbox(inst.mask),
                         "iscrowd": 0, "colour": inst.colour,
                     })
         pq_path = os.path.join(tmp, f"{name}.parquet")

@@ -52,3 +52,18 @@ def test_logs_are_json_when_not_a_terminal(tmp_path):
     lines = [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
     assert any(line["msg"] == "ingest done" and line["seen"] == 4 for line in lines)
     assert "\r" not in res.stderr  # no progress bar when not on a terminal
+
+
+def test_model_stage_commands(tmp_path, capsys, synth_small):
+    from ovtasks.config import load_settings
+    from ovtasks.ingest import ingest
+
+    clean = tmp_path / "clean"
+    ingest(synth_small[0], str(clean), load_settings(env={}), workers=1)
+    assert main(["train-wspn", "--src", str(clean), "--out", str(tmp_path / "wspn"), "--steps", "3", "--max-images", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "train-wspn metrics" in out and (tmp_path / "wspn" / "wspn.pt").exists()
+    # no ITM model configured: a clear usage error, exit 2
+    assert main(["pseudo-label", "--src", str(clean), "--out", str(tmp_path / "pl"), "--wspn-model", str(tmp_path / "wspn")]) == 2
+    assert "itm_model is not set" in capsys.readouterr().err
+    assert main(["pseudo-label", "--src", str(tmp_path / "nothing"), "--out", str(tmp_path / "pl"), "--itm-model", "x"]) == 2

@@ -1,0 +1,70 @@
+"""Reading clean (ingested) shards back: the input of every model stage.
+
+A clean shard is ``shards/NNNNN.tar`` whose ``shards/NNNNN.manifest.json`` exists (written last by
+ingest). Shards without a manifest are incomplete and are never read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from ovtasks.config import Settings
+from ovtasks.shards import iter_tar_samples
+from ovtasks.storage import Store, open_store
+
+
+@dataclass(frozen=True)
+class CleanSample:
+    shard: str
+    key: str
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    caption: str
+    meta: dict
+
+    @property
+    def image_id(self) -> int:
+        """COCO image id: the numeric sample key (synthetic and img2dataset keys are digits)."""
+        return int(self.key) if self.key.isdigit() else int.from_bytes(self.key.encode()[:7].ljust(7, b"\0"), "big")
+
+
+def complete_shards(store: Store) -> list[str]:
+    """Names of shards whose ingest manifest is present, sorted."""
+    names = []
+    for key in store.list("shards"):
+        if key.endswith(".manifest.json"):
+            names.append(key.rsplit("/", 1)[-1][: -len(".manifest.json")])
+    return sorted(names)
+
+
+def iter_shard(store: Store, name: str) -> Iterator[CleanSample]:
+    """Samples of one clean shard, streamed."""
+    with store.open_read(f"shards/{name}.tar") as fh:
+        for raw in iter_tar_samples(fh, {}, default_limit=1 << 30):
+            data = raw.members.get("jpg") or raw.members.get("png") or raw.members.get("webp")
+            if data is None:
+                continue
+            meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
+            caption = meta.get("caption") or raw.members.get("txt", b"").decode("utf-8", "replace")
+            image = np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # writable: torch.from_numpy needs it
+            yield CleanSample(name, raw.key, image, caption, meta)
+
+
+def iter_clean(uri: str, settings: Settings, limit: int | None = None) -> Iterator[CleanSample]:
+    """Samples of every complete clean shard under ``uri`` in shard order (at most ``limit``)."""
+    store = open_store(uri, settings.s3)
+    names = complete_shards(store)
+    if not names:
+        raise FileNotFoundError(f"no complete clean shards (shards/*.manifest.json) under {store.uri}")
+    n = 0
+    for name in names:
+        for s in iter_shard(store, name):
+            yield s
+            n += 1
+            if limit is not None and n >= limit:
+                return

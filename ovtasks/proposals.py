@@ -1,0 +1,92 @@
+"""Stage 2 of Mask-free OVIS: box proposals for an image.
+
+Sources (pluggable through :class:`ProposalSource`): selective search (OpenCV contrib, unsupervised)
+and the WSPN, which scores and refines selective-search boxes and keeps the top K. A later issue adds
+Grounding-DINO boxes behind the same interface. Boxes are float ``(N, 4)`` xyxy in image pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ovtasks.models.wspn import WSPN, top_proposals
+
+
+class ProposalSource(Protocol):
+    name: str
+
+    def propose(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per image ``(H, W, 3)`` uint8 → ``(N, 4)`` float32 xyxy boxes (N may be 0)."""
+
+
+def selective_search(image: np.ndarray, max_side: int = 160, min_size: int = 6, max_boxes: int = 400) -> np.ndarray:
+    """Selective-search boxes (OpenCV "fast" mode) as ``(N, 4)`` float32 xyxy in ``image`` pixels.
+
+    The image is searched at ``max_side`` (speed) and boxes are scaled back; boxes smaller than
+    ``min_size`` pixels on a side and exact duplicates are dropped. A blank image yields few or no boxes.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA) if scale < 1 else image
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(np.ascontiguousarray(small[..., ::-1]))  # OpenCV wants BGR
+    ss.switchToSelectiveSearchFast()
+    rects = ss.process()
+    if rects is None or len(rects) == 0:
+        return np.zeros((0, 4), np.float32)
+    rects = np.asarray(rects, np.float32)[:max_boxes * 2] / scale
+    boxes = np.stack([rects[:, 0], rects[:, 1], rects[:, 0] + rects[:, 2], rects[:, 1] + rects[:, 3]], 1)
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+    keep = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
+    boxes = np.unique(np.round(boxes[keep]), axis=0)[:max_boxes]
+    return boxes.astype(np.float32)
+
+
+class SelectiveSearch:
+    name = "selective_search"
+
+    def __init__(self, max_boxes: int = 400):
+        self.max_boxes = max_boxes
+
+    def propose(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [selective_search(im, max_boxes=self.max_boxes) for im in images]
+
+
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+def wspn_input(images: Sequence[np.ndarray], device: str = "cpu") -> torch.Tensor:
+    """Same-size uint8 images → normalised ``(B, 3, H, W)``."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().to(device) / 255.0
+    mean = torch.tensor(IMAGE_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class WSPNProposals:
+    """Selective-search boxes scored and refined by a trained WSPN; top K per image."""
+
+    name = "wspn"
+
+    def __init__(self, model: WSPN, top_k: int = 50, device: str = "cpu", base: SelectiveSearch | None = None):
+        self.model, self.top_k, self.device = model.to(device).eval(), top_k, device
+        self.base = base or SelectiveSearch()
+
+    @torch.no_grad()
+    def propose(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        raw = self.base.propose(images)
+        out = []
+        for im, boxes in zip(images, raw):  # one at a time: images may differ in size
+            b = torch.from_numpy(boxes).to(self.device)
+            res = self.model(wspn_input([im], self.device), [b])[0]
+            top, _ = top_proposals(res, b, self.top_k, im.shape[:2])
+            out.append(top.cpu().numpy().astype(np.float32))
+        return out

@@ -1,0 +1,41 @@
+"""Stage 3 of Mask-free OVIS: the pseudo box (patent eq. 6).
+
+``b* = argmax_b sum_{p in b} Phi(p) / sqrt(|b|)`` over the proposals, with ``Phi`` the activation map
+(eq. 4). Box sums come from an integral image, so scoring K boxes costs O(HW + K).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def box_scores(activation: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Eq. 6 score of each ``(K, 4)`` xyxy box over ``activation`` ``(H, W)``; boxes with no
+    pixel inside the image score ``-inf``."""
+    if len(boxes) == 0:
+        return np.zeros(0, np.float64)
+    h, w = activation.shape
+    ii = np.zeros((h + 1, w + 1), np.float64)
+    ii[1:, 1:] = np.asarray(activation, np.float64).cumsum(0).cumsum(1)
+    b = np.round(np.asarray(boxes, np.float64)).astype(np.int64)
+    x1, x2 = np.clip(b[:, 0], 0, w), np.clip(b[:, 2], 0, w)
+    y1, y2 = np.clip(b[:, 1], 0, h), np.clip(b[:, 3], 0, h)
+    area = (x2 - x1) * (y2 - y1)
+    total = ii[y2, x2] - ii[y1, x2] - ii[y2, x1] + ii[y1, x1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = np.where(area > 0, total / np.sqrt(np.maximum(area, 1)), -np.inf)
+    return score
+
+
+def pseudo_box(activation: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """``(b*, None)``, or ``(None, reason)`` when there are no proposals, the map is empty or every
+    proposal has zero area."""
+    if len(boxes) == 0:
+        return None, "no_proposals"
+    if not np.any(activation > 0):
+        return None, "empty_activation"
+    scores = box_scores(activation, boxes)
+    best = int(np.argmax(scores))
+    if not np.isfinite(scores[best]) or scores[best] <= 0:
+        return None, "zero_area_boxes" if not np.isfinite(scores[best]) else "no_activation_in_proposals"
+    return np.asarray(boxes[best], np.float32), None

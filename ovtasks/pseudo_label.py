@@ -1,0 +1,297 @@
+"""``ovtasks pseudo-label``: clean shards → COCO instance pseudo-masks with category names.
+
+Per shard, the Mask-free OVIS generator (patent FIG. 2) runs:
+
+1. object candidates from the caption (:mod:`ovtasks.candidates`);
+2. an activation map per (image, candidate) with iterative masking (:mod:`ovtasks.activation`);
+3. proposals per image (:mod:`ovtasks.proposals`: WSPN top-K, or selective search);
+4. the pseudo box per candidate (:mod:`ovtasks.pseudo_box`, eq. 6);
+5. a mask per pseudo box, all boxes of the shard trained at once (:mod:`ovtasks.wss`, eq. 7).
+
+Output under ``--out`` (all keys overwritten atomically; the manifest is written last)::
+
+    pseudo/<generator>/NNNNN.json           COCO dict: images, annotations (RLE, xywh, score, ...), categories
+    pseudo/<generator>/NNNNN.manifest.json  counts, sha256, model and code versions, config hash, skipped reasons
+    pseudo/<generator>/categories.json      every category seen + text_embeddings.npy in the same order
+
+A shard whose manifest is complete and was made by the same models and config is skipped (resume).
+Candidates that yield no mask are listed in the shard JSON under ``skipped`` with their reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ovtasks import __version__
+from ovtasks.candidates import Candidate, Vocabulary, build_extractor
+from ovtasks.config import Settings
+from ovtasks.dataset import CleanSample, complete_shards, iter_shard
+from ovtasks.groundtruth import encode_rle, mask_bbox
+from ovtasks.storage import open_store
+
+log = logging.getLogger(__name__)
+
+GENERATORS = ("maskfree",)
+
+
+@dataclass
+class MaskFreeModels:
+    itm: object  # ItmModel
+    proposals: object  # ProposalSource
+    versions: dict
+
+
+def _digest_path(path: str) -> str:
+    import os
+
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        for root, _, files in sorted(os.walk(path)):
+            for f in sorted(files):
+                if f.endswith((".safetensors", ".pt", ".bin", ".json", ".txt")):
+                    with open(os.path.join(root, f), "rb") as fh:
+                        h.update(f.encode())
+                        h.update(fh.read())
+    elif os.path.isfile(path):
+        with open(path, "rb") as fh:
+            h.update(fh.read())
+    else:
+        h.update(path.encode())  # a hub id: its name is all we know
+    return h.hexdigest()[:16]
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+
+
+def load_maskfree(settings: Settings) -> MaskFreeModels:
+    """The ITM model and proposal source named by ``settings.maskfree`` (ids, directories or store URIs)."""
+    from ovtasks.models.hub import resolve_model
+    from ovtasks.models.itm import ItmModel
+    from ovtasks.models.wspn import load_wspn
+    from ovtasks.proposals import SelectiveSearch, WSPNProposals
+
+    cfg = settings.maskfree
+    check_device(settings.device)
+    if not cfg.itm_model:
+        raise ValueError("maskfree.itm_model is not set: train one with `ovtasks train-itm` or point it at BLIP ITM weights")
+    itm_path = resolve_model(cfg.itm_model, settings.s3)
+    itm = ItmModel.load(itm_path, settings.device, cfg.itm_layer)
+    versions = {"itm": {"ref": cfg.itm_model, "digest": _digest_path(itm_path), "layer": itm.layer}, "code": __version__}
+    if cfg.proposals == "wspn":
+        if not cfg.wspn_model:
+            raise ValueError("maskfree.wspn_model is not set: train one with `ovtasks train-wspn` or use proposals=selective_search")
+        wspn_path = resolve_model(cfg.wspn_model, settings.s3)
+        import os
+
+        if os.path.isdir(wspn_path):
+            wspn_path = os.path.join(wspn_path, "wspn.pt")
+        model, _ = load_wspn(wspn_path, settings.device)
+        proposals = WSPNProposals(model, cfg.top_k, settings.device)
+        versions["wspn"] = {"ref": cfg.wspn_model, "digest": _digest_path(wspn_path), "top_k": cfg.top_k}
+    else:
+        proposals = SelectiveSearch()
+        versions["proposals"] = "selective_search"
+    return MaskFreeModels(itm, proposals, versions)
+
+
+@dataclass
+class PairResult:
+    """What the generator made of one (image, candidate) pair; ``mask`` None means skipped (``reason``)."""
+
+    image_index: int
+    candidate: Candidate
+    score: float = 0.0
+    activation: object = None  # ActivationMap
+    box: np.ndarray | None = None  # xyxy
+    mask: np.ndarray | None = None  # (H, W) bool
+    reason: str | None = None
+    proposals: np.ndarray | None = field(default=None, repr=False)
+
+
+def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], models: MaskFreeModels,
+                 settings: Settings, keep_maps: bool = False) -> list[PairResult]:
+    """Run stages 2-5 for already-extracted candidates; one :class:`PairResult` per (image, candidate)."""
+    from ovtasks.activation import activation_maps
+    from ovtasks.pseudo_box import pseudo_box
+    from ovtasks.wss import WssJob, segment_boxes
+
+    cfg = settings.maskfree
+    pairs = [PairResult(i, c) for i, cands in enumerate(candidates) for c in cands]
+    if not pairs:
+        return []
+    maps = activation_maps(models.itm, [samples[p.image_index].image for p in pairs], [p.candidate.name for p in pairs],
+                           cfg.prompt, cfg.masking_rounds, cfg.mask_fraction, cfg.batch_size)
+    with_cands = sorted({p.image_index for p in pairs})
+    boxes = dict(zip(with_cands, models.proposals.propose([samples[i].image for i in with_cands])))
+    jobs, job_pairs = [], []
+    for k, (p, amap) in enumerate(zip(pairs, maps)):
+        p.score, p.activation = amap.score, amap
+        if keep_maps:
+            p.proposals = boxes[p.image_index]
+        if p.score < cfg.min_score:
+            p.reason = "low_itm_score"
+            continue
+        box, reason = pseudo_box(amap.binary.astype(np.float32), boxes[p.image_index])
+        if box is None:
+            p.reason = reason
+            continue
+        p.box = box
+        sample = samples[p.image_index]
+        jobs.append(WssJob(sample.image, tuple(float(v) for v in box), amap.soft, cfg.seed * 1_000_003 + sample.image_id * 31 + k))
+        job_pairs.append(p)
+    for j0 in range(0, len(jobs), 256):  # bounded memory; each chunk is trained at once
+        masks = segment_boxes(jobs[j0:j0 + 256], cfg.wss_crop, cfg.wss_points, cfg.wss_iterations, cfg.wss_lr,
+                              cfg.wss_hidden, settings.device)
+        for p, m in zip(job_pairs[j0:j0 + 256], masks):
+            if m.any():
+                p.mask = m
+            else:
+                p.reason = "empty_mask"
+    if not keep_maps:
+        for p in pairs:
+            p.activation = None
+    return pairs
+
+
+def to_coco(samples: Sequence[CleanSample], results: Sequence[PairResult], generator: str, versions: dict) -> dict:
+    images = [{"id": s.image_id, "key": s.key, "shard": s.shard, "width": int(s.image.shape[1]),
+               "height": int(s.image.shape[0]), "caption": s.caption} for s in samples]
+    anns, skipped, cats = [], [], {}
+    per_image: Counter = Counter()
+    for r in results:
+        s = samples[r.image_index]
+        c = r.candidate
+        cats.setdefault(c.category_id, {"id": c.category_id, "name": c.name, "known": c.known})
+        if r.mask is None:
+            skipped.append({"image_id": s.image_id, "name": c.name, "reason": r.reason, "score": round(r.score, 4)})
+            continue
+        k = per_image[s.image_id]
+        per_image[s.image_id] += 1
+        x1, y1, x2, y2 = (float(v) for v in r.box)
+        anns.append({
+            "id": s.image_id * 1000 + k, "image_id": s.image_id, "category_id": c.category_id, "category_name": c.name,
+            "known_category": c.known, "phrase": c.phrase, "candidate_source": c.source,
+            "segmentation": encode_rle(r.mask), "area": float(r.mask.sum()), "bbox": mask_bbox(r.mask),
+            "pseudo_box": [x1, y1, x2 - x1, y2 - y1], "score": round(float(r.score), 6), "iscrowd": 0,
+            "generator": generator, "model_versions": versions,
+        })
+    return {"images": images, "annotations": anns, "categories": sorted(cats.values(), key=lambda c: c["id"]), "skipped": skipped}
+
+
+def run_fingerprint(settings: Settings, generator: str, versions: dict) -> str:
+    blob = json.dumps({"generator": generator, "maskfree": settings.maskfree.model_dump(mode="json"),
+                       "candidates": settings.candidates.model_dump(mode="json"), "versions": versions}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pseudo_label_shard(src_uri: str, out_uri: str, shard: str, settings: Settings, models: MaskFreeModels,
+                       vocab: Vocabulary, extractor, generator: str = "maskfree") -> dict:
+    """Label one clean shard; writes the shard JSON then its manifest. Returns the report entry."""
+    t0 = time.perf_counter()
+    src, out = open_store(src_uri, settings.s3), open_store(out_uri, settings.s3)
+    prefix = f"pseudo/{generator}/{shard}"
+    out.delete(f"{prefix}.manifest.json")  # the shard is incomplete until the new manifest lands
+    samples = list(iter_shard(src, shard))
+    candidates = extractor.extract([s.caption for s in samples])
+    results = label_images(samples, candidates, models, settings)
+    coco = to_coco(samples, results, generator, models.versions)
+    blob = json.dumps(coco, separators=(",", ":")).encode()
+    out.put_bytes(f"{prefix}.json", blob)
+    reasons = Counter(s["reason"] for s in coco["skipped"])
+    manifest = {
+        "stage": "pseudo_label", "generator": generator, "shard": shard, "status": "complete",
+        "source": {"uri": src.uri_for(f"shards/{shard}.tar")},
+        "counts": {"images": len(samples), "images_with_candidates": sum(1 for c in candidates if c),
+                   "candidates": sum(len(c) for c in candidates), "annotations": len(coco["annotations"]),
+                   "skipped": dict(sorted(reasons.items()))},
+        "files": {f"{prefix}.json": {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}},
+        "model_versions": models.versions, "fingerprint": run_fingerprint(settings, generator, models.versions),
+        "config_hash": settings.fingerprint("maskfree"), "code_version": __version__,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    out.put_bytes(f"{prefix}.manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return {"shard": shard, "status": "done", **manifest["counts"], "seconds": manifest["seconds"],
+            "categories": coco["categories"]}
+
+
+@dataclass(frozen=True)
+class PseudoLabelResult:
+    report: dict
+    report_uri: str
+
+
+def pseudo_label(src_uri: str, out_uri: str, settings: Settings, generator: str = "maskfree",
+                 progress: Callable[[str, int], Callable[[], None]] | None = None, models: MaskFreeModels | None = None) -> PseudoLabelResult:
+    """Pseudo-label every complete clean shard under ``src_uri``; resumable (see module doc)."""
+    if generator not in GENERATORS:
+        raise ValueError(f"unknown generator {generator!r}; available: {', '.join(GENERATORS)}")
+    src, out = open_store(src_uri, settings.s3), open_store(out_uri, settings.s3)
+    shards = complete_shards(src)
+    if not shards:
+        raise FileNotFoundError(f"no complete clean shards (shards/*.manifest.json) under {src.uri}")
+    models = models or load_maskfree(settings)
+    vocab = Vocabulary.load(settings.candidates.vocabulary)
+    extractor = build_extractor(settings, vocab)
+    fp = run_fingerprint(settings, generator, models.versions)
+    tick = progress("pseudo-label", len(shards)) if progress else None
+    entries = []
+    for shard in shards:
+        mkey = f"pseudo/{generator}/{shard}.manifest.json"
+        if out.exists(mkey):
+            m = json.loads(out.get_bytes(mkey))
+            if m.get("status") == "complete" and m.get("fingerprint") == fp:
+                cats = json.loads(out.get_bytes(f"pseudo/{generator}/{shard}.json"))["categories"]
+                entries.append({"shard": shard, "status": "skipped (complete)", **m["counts"], "seconds": 0.0, "categories": cats})
+                if tick:
+                    tick()
+                continue
+        entries.append(pseudo_label_shard(src_uri, out_uri, shard, settings, models, vocab, extractor, generator))
+        log.info("pseudo-labelled shard", extra={k: v for k, v in entries[-1].items() if k != "categories"})
+        if tick:
+            tick()
+    categories = {}
+    for e in entries:
+        for c in e.pop("categories"):
+            categories.setdefault(c["id"], c)
+    cats = sorted(categories.values(), key=lambda c: c["id"])
+    for c in cats:
+        entry = vocab.by_id.get(c["id"])
+        c["split"] = entry.split if entry else "open"
+    _write_embeddings(out, generator, cats, settings)
+    total: Counter = Counter()
+    for e in entries:
+        total.update(e.get("skipped", {}))
+    report = {"stage": "pseudo_label", "generator": generator, "src": src.uri, "out": out.uri, "shards": entries,
+              "images": sum(e["images"] for e in entries), "annotations": sum(e["annotations"] for e in entries),
+              "candidates": sum(e["candidates"] for e in entries), "skipped": dict(sorted(total.items())),
+              "model_versions": models.versions, "fingerprint": fp, "code_version": __version__}
+    out.put_bytes(f"pseudo/{generator}/report.json", json.dumps(report, indent=2, sort_keys=True).encode())
+    return PseudoLabelResult(report, out.uri_for(f"pseudo/{generator}/report.json"))
+
+
+def _write_embeddings(out, generator: str, cats: list[dict], settings: Settings) -> None:
+    """Category list plus one text embedding per category (same order), for open-vocabulary training."""
+    out.put_bytes(f"pseudo/{generator}/categories.json", json.dumps(cats, indent=2).encode())
+    try:
+        from ovtasks.models.text_encoder import TextEncoder
+
+        emb = TextEncoder(settings.candidates.text_encoder, settings.device, s3=settings.s3).encode([c["name"] for c in cats])
+    except Exception as exc:  # embeddings are an extra: never lose the shards over them, but say so
+        log.warning("text embeddings not written", extra={"error": repr(exc)})
+        return
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    out.put_bytes(f"pseudo/{generator}/text_embeddings.npy", buf.getvalue())

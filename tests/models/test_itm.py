@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+
+from ovtasks.activation import activation_maps, normalise
+from ovtasks.models.itm import ItmModel, build_word_tokenizer, install_conv_stem, prompt_span, tiny_blip_config
+
+WORDS = "a photo of ball box star ring heart".split()
+
+
+def tiny_itm(tmp_path, conv_stem=False, layers=3, seed=0):
+    from transformers import BlipForImageTextRetrieval
+
+    torch.manual_seed(seed)
+    tok = build_word_tokenizer(WORDS, tmp_path / "tok")
+    model = BlipForImageTextRetrieval(tiny_blip_config(len(tok), image_size=32, patch_size=8, hidden=32,
+                                                       vision_layers=1, text_layers=layers, heads=2, proj=16))
+    if conv_stem:
+        install_conv_stem(model)
+    return ItmModel(model, tok, 32, [0.5] * 3, [0.25] * 3)
+
+
+def _inputs(itm, names, b=None):
+    prompts, spans = zip(*[prompt_span("a photo of a {name}", n) for n in names])
+    ids, am, wm = itm.tokenize(prompts, spans)
+    x = itm.preprocess(torch.rand(len(names), 3, 40, 40) * 255)
+    return x, ids, am, wm
+
+
+def test_shapes_logits_and_gradcam(tmp_path):
+    itm = tiny_itm(tmp_path)
+    x, ids, am, wm = _inputs(itm, ["ball", "box", "heart"])
+    assert x.shape == (3, 3, 32, 32)
+    assert wm.sum(1).tolist() == [1, 1, 1] and wm[0, 5]  # [CLS] a photo of a ball [SEP]
+    emb = itm.image_embeds(x)
+    assert emb.shape == (3, 1 + 16, 32)
+    assert itm.itm_logits(emb, ids, am).shape == (3, 2)
+    out = itm.gradcam(x, ids, am, wm)
+    assert out.maps.shape == (3, 4, 4) and (out.maps >= 0).all()
+    assert ((out.scores >= 0) & (out.scores <= 1)).all()
+    assert out.maps.sum() > 0
+
+
+def test_gradcam_rows_are_independent(tmp_path):
+    itm = tiny_itm(tmp_path)
+    x, ids, am, wm = _inputs(itm, ["ball", "box"])
+    both = itm.gradcam(x, ids, am, wm).maps
+    one = itm.gradcam(x[1:], ids[1:], am[1:], wm[1:]).maps
+    torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-7)
+
+
+def test_last_layer_gives_zero_word_gradcam(tmp_path):
+    """The ITM head reads only [CLS]: in the last layer word-token rows get no gradient (why the default is the middle)."""
+    itm = tiny_itm(tmp_path)
+    itm.layer = 2
+    x, ids, am, wm = _inputs(itm, ["ball"])
+    assert itm.gradcam(x, ids, am, wm).maps.abs().max() == 0
+    assert ItmModel(itm.model, itm.tokenizer, 32, [0.5] * 3, [0.25] * 3).layer == 1
+    with pytest.raises(ValueError, match="out of range"):
+        ItmModel(itm.model, itm.tokenizer, 32, [0.5] * 3, [0.25] * 3, layer=5)
+
+
+def test_empty_word_mask_gives_zero_map(tmp_path):
+    itm = tiny_itm(tmp_path)
+    x, ids, am, wm = _inputs(itm, ["ball"])
+    assert itm.gradcam(x, ids, am, torch.zeros_like(wm)).maps.abs().max() == 0
+
+
+@pytest.mark.parametrize("conv_stem", [False, True])
+def test_save_load_roundtrip(tmp_path, conv_stem):
+    itm = tiny_itm(tmp_path, conv_stem=conv_stem)
+    itm.save(tmp_path / "m", {"conv_stem": conv_stem})
+    back = ItmModel.load(str(tmp_path / "m"))
+    assert back.image_size == 32 and back.grid == 4 and back.layer == itm.layer
+    x, ids, am, wm = _inputs(itm, ["star"])
+    torch.testing.assert_close(itm.gradcam(x, ids, am, wm).maps, back.gradcam(x, ids, am, wm).maps)
+
+
+def test_activation_maps_iterative_masking(tmp_path):
+    itm = tiny_itm(tmp_path)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)]
+    maps = activation_maps(itm, images, ["ball", "ring"], "a photo of a {name}", rounds=3, batch_size=1)
+    assert [m.binary.shape for m in maps] == [(48, 64), (40, 40)]
+    for m in maps:
+        assert len(m.rounds) == 3 and m.binary.dtype == bool
+        assert 0 <= m.soft.min() and m.soft.max() <= 1
+        assert m.binary.any()  # round 1 always activates its own maximum
+        assert (m.soft[m.binary] >= 0.45).all()  # every union pixel was >= 0.5 in some round (up to resampling)
+    assert activation_maps(itm, [], [], "a photo of a {name}") == []
+    with pytest.raises(ValueError):
+        activation_maps(itm, images, ["ball"], "a photo of a {name}")
+
+
+def test_normalise_constant_map_is_zero():
+    m = torch.stack([torch.full((3, 3), 2.0), torch.arange(9.0).view(3, 3)])
+    n = normalise(m)
+    assert n[0].abs().max() == 0 and n[1].min() == 0 and n[1].max() == 1

@@ -1,0 +1,69 @@
+import torch
+
+from ovtasks.models.wspn import (
+    WSPN,
+    WSPNConfig,
+    decode_deltas,
+    encode_deltas,
+    load_wspn,
+    pseudo_regression_targets,
+    save_wspn,
+    top_proposals,
+    wspn_loss,
+)
+
+
+def tiny():
+    torch.manual_seed(0)
+    return WSPN(WSPNConfig(num_classes=3, channels=(8, 8, 16), roi_size=3, hidden=16, class_names=("a", "b", "c")))
+
+
+def test_shapes_and_score_normalisation():
+    m = tiny()
+    boxes = [torch.tensor([[0, 0, 10, 10], [5, 5, 30, 30.]]), torch.zeros((0, 4))]
+    out = m(torch.randn(2, 3, 32, 32), boxes)
+    assert out[0]["W"].shape == (2, 3) and out[0]["deltas"].shape == (2, 4) and out[0]["p"].shape == (3,)
+    torch.testing.assert_close(out[0]["det"].sum(0), torch.ones(3))  # softmax over proposals
+    assert ((out[0]["p"] > 0) & (out[0]["p"] < 1)).all()
+    assert out[1]["W"].shape == (0, 3) and out[1]["p"].abs().sum() == 0  # zero proposals
+
+
+def test_loss_is_finite_and_trains():
+    m = tiny()
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    boxes = [torch.tensor([[0, 0, 12, 12], [2, 2, 14, 14], [16, 16, 30, 30.]])] * 2
+    y = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    x = torch.randn(2, 3, 32, 32)
+    first = None
+    for _ in range(30):
+        losses = wspn_loss(m(x, boxes), boxes, y)
+        loss = losses["loss_cls"] + losses["loss_reg"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(losses) == {"loss_cls", "loss_reg"} and torch.isfinite(loss)
+    assert loss.item() < first
+
+
+def test_pseudo_targets_and_deltas():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30.]])
+    w = torch.tensor([[0.9], [0.1], [0.05]])
+    idx, tgt = pseudo_regression_targets(boxes, w, torch.tensor([1.0]))
+    assert idx.tolist() == [0, 1] and torch.equal(tgt[1], boxes[0])  # the overlapping box regresses to the top one
+    assert len(pseudo_regression_targets(boxes, w, torch.tensor([0.0]))[0]) == 0  # no labels, no targets
+    torch.testing.assert_close(decode_deltas(boxes, encode_deltas(boxes, boxes.flip(0))), boxes.flip(0))
+
+
+def test_top_proposals_and_checkpoint(tmp_path):
+    m = tiny().eval()
+    boxes = torch.tensor([[0, 0, 10, 10], [5, 5, 30, 30.], [0, 0, 10, 10.5]])
+    out = m(torch.randn(1, 3, 32, 32), [boxes])[0]
+    top, score = top_proposals(out, boxes, k=2, image_size=(32, 32))
+    assert top.shape[0] <= 2 and (top[:, 2] <= 32).all()
+    empty, _ = top_proposals(m(torch.randn(1, 3, 32, 32), [torch.zeros((0, 4))])[0], torch.zeros((0, 4)), 5, (32, 32))
+    assert empty.shape == (0, 4)
+    save_wspn(m, tmp_path / "w.pt", {"note": 1})
+    back, extra = load_wspn(tmp_path / "w.pt")
+    assert extra == {"note": 1} and back.cfg == m.cfg
+    torch.testing.assert_close(back(torch.ones(1, 3, 32, 32), [boxes])[0]["W"], m(torch.ones(1, 3, 32, 32), [boxes])[0]["W"])

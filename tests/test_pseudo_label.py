@@ -1,0 +1,141 @@
+"""End to end on a small synthetic set with tiny random models: format, resume, idempotency, edge cases."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ovtasks.config import load_settings
+from ovtasks.ingest import ingest
+from ovtasks.pseudo_box import box_scores, pseudo_box
+from ovtasks.pseudo_label import load_maskfree, pseudo_label
+
+
+@pytest.fixture(scope="module")
+def clean(synth_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pl") / "clean"
+    ingest(synth_small[0], str(out), load_settings(env={}), workers=1)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def itm_dir(tmp_path_factory):
+    from transformers import BlipForImageTextRetrieval
+
+    from ovtasks.candidates import Vocabulary
+    from ovtasks.models.itm import ItmModel, build_word_tokenizer, tiny_blip_config
+
+    d = tmp_path_factory.mktemp("itm")
+    words = {"a", "photo", "of"} | {t for e in Vocabulary.load(None).entries for t in e.terms() for t in t.split()}
+    tok = build_word_tokenizer(words, d / "tok")
+    torch.manual_seed(0)
+    model = BlipForImageTextRetrieval(tiny_blip_config(len(tok), image_size=32, patch_size=8, hidden=32,
+                                                       vision_layers=1, text_layers=3, heads=2, proj=16))
+    ItmModel(model, tok, 32, [0.5] * 3, [0.25] * 3).save(d / "model")
+    return str(d / "model")
+
+
+def _settings(itm_dir, **extra):
+    env = {"OVTASKS_MASKFREE__ITM_MODEL": itm_dir, "OVTASKS_MASKFREE__PROPOSALS": "selective_search",
+           "OVTASKS_MASKFREE__WSS_ITERATIONS": "5", "OVTASKS_MASKFREE__MASKING_ROUNDS": "2"}
+    env.update(extra)
+    return load_settings(env=env)
+
+
+def test_pseudo_label_outputs_resume_and_idempotency(clean, itm_dir, tmp_path):
+    from pycocotools.coco import COCO
+
+    s = _settings(itm_dir)
+    out = tmp_path / "out"
+    rep = pseudo_label(clean, str(out), s).report
+    assert [e["status"] for e in rep["shards"]] == ["done", "done"]
+    assert rep["annotations"] > 0 and rep["annotations"] + sum(rep["skipped"].values()) == rep["candidates"]
+    base = out / "pseudo" / "maskfree"
+    doc = json.loads((base / "00000.json").read_text())
+    man = json.loads((base / "00000.manifest.json").read_text())
+    assert man["status"] == "complete" and man["model_versions"]["itm"]["ref"] == itm_dir
+    import hashlib
+
+    assert man["files"]["pseudo/maskfree/00000.json"]["sha256"] == hashlib.sha256((base / "00000.json").read_bytes()).hexdigest()
+    ann = doc["annotations"][0]
+    assert {"segmentation", "bbox", "category_id", "category_name", "score", "generator", "model_versions", "pseudo_box"} <= set(ann)
+    assert ann["generator"] == "maskfree" and len(ann["bbox"]) == 4
+    coco = COCO()
+    coco.dataset = {k: doc[k] for k in ("images", "annotations", "categories")}
+    coco.createIndex()
+    m = coco.annToMask(coco.anns[ann["id"]])
+    assert m.sum() == ann["area"] > 0
+    x, y, w, h = ann["bbox"]
+    assert m[:, : int(x)].sum() == 0 and m[: int(y)].sum() == 0
+    cats = json.loads((base / "categories.json").read_text())
+    emb = np.load(base / "text_embeddings.npy")
+    assert emb.shape == (len(cats), 384)
+    # resume: complete shards with the same models/config are skipped, output untouched
+    before = (base / "00000.json").read_bytes()
+    rep2 = pseudo_label(clean, str(out), s).report
+    assert [e["status"] for e in rep2["shards"]] == ["skipped (complete)"] * 2
+    # a shard whose manifest vanished (killed worker) is redone, byte-identical (deterministic)
+    (base / "00001.manifest.json").unlink()
+    rep3 = pseudo_label(clean, str(out), s).report
+    assert [e["status"] for e in rep3["shards"]] == ["skipped (complete)", "done"]
+    # a config change invalidates the resume
+    rep4 = pseudo_label(clean, str(out), _settings(itm_dir, OVTASKS_MASKFREE__WSS_ITERATIONS="6")).report
+    assert [e["status"] for e in rep4["shards"]] == ["done", "done"]
+    pseudo_label(clean, str(tmp_path / "again"), s)
+    assert (tmp_path / "again" / "pseudo" / "maskfree" / "00000.json").read_bytes() == before
+
+
+def test_pseudo_label_to_s3(clean, itm_dir, s3_settings):
+    s = _settings(itm_dir).model_copy(update={"s3": s3_settings.s3})
+    rep = pseudo_label(clean, "s3://pseudo/run1", s).report
+    from ovtasks.storage import open_store
+
+    store = open_store("s3://pseudo/run1", s3_settings.s3)
+    assert store.exists("pseudo/maskfree/00000.manifest.json") and store.exists("pseudo/maskfree/00001.json")
+    assert rep["annotations"] > 0
+
+
+def test_missing_models_are_clear_errors(itm_dir):
+    with pytest.raises(ValueError, match="itm_model is not set"):
+        load_maskfree(load_settings(env={}))
+    with pytest.raises(ValueError, match="wspn_model is not set"):
+        load_maskfree(load_settings(env={"OVTASKS_MASKFREE__ITM_MODEL": itm_dir}))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load_maskfree(_settings(itm_dir, OVTASKS_DEVICE="cuda"))
+
+
+def test_no_clean_shards(tmp_path, itm_dir):
+    with pytest.raises(FileNotFoundError, match="no complete clean shards"):
+        pseudo_label(str(tmp_path), str(tmp_path / "o"), _settings(itm_dir))
+
+
+def test_eq6_pseudo_box_cases():
+    act = np.zeros((20, 20), np.float32)
+    act[5:10, 5:10] = 1
+    boxes = np.array([[0, 0, 20, 20], [5, 5, 10, 10], [4, 4, 11, 11], [6, 6, 6, 9]], np.float32)
+    s = box_scores(act, boxes)
+    assert s[1] == pytest.approx(25 / 5) and s[0] == pytest.approx(25 / 20) and s[3] == -np.inf
+    box, reason = pseudo_box(act, boxes)
+    assert reason is None and box.tolist() == [5, 5, 10, 10]
+    assert pseudo_box(act, np.zeros((0, 4), np.float32)) == (None, "no_proposals")
+    assert pseudo_box(np.zeros((20, 20)), boxes) == (None, "empty_activation")
+    assert pseudo_box(act, boxes[3:]) == (None, "zero_area_boxes")
+    assert pseudo_box(act, np.array([[12, 12, 18, 18]], np.float32)) == (None, "no_activation_in_proposals")
+
+
+def test_images_without_candidates_get_no_annotations(tmp_path, itm_dir):
+    from ovtasks.candidates import Candidate
+    from ovtasks.dataset import CleanSample
+    from ovtasks.pseudo_label import label_images, to_coco
+
+    s = _settings(itm_dir)
+    models = load_maskfree(s)
+    img = np.zeros((40, 40, 3), np.uint8)  # blank: selective search finds nothing useful
+    samples = [CleanSample("00000", "1", img, "nothing here", {}), CleanSample("00000", "2", img, "a ball", {})]
+    res = label_images(samples, [[], [Candidate("ball", 1, True, "ball", "lexicon")]], models, s)
+    doc = to_coco(samples, res, "maskfree", models.versions)
+    assert len(doc["images"]) == 2 and all(a["image_id"] == 2 for a in doc["annotations"])
+    assert len(doc["annotations"]) + len(doc["skipped"]) == 1
+    assert label_images(samples, [[], []], models, s) == []
