@@ -105,7 +105,7 @@ def cmd_train_itm(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.train_itm import ItmTrainConfig, train_itm
 
     cfg = ItmTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         image_size=args.image_size, max_images=args.max_images)
+                         image_size=args.image_size, max_images=args.max_images, pretrain_steps=args.pretrain_steps)
     return _report_trained(train_itm(args.src, args.out, _on_device(args, settings), cfg, gt_uri=args.gt,
                                      progress=_print_progress), "train-itm metrics")
 
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=24)
     t.add_argument("--lr", type=float, default=1.5e-3)
     t.add_argument("--image-size", type=int, default=96)
+    t.add_argument("--pretrain-steps", type=int, default=3000,
+                   help="stage 1: steps of caption-name classification by the conv stem before ITM (0 skips)")
     t.add_argument("--max-images", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None, help="cpu | cuda (default from config)")

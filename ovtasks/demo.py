@@ -122,9 +122,10 @@ def ingest_overview(synth_uri: str, ingest_uri: str, settings: Settings, path: P
 
 
 COMMITTED_ITM = Path(__file__).resolve().parents[1] / "models" / "itm-synth"
-ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 16 --images-per-shard 256 --seed 1 --failure-rate 0.05 && "
+ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard 256 --seed 1 --failure-rate 0.02 && "
               "ovtasks ingest --src data/itm/laion --out data/itm/clean && "
-              "ovtasks train-itm --src data/itm/clean --out models/itm-synth --gt data/itm/laion --steps 3000 --lr 1e-3")
+              "ovtasks train-itm --src data/itm/clean --out models/itm-synth --gt data/itm/laion "
+              "--pretrain-steps 4000 --steps 3000 --lr 1e-3")
 
 
 def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: int = 64, seed: int = 0, workers: int | None = None,
@@ -158,7 +159,7 @@ def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: in
         itm_uri = str(root / "models" / "itm")
         steps = train_itm_steps or 300
         print(f"[3/5] train-itm: {steps} steps on {ingest_uri} -> {itm_uri}", flush=True)
-        train_itm(ingest_uri, itm_uri, settings, ItmTrainConfig(steps=steps, lr=1e-3, batch_size=24, holdout=32), gt_uri=synth_uri)
+        train_itm(ingest_uri, itm_uri, settings, ItmTrainConfig(steps=steps, pretrain_steps=steps, lr=1e-3, batch_size=24, holdout=32), gt_uri=synth_uri)
     wspn_uri = str(root / "models" / "wspn")
     print(f"[4/5] train-wspn: {wspn_steps} steps on the clean shards' captions -> {wspn_uri}", flush=True)
     wspn = train_wspn(ingest_uri, wspn_uri, settings, WspnTrainConfig(steps=wspn_steps))

@@ -8,8 +8,13 @@ data itself. Supervision comes only from captions (object names found by the lex
   not mention, and the caption with its object word swapped for such a name;
 * swapped captions: another image's caption naming a different set of objects.
 
-A curriculum starts on images whose caption names a single object, so the model first learns what
-each word looks like before it must find one object among several. The trained model is saved in
+Training has two stages. First the convolutional stem alone learns to tell the caption's object names
+apart (multi-positive softmax over the vocabulary on its max-pooled feature map, flips and quarter
+turns as augmentation): from scratch, the ITM loss barely moves a vision tower that cannot yet
+see shapes, and the model sits on the "never matches" prior. Then the whole BLIP model trains on
+ITM (+ ITC), the pretrained stem at a lower learning rate. A curriculum starts the ITM stage on
+images whose caption names a single object, so the model first learns what each word looks like
+before it must find one object among several. The trained model is saved in
 transformers format (``BlipForImageTextRetrieval`` + ``BlipProcessor``) and loads like real BLIP.
 """
 
@@ -34,7 +39,7 @@ from ovtasks.candidates import LexiconExtractor, Vocabulary
 from ovtasks.config import Settings
 from ovtasks.dataset import iter_clean
 from ovtasks.models.hub import publish_model
-from ovtasks.models.itm import ItmModel, build_word_tokenizer, install_conv_stem, prompt_span, tiny_blip_config
+from ovtasks.models.itm import ConvStem, ItmModel, build_word_tokenizer, install_conv_stem, prompt_span, tiny_blip_config
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,14 @@ class ItmTrainConfig:
     text_layers: int = 3
     heads: int = 4
     conv_stem: bool = True  # early convolutions instead of one patchify conv (learns far faster from scratch)
+    pretrain_steps: int = 3000  # stage 1: caption-name classification by the conv stem (0 skips it)
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 2e-3
+    stem_lr_scale: float = 0.1  # the pretrained stem's learning rate in the ITM stage, relative to lr
+    # GradCAM layer recorded in the checkpoint (used when maskfree.itm_layer is unset). In the small
+    # model the first cross-attention layer is the word-specific one (its word query is still mostly
+    # the word): measured right-object rates 0.72 / 0.47 / 0.0 for layers 0 / 1 / 2.
+    gradcam_layer: int = 0
     curriculum: float = 0.3  # fraction of steps on single-object captions
     caption_fraction: float = 0.25  # rows that use whole captions instead of prompts
     itc_weight: float = 1.0  # image-text contrastive loss on the unimodal [CLS] projections (0 disables)
@@ -150,23 +163,29 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
 
     model = BlipForImageTextRetrieval(tiny_blip_config(len(tokenizer), cfg.image_size, cfg.patch_size, cfg.hidden,
                                                        cfg.vision_layers, cfg.text_layers, cfg.heads))
-    if cfg.conv_stem:
-        install_conv_stem(model)
-    mean, std = images.float().mean((0, 2, 3)) / 255, images.float().std((0, 2, 3)) / 255
+    stem = install_conv_stem(model) if cfg.conv_stem else None
+    sample = images[:2048].float()
+    mean, std = sample.mean((0, 2, 3)) / 255, sample.std((0, 2, 3)) / 255
     itm = ItmModel(model, tokenizer, cfg.image_size, mean.tolist(), std.tolist(), settings.device, settings.maskfree.itm_layer)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    pre_metrics: dict = {}
+    if stem is not None and cfg.pretrain_steps > 0:
+        pre_metrics = _pretrain_stem(itm, stem, images, names, vocab_names, train_idx, np.arange(n - hold, n), cfg, rng,
+                                     history, progress)
+    stem_params = {id(p) for p in stem.parameters()} if stem is not None and cfg.pretrain_steps > 0 else set()
+    groups = [{"params": [p for p in model.parameters() if id(p) not in stem_params], "lr": cfg.lr}]
+    if stem_params:
+        groups.append({"params": list(stem.parameters()), "lr": cfg.lr * cfg.stem_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    history = []
     model.train()
-    t0 = time.perf_counter()
     run_loss, run_acc = 0.0, 0.0
     for step in range(cfg.steps):
         pool = single if step < cfg.curriculum * cfg.steps else train_idx
         idx = rng.choice(pool, size=min(cfg.batch_size, len(pool)), replace=False)
-        x = images[torch.from_numpy(idx)].float()
-        flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
-        x[flip] = x[flip].flip(-1)
+        x = _augment(images[torch.from_numpy(idx)].float(), rng)
         texts, rows, labels = _batch_texts(rng, idx, captions, names, vocab_names, vocab, template, cfg.caption_fraction)
         ids_, am, _ = itm.tokenize(texts)
         embeds = itm.image_embeds(itm.preprocess(x))
@@ -184,7 +203,7 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
         acc = (logits.argmax(-1) == labels).float().mean().item()
         run_acc = 0.98 * run_acc + 0.02 * acc if step else acc
         if step % 50 == 0 or step == cfg.steps - 1:
-            rec = {"step": step, "loss": round(run_loss, 4), "acc": round(run_acc, 4), "seconds": round(time.perf_counter() - t0, 1)}
+            rec = {"stage": "itm", "step": step, "loss": round(run_loss, 4), "acc": round(run_acc, 4), "seconds": round(time.perf_counter() - t0, 1)}
             history.append(rec)
             log.info("train-itm", extra=rec)
             if progress:
@@ -192,20 +211,97 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     model.eval()
     hold_idx = list(range(n - hold, n))
     metrics = caption_metrics(itm, images[hold_idx], [names[i] for i in hold_idx], vocab_names, template)
+    layer = settings.maskfree.itm_layer if settings.maskfree.itm_layer is not None else cfg.gradcam_layer
+    itm.layer = min(layer, cfg.text_layers - 1)
     if gt_uri:
         from ovtasks.groundtruth import GroundTruth
 
         gt = GroundTruth.load(gt_uri, settings)
-        metrics.update(grounding_metrics(itm, images[hold_idx], [ids[i] for i in hold_idx], gt, template))
+        by_layer = {}
+        for k in range(cfg.text_layers):  # report every layer; the recorded one is used for the main numbers
+            itm.layer = k
+            by_layer[k] = grounding_metrics(itm, images[hold_idx], [ids[i] for i in hold_idx], gt, template)
+        itm.layer = min(layer, cfg.text_layers - 1)
+        metrics.update(by_layer[itm.layer])
+        metrics["right_object_rate_by_layer"] = {str(k): v["right_object_rate"] for k, v in by_layer.items()}
+    metrics.update(pre_metrics)
     metrics.update(train_images=n - hold, holdout_images=hold, steps=cfg.steps,
                    train_seconds=round(time.perf_counter() - t0, 1))
-    meta = {"conv_stem": cfg.conv_stem, "trained_by": f"ovtasks {__version__} train-itm", "config": asdict(cfg), "metrics": metrics,
+    meta = {"conv_stem": cfg.conv_stem, "gradcam_layer": itm.layer, "trained_by": f"ovtasks {__version__} train-itm", "config": asdict(cfg), "metrics": metrics,
             "source": src_uri, "prompt": template}
     with tempfile.TemporaryDirectory(prefix="ovtasks-itm-out-") as d:
         itm.save(d, meta)
         (Path(d) / "history.json").write_text(json.dumps(history))
         uri = publish_model(d, out_uri, settings.s3)
     return TrainedItm(uri, metrics, history)
+
+
+def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random horizontal flips per image and one random quarter turn per batch (captions never say
+    which way up a shape is)."""
+    flip = torch.from_numpy(rng.random(len(x)) < 0.5)
+    x[flip] = x[flip].flip(-1)
+    return torch.rot90(x, int(rng.integers(4)), (2, 3))
+
+
+def _name_targets(names: list[list[str]], vocab_names: list[str]) -> torch.Tensor:
+    col = {n: j for j, n in enumerate(vocab_names)}
+    y = torch.zeros(len(names), len(vocab_names))
+    for i, ns in enumerate(names):
+        for n in ns:
+            y[i, col[n]] = 1.0
+    return y
+
+
+def _pretrain_stem(itm: ItmModel, stem: ConvStem, images: torch.Tensor, names, vocab_names, train_idx: np.ndarray,
+                   hold_idx: np.ndarray, cfg: ItmTrainConfig, rng: np.random.Generator, history: list[dict],
+                   progress: Callable[[int, dict], None] | None) -> dict:
+    """Stage 1: the stem's max-pooled features classify the caption's names (softmax, every named
+    object a positive). Returns the held-out top-1 (the best class is one the caption names)."""
+    device = itm.device
+    y = _name_targets(names, vocab_names).to(device)
+    head = torch.nn.Linear(stem.out_channels, len(vocab_names)).to(device)
+    params = list(stem.convs.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
+    steps = cfg.pretrain_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return head(stem.features(itm.preprocess(x)).amax((2, 3)))
+
+    def holdout_top1() -> float:
+        stem.eval()
+        with torch.no_grad():
+            hits = []
+            for i0 in range(0, len(hold_idx), 128):
+                rows = torch.from_numpy(hold_idx[i0:i0 + 128])
+                best = logits(images[rows].float()).argmax(1)
+                hits.append(y[rows.to(device), best])
+        stem.train()
+        return float(torch.cat(hits).mean()) if hits else float("nan")
+
+    stem.train()
+    t0, run = time.perf_counter(), None
+    for step in range(steps):
+        idx = torch.from_numpy(rng.choice(train_idx, size=min(cfg.pretrain_batch_size, len(train_idx)), replace=False))
+        out = logits(_augment(images[idx].float(), rng))
+        target = y[idx.to(device)]
+        loss = -(target / target.sum(1, keepdim=True) * out.log_softmax(1)).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        if step % 250 == 0 or step == steps - 1:
+            rec = {"stage": "pretrain", "step": step, "loss": round(run, 4), "seconds": round(time.perf_counter() - t0, 1)}
+            if step == steps - 1 or step % 1000 == 0:
+                rec["holdout_top1"] = round(holdout_top1(), 4)
+            history.append(rec)
+            log.info("train-itm pretrain", extra=rec)
+            if progress:
+                progress(step, rec)
+    return {"pretrain_holdout_top1": round(holdout_top1(), 4), "pretrain_steps": steps}
 
 
 def _itc_loss(itm: ItmModel, embeds: torch.Tensor, idx: np.ndarray, names, vocab_names, template: str, temperature: float) -> torch.Tensor:

@@ -11,7 +11,8 @@ GradCAM (eq. 3): the cross-attention probabilities ``X`` of one text layer (eq. 
 forward hook on that layer's ``crossattention.self`` module (its second output; the ITM output itself
 carries no cross-attentions in transformers 5.x), then ``phi = mean_heads(X * relu(dS/dX))`` at the
 object word's tokens, with ``S`` the ITM "match" logit. The last layer gives a zero map for word
-tokens (the ITM head reads only [CLS]), so the default layer is the middle one.
+tokens (the ITM head reads only [CLS]), so the default layer is the middle one, unless the checkpoint's
+``ovtasks_itm.json`` names a ``gradcam_layer`` (``train-itm`` records the one it was validated with).
 """
 
 from __future__ import annotations
@@ -51,32 +52,43 @@ def tiny_blip_config(vocab_size: int, image_size: int = 128, patch_size: int = 8
 
 class ConvStem(torch.nn.Module):
     """Early convolutions in place of BLIP's single patchify convolution (Xiao et al., 2021, "Early
-    convolutions help transformers see better"): stride-2 3x3 convs down to the same patch grid, then
-    a 1x1 projection. Trains far faster from scratch on small data; the output shape is unchanged."""
+    convolutions help transformers see better"): stride-2 conv-BN-ReLU blocks down to the patch grid,
+    ``extra`` stride-1 blocks to widen the receptive field, then a 1x1 projection to the hidden size.
+    The output shape is the patchify conv's. ``features`` exposes the conv map for the caption-label
+    pretraining stage of ``ovtasks train-itm`` (from scratch, ViT patch tokens hardly learn on small
+    data; a CNN does)."""
 
-    def __init__(self, out_dim: int, patch_size: int, width: int = 32):
+    def __init__(self, out_dim: int, patch_size: int, width: int = 32, max_width: int = 96, extra: int = 2):
         super().__init__()
         n = int(round(math.log2(patch_size)))
         if 2 ** n != patch_size:
             raise ValueError(f"conv stem needs a power-of-two patch size, got {patch_size}")
         layers, c = [], 3
-        for i in range(n):
-            layers += [torch.nn.Conv2d(c, width * 2 ** i, 3, 2, 1), torch.nn.GELU()]
-            c = width * 2 ** i
+        chans = [min(width * 2 ** i, max_width) for i in range(n)]
+        chans += [chans[-1]] * extra
+        for i, o in enumerate(chans):
+            layers += [torch.nn.Conv2d(c, o, 3, 2 if i < n else 1, 1, bias=False), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
+            c = o
         self.convs = torch.nn.Sequential(*layers)
+        self.out_channels = c
         self.proj = torch.nn.Conv2d(c, out_dim, 1)
 
     @property
     def weight(self) -> torch.Tensor:  # BlipVisionEmbeddings reads patch_embedding.weight.dtype
         return self.proj.weight
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.convs(x))
 
 
-def install_conv_stem(model) -> None:
+def install_conv_stem(model) -> ConvStem:
     vc = model.config.vision_config
-    model.vision_model.embeddings.patch_embedding = ConvStem(vc.hidden_size, vc.patch_size)
+    stem = ConvStem(vc.hidden_size, vc.patch_size)
+    model.vision_model.embeddings.patch_embedding = stem
+    return stem
 
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -138,6 +150,8 @@ class ItmModel:
         processor = BlipProcessor.from_pretrained(path)
         ip = processor.image_processor
         size = ip.size["height"] if hasattr(ip.size, "__getitem__") and not isinstance(ip.size, int) else int(ip.size)
+        if layer is None and meta.get("gradcam_layer") is not None:
+            layer = int(meta["gradcam_layer"])
         return cls(model, processor.tokenizer, size, ip.image_mean, ip.image_std, device, layer)
 
     def save(self, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:

@@ -96,3 +96,31 @@ def test_normalise_constant_map_is_zero():
     m = torch.stack([torch.full((3, 3), 2.0), torch.arange(9.0).view(3, 3)])
     n = normalise(m)
     assert n[0].abs().max() == 0 and n[1].min() == 0 and n[1].max() == 1
+
+
+def test_train_itm_two_stages_save_and_load(synth_small, tmp_path):
+    """Both stages run on real (small) ingested shards; the stem's pretraining fits its batch; the saved
+    model loads through the same path as real BLIP and gives word maps on its patch grid."""
+    from ovtasks.config import load_settings
+    from ovtasks.ingest import ingest
+    from ovtasks.train_itm import ItmTrainConfig, train_itm
+
+    settings = load_settings(env={})
+    ingest(synth_small[0], str(tmp_path / "clean"), settings, workers=1)
+    cfg = ItmTrainConfig(steps=6, batch_size=4, image_size=32, hidden=32, vision_layers=1, text_layers=2, heads=2,
+                         warmup=2, pretrain_steps=40, pretrain_batch_size=8, holdout=4, max_images=12)
+    result = train_itm(str(tmp_path / "clean"), str(tmp_path / "itm"), settings, cfg, gt_uri=synth_small[0])
+    pre = [h for h in result.history if h["stage"] == "pretrain"]
+    itm_hist = [h for h in result.history if h["stage"] == "itm"]
+    assert pre and itm_hist and pre[-1]["step"] == 39 and itm_hist[-1]["step"] == 5
+    assert pre[-1]["loss"] < pre[0]["loss"]  # 8 training images, batch 8: stage 1 must fit them
+    assert 0.0 <= result.metrics["pretrain_holdout_top1"] <= 1.0
+    assert {"named_accepted", "unnamed_rejected", "absent_rejected", "right_object_rate"} <= set(result.metrics)
+    assert set(result.metrics["right_object_rate_by_layer"]) == {"0", "1"}
+    itm = ItmModel.load(result.model_uri)
+    assert itm.layer == cfg.gradcam_layer == 0  # the checkpoint's recorded GradCAM layer, not the middle one
+    assert ItmModel.load(result.model_uri, layer=1).layer == 1  # an explicit maskfree.itm_layer wins
+    assert isinstance(itm.model.vision_model.embeddings.patch_embedding, torch.nn.Module)
+    ids, am, wm = itm.tokenize(["a photo of a ball"], [(11, 15)])
+    out = itm.gradcam(itm.preprocess(torch.full((1, 3, 32, 32), 128.0)), ids, am, wm)
+    assert out.maps.shape == (1, 4, 4)
