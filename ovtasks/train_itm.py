@@ -178,8 +178,7 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     if stem_params:
         groups.append({"params": list(stem.parameters()), "lr": cfg.lr * cfg.stem_lr_scale})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup, cfg.steps))
     model.train()
     run_loss, run_acc = 0.0, 0.0
     for step in range(cfg.steps):
@@ -236,6 +235,10 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     return TrainedItm(uri, metrics, history)
 
 
+def _warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
+    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+
 def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Random horizontal flips per image and one random quarter turn per batch (captions never say
     which way up a shape is)."""
@@ -264,8 +267,7 @@ def _pretrain_stem(itm: ItmModel, stem: ConvStem, images: torch.Tensor, names, v
     params = list(stem.convs.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     steps = cfg.pretrain_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup, steps))
 
     def logits(x: torch.Tensor) -> torch.Tensor:
         return head(stem.features(itm.preprocess(x)).amax((2, 3)))
@@ -282,7 +284,7 @@ def _pretrain_stem(itm: ItmModel, stem: ConvStem, images: torch.Tensor, names, v
         return float(torch.cat(hits).mean()) if hits else float("nan")
 
     stem.train()
-    t0, run = time.perf_counter(), None
+    t0, run, top1 = time.perf_counter(), None, None
     for step in range(steps):
         idx = torch.from_numpy(rng.choice(train_idx, size=min(cfg.pretrain_batch_size, len(train_idx)), replace=False))
         out = logits(_augment(images[idx].float(), rng))
@@ -296,12 +298,12 @@ def _pretrain_stem(itm: ItmModel, stem: ConvStem, images: torch.Tensor, names, v
         if step % 250 == 0 or step == steps - 1:
             rec = {"stage": "pretrain", "step": step, "loss": round(run, 4), "seconds": round(time.perf_counter() - t0, 1)}
             if step == steps - 1 or step % 1000 == 0:
-                rec["holdout_top1"] = round(holdout_top1(), 4)
+                rec["holdout_top1"] = top1 = round(holdout_top1(), 4)
             history.append(rec)
             log.info("train-itm pretrain", extra=rec)
             if progress:
                 progress(step, rec)
-    return {"pretrain_holdout_top1": round(holdout_top1(), 4), "pretrain_steps": steps}
+    return {"pretrain_holdout_top1": top1, "pretrain_steps": steps}
 
 
 def _itc_loss(itm: ItmModel, embeds: torch.Tensor, idx: np.ndarray, names, vocab_names, template: str, temperature: float) -> torch.Tensor:
@@ -318,11 +320,7 @@ def _itc_loss(itm: ItmModel, embeds: torch.Tensor, idx: np.ndarray, names, vocab
     t = F.normalize(model.text_proj(text), dim=-1)  # (V, P)
     v = F.normalize(model.vision_proj(embeds[:, 1:].mean(1)), dim=-1)  # (B, P): mean of patch tokens (learns faster than [CLS] from scratch)
     sim = v @ t.t() / temperature  # (B, V)
-    target = torch.zeros_like(sim)
-    col = {n: j for j, n in enumerate(vocab_names)}
-    for r, i in enumerate(idx):
-        for n in names[i]:
-            target[r, col[n]] = 1.0
+    target = _name_targets([names[i] for i in idx], vocab_names).to(sim.device)
     target = target / target.sum(1, keepdim=True).clamp(min=1)
     return -(target * sim.log_softmax(1)).sum(1).mean()
 
