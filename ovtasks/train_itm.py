@@ -211,7 +211,7 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     hold_idx = list(range(n - hold, n))
     metrics = caption_metrics(itm, images[hold_idx], [names[i] for i in hold_idx], vocab_names, template)
     layer = settings.maskfree.itm_layer if settings.maskfree.itm_layer is not None else cfg.gradcam_layer
-    itm.layer = min(layer, cfg.text_layers - 1)
+    layer = min(layer, cfg.text_layers - 1)
     if gt_uri:
         from ovtasks.groundtruth import GroundTruth
 
@@ -220,13 +220,13 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
         for k in range(cfg.text_layers):  # report every layer; the recorded one is used for the main numbers
             itm.layer = k
             by_layer[k] = grounding_metrics(itm, images[hold_idx], [ids[i] for i in hold_idx], gt, template)
-        itm.layer = min(layer, cfg.text_layers - 1)
-        metrics.update(by_layer[itm.layer])
+        metrics.update(by_layer[layer])
         metrics["right_object_rate_by_layer"] = {str(k): v["right_object_rate"] for k, v in by_layer.items()}
     metrics.update(pre_metrics)
     metrics.update(train_images=n - hold, holdout_images=hold, steps=cfg.steps,
                    train_seconds=round(time.perf_counter() - t0, 1))
-    meta = {"conv_stem": cfg.conv_stem, "gradcam_layer": itm.layer, "trained_by": f"ovtasks {__version__} train-itm", "config": asdict(cfg), "metrics": metrics,
+    itm.layer = layer
+    meta = {"conv_stem": cfg.conv_stem, "gradcam_layer": layer, "trained_by": f"ovtasks {__version__} train-itm", "config": asdict(cfg), "metrics": metrics,
             "source": src_uri, "prompt": template}
     with tempfile.TemporaryDirectory(prefix="ovtasks-itm-out-") as d:
         itm.save(d, meta)
