@@ -124,12 +124,15 @@ def cmd_pseudo_label(args: argparse.Namespace, settings: Settings) -> int:
 
     settings = _with_overrides(_on_device(args, settings), "maskfree", itm_model=args.itm_model, wspn_model=args.wspn_model,
                                proposals=args.proposals)
+    settings = _with_overrides(settings, "grounded", gdino_model=args.gdino_model, sam_model=args.sam_model,
+                               dtype=args.dtype, batch_size=args.batch_size)
     t0 = time.perf_counter()
     result = pseudo_label(args.src, args.out, settings, args.generator, progress=_progress_factory(sys.stderr.isatty()))
     rep = result.report
     dt = time.perf_counter() - t0
     rows = [("shards", f"{len(rep['shards'])} ({sum(1 for e in rep['shards'] if e['status'] != 'done')} skipped as complete)"),
-            ("images", str(rep["images"])), ("candidates", str(rep["candidates"])), ("annotations", str(rep["annotations"]))]
+            ("images", str(rep["images"])), ("quarantined images", str(rep["quarantined"])),
+            ("candidates", str(rep["candidates"])), ("annotations", str(rep["annotations"]))]
     rows += [(f"skipped: {k}", str(v)) for k, v in rep["skipped"].items()]
     rows += [("seconds", f"{dt:.1f}")]
     _print_table(rows, "pseudo-label report")
@@ -202,11 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pseudo-label", help="clean shards -> COCO instance pseudo-masks (resumes complete shards)")
     pl.add_argument("--src", required=True, help="URI of ingested (clean) shards")
     pl.add_argument("--out", required=True, help="output URI; writes pseudo/<generator>/")
-    pl.add_argument("--generator", default="maskfree", choices=("maskfree",))
+    pl.add_argument("--generator", default="maskfree", choices=("maskfree", "grounded"))
     pl.add_argument("--device", default=None, help="cpu | cuda (default from config)")
     pl.add_argument("--itm-model", default=None, help="override maskfree.itm_model")
     pl.add_argument("--wspn-model", default=None, help="override maskfree.wspn_model")
-    pl.add_argument("--proposals", default=None, choices=("wspn", "selective_search"))
+    pl.add_argument("--proposals", default=None, choices=("wspn", "selective_search", "gdino"),
+                    help="maskfree proposal source (gdino: Grounding-DINO boxes, needs --gdino-model)")
+    pl.add_argument("--gdino-model", default=None, help="override grounded.gdino_model (HF id, directory or store URI)")
+    pl.add_argument("--sam-model", default=None, help="override grounded.sam_model (HF id, directory or store URI)")
+    pl.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                    help="grounded model dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    pl.add_argument("--batch-size", type=int, default=None, help="override grounded.batch_size (images per micro-batch)")
     pl.set_defaults(func=cmd_pseudo_label)
 
     d = sub.add_parser("demo", help="run the pipeline end to end on embedded defaults and print where results are")

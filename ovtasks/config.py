@@ -111,7 +111,8 @@ class MaskFreeConfig(_Frozen):
     prompt: str = Field("a photo of a {name}", description="text prompt per object name")
     masking_rounds: int = Field(3, ge=1, le=10, description="G in eq. 4")
     mask_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="IM() threshold on the normalised map")
-    proposals: str = Field("wspn", pattern="^(wspn|selective_search)$")
+    proposals: str = Field("wspn", pattern="^(wspn|selective_search|gdino)$",
+                           description="gdino: Grounding-DINO boxes for the caption's names (grounded.gdino_model)")
     wspn_model: str | None = Field(None, description="trained WSPN checkpoint (file or store URI)")
     top_k: int = Field(50, ge=1, description="K proposals kept at inference")
     wss_points: int = Field(32, ge=1, description="Z foreground and Z background points per box")
@@ -124,6 +125,20 @@ class MaskFreeConfig(_Frozen):
     seed: int = 0
 
 
+class GroundedConfig(_Frozen):
+    """The grounded generator (thesis): Grounding-DINO boxes for the candidate names, SAM masks from them."""
+
+    gdino_model: str | None = Field(None, description="GroundingDinoForObjectDetection: HF id, directory or store URI")
+    sam_model: str | None = Field(None, description="SamModel: HF id, directory or store URI")
+    box_threshold: float = Field(0.35, ge=0.0, le=1.0)
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    nms_iou: float = Field(0.5, gt=0.0, le=1.0, description="per-image NMS within a category")
+    max_detections: int = Field(100, ge=1, description="boxes kept per image")
+    batch_size: int = Field(4, ge=1, description="images (prompt rows) per Grounding-DINO / SAM micro-batch")
+    box_batch: int = Field(64, ge=1, description="boxes decoded together per SAM call")
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="auto: bf16 on CUDA, fp32 on CPU")
+
+
 class Settings(_Frozen):
     """Everything configurable. Build it with :func:`load_settings`."""
 
@@ -133,6 +148,8 @@ class Settings(_Frozen):
     synth: SynthConfig = SynthConfig()
     candidates: CandidatesConfig = CandidatesConfig()
     maskfree: MaskFreeConfig = MaskFreeConfig()
+    grounded: GroundedConfig = GroundedConfig()
+    label_chunk: int = Field(64, ge=1, description="images of a shard labelled at a time (memory stays flat in shard size)")
     device: str = Field("cpu", description="torch device for model stages: cpu, cuda, cuda:1, ...")
     workers: int = Field(2, ge=1, le=256)
     log_format: str = Field("auto", pattern="^(auto|json|text)$")

@@ -25,6 +25,14 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
+def rle_bbox(seg: dict) -> list[float]:
+    """COCO xywh box of an RLE mask (same values as :func:`mask_bbox` on the decoded mask)."""
+    from pycocotools import mask as mask_utils
+
+    counts = seg["counts"]
+    return [float(v) for v in mask_utils.toBbox({"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts})]
+
+
 def mask_bbox(mask: np.ndarray) -> list[float]:
     """COCO xywh box of a non-empty bool mask."""
     ys, xs = np.nonzero(mask)

@@ -1,8 +1,9 @@
 """Stage 2 of Mask-free OVIS: box proposals for an image.
 
 Sources (pluggable through :class:`ProposalSource`): selective search (OpenCV contrib, unsupervised)
-and the WSPN, which scores and refines selective-search boxes and keeps the top K. A later issue adds
-Grounding-DINO boxes behind the same interface. Boxes are float ``(N, 4)`` xyxy in image pixels.
+the WSPN, which scores and refines selective-search boxes and keeps the top K, and Grounding-DINO
+boxes for the image's object names (patent Table 5 compares proposal generators). Boxes are float
+``(N, 4)`` xyxy in image pixels.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from ovtasks.models.wspn import WSPN, top_proposals
 class ProposalSource(Protocol):
     name: str
 
-    def propose(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Per image ``(H, W, 3)`` uint8 → ``(N, 4)`` float32 xyxy boxes (N may be 0)."""
+    def propose(self, images: Sequence[np.ndarray], names: Sequence[Sequence[str]] | None = None) -> list[np.ndarray]:
+        """Per image ``(H, W, 3)`` uint8 → ``(N, 4)`` float32 xyxy boxes (N may be 0). ``names`` are the
+        image's object candidates; text-free sources ignore them."""
 
 
 def selective_search(image: np.ndarray, max_side: int = 160, min_size: int = 6, max_boxes: int = 400) -> np.ndarray:
@@ -55,7 +57,7 @@ class SelectiveSearch:
     def __init__(self, max_boxes: int = 400):
         self.max_boxes = max_boxes
 
-    def propose(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def propose(self, images: Sequence[np.ndarray], names: Sequence[Sequence[str]] | None = None) -> list[np.ndarray]:
         return [selective_search(im, max_boxes=self.max_boxes) for im in images]
 
 
@@ -81,7 +83,7 @@ class WSPNProposals:
         self.base = base or SelectiveSearch()
 
     @torch.no_grad()
-    def propose(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def propose(self, images: Sequence[np.ndarray], names: Sequence[Sequence[str]] | None = None) -> list[np.ndarray]:
         raw = self.base.propose(images)
         out = []
         for im, boxes in zip(images, raw):  # one at a time: images may differ in size
@@ -90,3 +92,17 @@ class WSPNProposals:
             top, _ = top_proposals(res, b, self.top_k, im.shape[:2])
             out.append(top.cpu().numpy().astype(np.float32))
         return out
+
+
+class GDinoProposals:
+    """Grounding-DINO boxes for each image's object names, all names pooled, the top K by score."""
+
+    name = "gdino"
+
+    def __init__(self, gdino, top_k: int = 50):
+        self.gdino, self.top_k = gdino, top_k
+
+    def propose(self, images: Sequence[np.ndarray], names: Sequence[Sequence[str]] | None = None) -> list[np.ndarray]:
+        if names is None:
+            raise ValueError("Grounding-DINO proposals need each image's object names")
+        return [d.boxes[: self.top_k] for d in self.gdino.detect(images, names)]

@@ -49,3 +49,43 @@ def synth_small(tmp_path_factory):
     summary = generate(SynthSpec(seed=7, shards=2, images_per_shard=40, image_size=128, failure_rate=0.25),
                        str(out), load_settings(env={}))
     return str(out), summary
+
+
+@pytest.fixture(scope="session")
+def clean_small(synth_small, tmp_path_factory):
+    """``synth_small`` ingested: the clean shards' URI."""
+    from ovtasks.ingest import ingest
+
+    out = tmp_path_factory.mktemp("clean-small") / "clean"
+    ingest(synth_small[0], str(out), load_settings(env={}), workers=1)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_itm_dir(tmp_path_factory):
+    """A tiny random BLIP ITM checkpoint (32 px) knowing the built-in vocabulary's words."""
+    import torch
+    from transformers import BlipForImageTextRetrieval
+
+    from ovtasks.candidates import Vocabulary
+    from ovtasks.models.itm import ItmModel, build_word_tokenizer, tiny_blip_config
+
+    d = tmp_path_factory.mktemp("itm")
+    words = {"a", "photo", "of"} | {t for e in Vocabulary.load(None).entries for t in e.terms() for t in t.split()}
+    tok = build_word_tokenizer(words, d / "tok")
+    torch.manual_seed(0)
+    model = BlipForImageTextRetrieval(tiny_blip_config(len(tok), image_size=32, patch_size=8, hidden=32,
+                                                       vision_layers=1, text_layers=3, heads=2, proj=16))
+    ItmModel(model, tok, 32, [0.5] * 3, [0.25] * 3).save(d / "model")
+    return str(d / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_grounded(tmp_path_factory):
+    """Tiny random Grounding-DINO and SAM checkpoints (real layouts, with processor files): (gdino_dir, sam_dir)."""
+    from ovtasks.candidates import Vocabulary
+    from ovtasks.models import grounding_dino, sam
+
+    d = tmp_path_factory.mktemp("grounded")
+    words = sorted({t for e in Vocabulary.load(None).entries for t in e.terms() for t in t.split()})
+    return grounding_dino.save_tiny(d / "gdino", words), sam.save_tiny(d / "sam")

@@ -7,33 +7,18 @@ import pytest
 import torch
 
 from ovtasks.config import load_settings
-from ovtasks.ingest import ingest
 from ovtasks.pseudo_box import box_scores, pseudo_box
 from ovtasks.pseudo_label import load_maskfree, pseudo_label
 
 
 @pytest.fixture(scope="module")
-def clean(synth_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pl") / "clean"
-    ingest(synth_small[0], str(out), load_settings(env={}), workers=1)
-    return str(out)
+def clean(clean_small):
+    return clean_small
 
 
 @pytest.fixture(scope="module")
-def itm_dir(tmp_path_factory):
-    from transformers import BlipForImageTextRetrieval
-
-    from ovtasks.candidates import Vocabulary
-    from ovtasks.models.itm import ItmModel, build_word_tokenizer, tiny_blip_config
-
-    d = tmp_path_factory.mktemp("itm")
-    words = {"a", "photo", "of"} | {t for e in Vocabulary.load(None).entries for t in e.terms() for t in t.split()}
-    tok = build_word_tokenizer(words, d / "tok")
-    torch.manual_seed(0)
-    model = BlipForImageTextRetrieval(tiny_blip_config(len(tok), image_size=32, patch_size=8, hidden=32,
-                                                       vision_layers=1, text_layers=3, heads=2, proj=16))
-    ItmModel(model, tok, 32, [0.5] * 3, [0.25] * 3).save(d / "model")
-    return str(d / "model")
+def itm_dir(tiny_itm_dir):
+    return tiny_itm_dir
 
 
 def _settings(itm_dir, **extra):

@@ -1,0 +1,136 @@
+"""SAM masks from boxes (transformers ``SamModel``), one image embedding per image.
+
+Loads weights by Hugging Face id, local directory or model-store URI; :func:`save_tiny` writes a tiny
+random model in the same layout for offline tests and CPU benchmarks.
+
+:meth:`SamSegmenter.segment` resizes each image's long side to the vision encoder's input size and
+pads it to a square (SAM's own preprocessing, done here in torch so that a micro-batch of images is
+one tensor), computes the image embeddings once per image in micro-batches of ``batch_size``, then
+decodes all of that image's boxes together (``box_batch`` at a time) with multi-mask output, keeping
+the mask with the highest predicted IoU. Masks come back as COCO RLE at the original image size, one
+box at a time, so a 4000x3000 image with many boxes never holds all its full-size masks at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ovtasks.groundtruth import encode_rle
+from ovtasks.models.grounding_dino import resize_normalise, resolve_dtype
+from ovtasks.models.hub import resolve_model
+
+
+@dataclass
+class BoxMasks:
+    """SAM's answer for one image's boxes, in the boxes' order."""
+
+    rles: list[dict]  # COCO RLE at the image size
+    areas: np.ndarray  # (N,) pixels
+    iou: np.ndarray  # (N,) SAM's predicted IoU of the chosen mask
+
+    @classmethod
+    def empty(cls) -> "BoxMasks":
+        return cls([], np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+
+class SamSegmenter:
+    def __init__(self, model, mean, std, device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 4,
+                 box_batch: int = 64, mask_threshold: float = 0.0):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.size = int(model.config.vision_config.image_size)
+        self.mean, self.std, self.device, self.dtype = tuple(mean), tuple(std), device, dtype
+        self.batch_size, self.box_batch, self.mask_threshold = batch_size, box_batch, mask_threshold
+
+    @classmethod
+    def load(cls, ref: str, device: str = "cpu", dtype: str = "auto", s3=None, **kwargs) -> "SamSegmenter":
+        from transformers import SamModel
+
+        path = resolve_model(ref, s3)
+        model = SamModel.from_pretrained(path)
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        pp = Path(path) / "preprocessor_config.json"
+        if pp.exists():
+            cfg = json.loads(pp.read_text())
+            mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
+        elif not os.path.isdir(path):
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(path)
+            mean, std = proc.image_mean, proc.image_std
+        return cls(model, mean, std, device, resolve_dtype(dtype, device), **kwargs)
+
+    def _resized(self, h: int, w: int) -> tuple[int, int, float]:
+        scale = self.size / max(h, w)
+        return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)), scale
+
+    def _pixels(self, image: np.ndarray) -> torch.Tensor:
+        h, w = image.shape[:2]
+        rh, rw, _ = self._resized(h, w)
+        x = resize_normalise(image, (rh, rw), self.mean, self.std, self.device, self.dtype)
+        return F.pad(x, (0, self.size - rw, 0, self.size - rh))
+
+    @torch.inference_mode()
+    def embed(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Image embeddings ``(B, C, h, w)`` for images of any sizes."""
+        return self.model.get_image_embeddings(torch.stack([self._pixels(im) for im in images]))
+
+    @torch.inference_mode()
+    def segment(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[BoxMasks]:
+        """Masks for ``boxes[i]`` (``(N_i, 4)`` pixel xyxy) in ``images[i]``."""
+        if len(images) != len(boxes):
+            raise ValueError(f"{len(images)} images but {len(boxes)} box arrays")
+        out: list[BoxMasks] = [BoxMasks.empty() for _ in images]
+        todo = [i for i, b in enumerate(boxes) if len(b)]
+        for b0 in range(0, len(todo), self.batch_size):
+            idx = todo[b0: b0 + self.batch_size]
+            emb = self.embed([images[i] for i in idx])
+            for k, i in enumerate(idx):
+                out[i] = self._decode(emb[k: k + 1], images[i].shape[:2], np.asarray(boxes[i], np.float32))
+        return out
+
+    def _decode(self, emb: torch.Tensor, hw: tuple[int, int], boxes: np.ndarray) -> BoxMasks:
+        h, w = hw
+        rh, rw, scale = self._resized(h, w)
+        pos = self.model.get_image_wide_positional_embeddings()
+        rles, areas, ious = [], [], []
+        for b0 in range(0, len(boxes), self.box_batch):
+            bx = torch.from_numpy(boxes[b0: b0 + self.box_batch] * scale).to(self.device, self.dtype)[None]
+            sparse, dense = self.model.prompt_encoder(input_points=None, input_labels=None, input_boxes=bx, input_masks=None)
+            low, iou = self.model.mask_decoder(image_embeddings=emb, image_positional_embeddings=pos, sparse_prompt_embeddings=sparse,
+                                               dense_prompt_embeddings=dense, multimask_output=True)
+            low, iou = low[0].float(), iou[0].float()  # (n, 3, mh, mw), (n, 3)
+            best = iou.argmax(dim=1)
+            chosen = low[torch.arange(len(best)), best]  # (n, mh, mw)
+            ious += iou[torch.arange(len(best)), best].cpu().tolist()
+            for m in chosen:  # one full-size mask at a time
+                up = F.interpolate(m[None, None], size=(self.size, self.size), mode="bilinear", align_corners=False)
+                up = F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+                mask = (up > self.mask_threshold).cpu().numpy()
+                rles.append(encode_rle(mask))
+                areas.append(int(mask.sum()))
+        return BoxMasks(rles, np.asarray(areas, np.int64), np.asarray(ious, np.float32))
+
+
+def save_tiny(path: str | os.PathLike, image_size: int = 128, hidden: int = 32, seed: int = 0) -> str:
+    """Write a tiny random SAM (ViT encoder, 2 layers) with its image processor config to ``path``."""
+    from transformers import SamConfig, SamImageProcessor, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    vision = SamVisionConfig(hidden_size=hidden, output_channels=hidden, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=image_size, patch_size=16, window_size=4, global_attn_indexes=[1],
+                             mlp_dim=2 * hidden, initializer_range=0.02, num_pos_feats=hidden // 2)
+    prompt = SamPromptEncoderConfig(hidden_size=hidden, image_size=image_size, patch_size=16)
+    decoder = SamMaskDecoderConfig(hidden_size=hidden, mlp_dim=2 * hidden, num_attention_heads=2, iou_head_hidden_dim=hidden)
+    SamModel(SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)).save_pretrained(path)
+    SamImageProcessor(size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return str(path)
