@@ -249,9 +249,11 @@ def bert_style_vocab(words: Sequence[str] = ()) -> list[str]:
 
 
 def save_tiny(path: str | os.PathLike, words: Sequence[str] = (), shortest: int = 64, longest: int = 96, seed: int = 0,
-              d_model: int = 32, num_queries: int = 30, max_text_len: int = 256) -> str:
+              d_model: int = 32, num_queries: int = 30, max_text_len: int = 256, full: bool = False) -> str:
     """Write a tiny random Grounding-DINO (Swin backbone, BERT text tower) with its tokenizer and image
-    processor config to ``path``; :meth:`GroundingDino.load` opens it like any checkpoint."""
+    processor config to ``path``; :meth:`GroundingDino.load` opens it like any checkpoint. ``full``
+    writes the real architecture instead (Swin-T, BERT-base, 900 queries: transformers' defaults) with
+    random weights, for speed measurements."""
     from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
                               GroundingDinoImageProcessor, SwinConfig)
 
@@ -261,6 +263,11 @@ def save_tiny(path: str | os.PathLike, words: Sequence[str] = (), shortest: int 
     tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
     tok.save_pretrained(path)
     torch.manual_seed(seed)
+    if full:
+        cfg = GroundingDinoConfig(text_config=BertConfig(vocab_size=len(vocab)), max_text_len=max_text_len)
+        GroundingDinoForObjectDetection(cfg).save_pretrained(path)
+        GroundingDinoImageProcessor(size={"shortest_edge": shortest, "longest_edge": longest}).save_pretrained(path)
+        return str(path)
     swin = SwinConfig(image_size=shortest, patch_size=4, embed_dim=16, depths=[1, 1, 1], num_heads=[1, 1, 2],
                       window_size=4, out_features=["stage1", "stage2", "stage3"])
     bert = BertConfig(vocab_size=len(vocab), hidden_size=d_model, num_hidden_layers=1, num_attention_heads=2,

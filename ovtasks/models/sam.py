@@ -7,8 +7,9 @@ random model in the same layout for offline tests and CPU benchmarks.
 pads it to a square (SAM's own preprocessing, done here in torch so that a micro-batch of images is
 one tensor), computes the image embeddings once per image in micro-batches of ``batch_size``, then
 decodes all of that image's boxes together (``box_batch`` at a time) with multi-mask output, keeping
-the mask with the highest predicted IoU. Masks come back as COCO RLE at the original image size, one
-box at a time, so a 4000x3000 image with many boxes never holds all its full-size masks at once.
+the mask with the highest predicted IoU. Masks are upsampled and thresholded on the device, as many
+at a time as ``pixel_budget`` allows (so a 4000x3000 image with many boxes never holds all its
+full-size masks at once), and come back as COCO RLE at the original image size.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovtasks.groundtruth import encode_rle
 from ovtasks.models.grounding_dino import resize_normalise, resolve_dtype
 from ovtasks.models.hub import resolve_model
 
@@ -43,11 +43,12 @@ class BoxMasks:
 
 class SamSegmenter:
     def __init__(self, model, mean, std, device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 4,
-                 box_batch: int = 64, mask_threshold: float = 0.0):
+                 box_batch: int = 64, mask_threshold: float = 0.0, pixel_budget: int = 1 << 26):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.size = int(model.config.vision_config.image_size)
         self.mean, self.std, self.device, self.dtype = tuple(mean), tuple(std), device, dtype
         self.batch_size, self.box_batch, self.mask_threshold = batch_size, box_batch, mask_threshold
+        self.pixel_budget = pixel_budget  # upsampled mask pixels held at once
 
     @classmethod
     def load(cls, ref: str, device: str = "cpu", dtype: str = "auto", s3=None, **kwargs) -> "SamSegmenter":
@@ -108,24 +109,40 @@ class SamSegmenter:
                                                dense_prompt_embeddings=dense, multimask_output=True)
             low, iou = low[0].float(), iou[0].float()  # (n, 3, mh, mw), (n, 3)
             best = iou.argmax(dim=1)
-            chosen = low[torch.arange(len(best)), best]  # (n, mh, mw)
-            ious += iou[torch.arange(len(best)), best].cpu().tolist()
-            for m in chosen:  # one full-size mask at a time
-                up = F.interpolate(m[None, None], size=(self.size, self.size), mode="bilinear", align_corners=False)
-                up = F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-                mask = (up > self.mask_threshold).cpu().numpy()
-                rles.append(encode_rle(mask))
-                areas.append(int(mask.sum()))
+            rows = torch.arange(len(best), device=best.device)
+            chosen = low[rows, best]  # (n, mh, mw)
+            ious += iou[rows, best].cpu().tolist()
+            per = max(1, int(self.pixel_budget // max(self.size * self.size, h * w)))
+            for m0 in range(0, len(chosen), per):  # full-size masks a bounded number at a time
+                up = F.interpolate(chosen[m0: m0 + per, None], size=(self.size, self.size), mode="bilinear", align_corners=False)
+                up = F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+                masks = up > self.mask_threshold
+                areas += masks.sum(dim=(1, 2)).cpu().tolist()
+                # (n, w, h) C order read as (h, w, n) is the Fortran layout pycocotools wants: no copy
+                rles += encode_rles(masks.transpose(1, 2).to(torch.uint8).contiguous().cpu().numpy().transpose(2, 1, 0))
         return BoxMasks(rles, np.asarray(areas, np.int64), np.asarray(ious, np.float32))
 
 
-def save_tiny(path: str | os.PathLike, image_size: int = 128, hidden: int = 32, seed: int = 0) -> str:
-    """Write a tiny random SAM (ViT encoder, 2 layers) with its image processor config to ``path``."""
+def encode_rles(masks: np.ndarray) -> list[dict]:
+    """``(H, W, N)`` uint8 masks → N COCO RLEs (pycocotools encodes the whole stack in one call)."""
+    from pycocotools import mask as mask_utils
+
+    out = mask_utils.encode(np.asfortranarray(masks))
+    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in out]
+
+
+def save_tiny(path: str | os.PathLike, image_size: int = 128, hidden: int = 32, seed: int = 0, full: bool = False) -> str:
+    """Write a tiny random SAM (ViT encoder, 2 layers) with its image processor config to ``path``;
+    ``full`` writes the real ViT-B architecture (transformers' defaults, 1024 px) with random weights."""
     from transformers import SamConfig, SamImageProcessor, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    if full:
+        SamModel(SamConfig()).save_pretrained(path)
+        SamImageProcessor().save_pretrained(path)
+        return str(path)
     vision = SamVisionConfig(hidden_size=hidden, output_channels=hidden, num_hidden_layers=2, num_attention_heads=2,
                              image_size=image_size, patch_size=16, window_size=4, global_attn_indexes=[1],
                              mlp_dim=2 * hidden, initializer_range=0.02, num_pos_feats=hidden // 2)
