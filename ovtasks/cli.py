@@ -140,6 +140,18 @@ def cmd_pseudo_label(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.validate import validate
+
+    result = validate(args.src, settings, args.generator, progress=_progress_factory(sys.stderr.isatty()))
+    rep = result.report
+    rows = [(e["shard"], "passed" if e["success"] else "FAILED: " + "; ".join(e["reasons"])) for e in rep["shards"]]
+    rows += [("training shards", f"{len(rep['training_shards'])} of {len(rep['shards'])}")]
+    _print_table(rows, "validation (Great Expectations)")
+    print(f"\nreport: {result.report_uri}")
+    return 3 if (args.strict and rep["failed"]) else 0
+
+
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
     return 0
@@ -226,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=None)
     d.add_argument("--train-itm-steps", type=int, default=None, help="train the ITM here instead of using the committed checkpoint")
     d.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("validate", help="Great Expectations gate over pseudo-label shards; failing shards are excluded from training")
+    v.add_argument("--src", required=True, help="URI holding pseudo/<generator>/")
+    v.add_argument("--generator", default="maskfree", choices=("maskfree", "grounded"))
+    v.add_argument("--strict", action="store_true", help="exit 3 when any shard fails")
+    v.set_defaults(func=cmd_validate)
 
     c = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     c.set_defaults(func=cmd_config)

@@ -139,6 +139,20 @@ class GroundedConfig(_Frozen):
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="auto: bf16 on CUDA, fp32 on CPU")
 
 
+class ValidateConfig(_Frozen):
+    """Great Expectations gate over a shard's pseudo-labels; a failing shard is excluded from training."""
+
+    max_box_overflow_px: float = Field(1.0, ge=0.0, description="how far a box may reach past the image border")
+    min_mask_box_ratio: float = Field(0.05, ge=0.0, description="mask area / box area, lower bound")
+    max_mask_box_ratio: float = Field(1.05, gt=0.0, description="mask area / box area, upper bound")
+    mask_box_ratio_mostly: float = Field(0.95, gt=0.0, le=1.0, description="fraction of instances that must be within the ratio bounds")
+    max_instances_per_image: int = Field(50, ge=1)
+    duplicate_iou: float = Field(0.95, gt=0.0, le=1.0, description="same category and mask IoU above this = duplicate")
+    max_duplicate_rate: float = Field(0.02, ge=0.0, le=1.0)
+    instance_score_floor: float = Field(0.0, ge=0.0, le=1.0, description="an image counts as labelled with an instance scoring at least this")
+    min_labelled_image_fraction: float = Field(0.3, ge=0.0, le=1.0)
+
+
 class Settings(_Frozen):
     """Everything configurable. Build it with :func:`load_settings`."""
 
@@ -149,6 +163,7 @@ class Settings(_Frozen):
     candidates: CandidatesConfig = CandidatesConfig()
     maskfree: MaskFreeConfig = MaskFreeConfig()
     grounded: GroundedConfig = GroundedConfig()
+    validation: ValidateConfig = ValidateConfig()
     label_chunk: int = Field(64, ge=1, description="images of a shard labelled at a time (memory stays flat in shard size)")
     device: str = Field("cpu", description="torch device for model stages: cpu, cuda, cuda:1, ...")
     workers: int = Field(2, ge=1, le=256)
