@@ -153,6 +153,16 @@ class ValidateConfig(_Frozen):
     min_labelled_image_fraction: float = Field(0.3, ge=0.0, le=1.0)
 
 
+class RegistryConfig(_Frozen):
+    """MLflow tracking and model registry."""
+
+    tracking_uri: str | None = Field(None, description="None: sqlite under <data_dir>/mlflow; production: http://mlflow:5000")
+    artifact_root: str | None = Field(None, description="experiment artifact location (s3://... in production)")
+    experiment: str = "ovtasks"
+    model_name: str = "ovtasks-ov-maskrcnn"
+    promotion_tolerance: float = Field(0.5, ge=0.0, description="novel mask AP50 points the challenger may lose to the champion")
+
+
 class Settings(_Frozen):
     """Everything configurable. Build it with :func:`load_settings`."""
 
@@ -164,6 +174,7 @@ class Settings(_Frozen):
     maskfree: MaskFreeConfig = MaskFreeConfig()
     grounded: GroundedConfig = GroundedConfig()
     validation: ValidateConfig = ValidateConfig()
+    registry: RegistryConfig = RegistryConfig()
     label_chunk: int = Field(64, ge=1, description="images of a shard labelled at a time (memory stays flat in shard size)")
     device: str = Field("cpu", description="torch device for model stages: cpu, cuda, cuda:1, ...")
     workers: int = Field(2, ge=1, le=256)

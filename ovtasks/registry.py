@@ -1,0 +1,176 @@
+"""MLflow tracking and model registry: log a training run, register a challenger, promote it to champion.
+
+* :func:`log_and_register` — one MLflow run: params (training config), metrics per step, the GX
+  summary, the evaluation table, the loss-curve PNG (and any other pictures), the model directory
+  as artifacts; then a new version of the registered model, tagged with the training-data manifest
+  hash, GX status, evaluation numbers and code version, and given the alias ``challenger``.
+* :func:`promote` — the gate: ``champion`` moves to the challenger only if the challenger's GX status
+  is ``passed`` and its novel mask AP50 is not below the champion's minus ``tolerance``; otherwise it
+  is refused with the reason and ``champion`` is left untouched. Every alias move is tagged on the
+  new champion (who, when, why, previous version); a refusal is tagged on the challenger.
+* :func:`load_registered` — downloads ``models:/NAME@alias`` and loads it from safetensors (never a
+  pickle).
+
+Embedded default: ``sqlite:///<data_dir>/mlflow/mlflow.db`` with file artifacts beside it; production
+sets ``registry.tracking_uri`` to an MLflow server (PostgreSQL backend, S3/MinIO artifacts through
+``MLFLOW_S3_ENDPOINT_URL``).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ovtasks import __version__
+from ovtasks.config import Settings
+
+
+def tracking_uri(settings: Settings) -> str:
+    if settings.registry.tracking_uri:
+        return settings.registry.tracking_uri
+    root = Path(settings.data_dir).absolute() / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _client(settings: Settings):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(settings)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow, MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _experiment(mlflow, client, settings: Settings) -> str:
+    name = settings.registry.experiment
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = settings.registry.artifact_root
+    if not location and tracking_uri(settings).startswith("sqlite:///"):
+        location = (Path(tracking_uri(settings)[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location or None)
+
+
+@dataclass
+class Registered:
+    name: str
+    version: str
+    run_id: str
+    tags: dict
+
+
+def log_and_register(settings: Settings, model_dir: str, params: dict, history: Sequence[dict], gx_report: dict,
+                     evaluation: dict, pictures: Sequence[str] = (), data_manifest: dict | None = None,
+                     dag_run: str | None = None) -> Registered:
+    mlflow, client = _client(settings)
+    exp_id = _experiment(mlflow, client, settings)
+    name = settings.registry.model_name
+    gx_status = "passed" if gx_report.get("failed", 1) == 0 else ("partial" if gx_report.get("passed") else "failed")
+    with mlflow.start_run(experiment_id=exp_id) as run:
+        mlflow.log_params({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in params.items()})
+        for h in history:
+            mlflow.log_metrics({k: float(v) for k, v in h.items() if k not in ("step", "seconds")}, step=int(h["step"]))
+        for r in evaluation.get("rows", []):
+            for k in ("box_AP", "box_AP50", "mask_AP", "mask_AP50"):
+                if r.get(k) is not None:
+                    mlflow.log_metric(f"{r['setting']}_{r['split']}_{k}", float(r[k]))
+        mlflow.log_dict({k: gx_report.get(k) for k in ("passed", "failed", "training_shards", "excluded", "thresholds")}, "gx_summary.json")
+        mlflow.log_text(evaluation.get("table", ""), "evaluation.md")
+        mlflow.log_dict(evaluation, "evaluation.json")
+        for p in pictures:
+            if p and Path(p).exists():
+                mlflow.log_artifact(p, "pictures")
+        mlflow.log_artifacts(model_dir, "model")
+        tags = {"data_manifest_sha256": (data_manifest or {}).get("sha256", ""), "gx_status": gx_status,
+                "novel_mask_AP50": str(evaluation.get("novel_mask_AP50")), "code_version": __version__,
+                "dag_run": dag_run or ""}
+        mlflow.set_tags(tags)
+        run_id = run.info.run_id
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - MLflow raises its own RestException / MlflowException for "missing"
+        client.create_registered_model(name, description="Open-vocabulary instance segmentation trained on pseudo-masks")
+    mv = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, "challenger", mv.version)
+    return Registered(name, str(mv.version), run_id, tags)
+
+
+def _by_alias(client, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except Exception:  # noqa: BLE001 - no such alias
+        return None
+
+
+def _ap(v) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class PromotionResult:
+    promoted: bool
+    reason: str
+    challenger: str | None
+    champion_before: str | None
+    champion_after: str | None
+
+
+def promote(settings: Settings, tolerance: float | None = None, who: str | None = None, why: str = "") -> PromotionResult:
+    """Move ``champion`` to ``challenger`` when the gate allows it (see module doc)."""
+    mlflow, client = _client(settings)
+    name = settings.registry.model_name
+    tol = settings.registry.promotion_tolerance if tolerance is None else tolerance
+    who = who or getpass.getuser()
+    ch = _by_alias(client, name, "challenger")
+    champ = _by_alias(client, name, "champion")
+    before = str(champ.version) if champ else None
+    if ch is None:
+        return PromotionResult(False, f"no challenger version of {name!r} to promote", None, before, before)
+    reason = None
+    if ch.tags.get("gx_status") != "passed":
+        reason = f"challenger v{ch.version} GX status is {ch.tags.get('gx_status')!r}, not 'passed'"
+    elif champ is not None and champ.version == ch.version:
+        reason = f"v{ch.version} is already the champion"
+    else:
+        new = _ap(ch.tags.get("novel_mask_AP50"))
+        old = _ap(champ.tags.get("novel_mask_AP50")) if champ else None
+        if new is None:
+            reason = f"challenger v{ch.version} has no novel mask AP50"
+        elif old is not None and new < old - tol:
+            reason = (f"challenger v{ch.version} novel mask AP50 {new:.2f} is below champion v{champ.version}'s "
+                      f"{old:.2f} minus tolerance {tol:.2f}")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if reason:
+        client.set_model_version_tag(name, ch.version, "promotion_refused", json.dumps({"by": who, "at": now, "reason": reason}))
+        return PromotionResult(False, reason, str(ch.version), before, before)
+    ok = (f"challenger v{ch.version} novel mask AP50 {_ap(ch.tags.get('novel_mask_AP50')):.2f}"
+          + (f" >= champion v{champ.version}'s {_ap(champ.tags.get('novel_mask_AP50')):.2f} - {tol:.2f}" if champ else " (no champion yet)"))
+    client.set_registered_model_alias(name, "champion", ch.version)
+    for k, v in {"promoted_by": who, "promoted_at": now, "promotion_reason": why or ok,
+                 "previous_champion": before or ""}.items():
+        client.set_model_version_tag(name, ch.version, k, v)
+    return PromotionResult(True, ok, str(ch.version), before, str(ch.version))
+
+
+def load_registered(settings: Settings, alias: str = "champion", device: str = "cpu"):
+    """(model, meta, version) of ``models:/NAME@alias``, loaded from safetensors."""
+    mlflow, client = _client(settings)
+    name = settings.registry.model_name
+    mv = _by_alias(client, name, alias)
+    if mv is None:
+        raise LookupError(f"registered model {name!r} has no {alias!r} alias")
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}")
+    from ovtasks.train import load_model
+
+    model, meta = load_model(local, device)
+    return model, meta, str(mv.version)

@@ -1,0 +1,273 @@
+"""``ovtasks train --model ov-maskrcnn``: the open-vocabulary Mask R-CNN on validated pseudo-labels.
+
+Training data: the clean shards' images and the pseudo-label shards that passed the GX gate
+(``pseudo/<generator>/validation_report.json``: ``training_shards``; a missing report is an error,
+never "train on everything"). Every caption name is a class: the vocabulary is the generator's
+``categories.json`` and its text embeddings (``text_embeddings.npy``, same order).
+
+Output directory (a model, loadable without unpickling anything)::
+
+    model.safetensors       weights
+    ovtasks_model.json      architecture, vocabulary (ids, names, splits), training config, data manifest hash
+    text_embeddings.npy     the vocabulary's text embeddings
+    history.json            loss per step;  loss_curve.png  the curves
+    checkpoint.pt           weights + optimizer + step, written every ``checkpoint_every`` steps and read
+                            back with ``torch.load(weights_only=True)`` to resume a killed run
+
+:func:`predict` runs a trained model with any vocabulary; :func:`evaluate_model` scores it on COCO GT
+(generalized and constrained, base / novel) with :mod:`ovtasks.evaluate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ovtasks import __version__
+from ovtasks.config import Settings
+from ovtasks.dataset import complete_shards, iter_shard
+from ovtasks.storage import open_store
+
+log = logging.getLogger(__name__)
+META = "ovtasks_model.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    backbone: str = "small"
+    min_size: int = 192
+    max_size: int = 320
+    background_weight: float = 0.2
+    temperature: float = 0.05
+    seed: int = 0
+    checkpoint_every: int = 50
+    generator: str = "maskfree"
+
+
+@dataclass
+class TrainedModel:
+    model_dir: str
+    metrics: dict
+    history: list[dict]
+    data_manifest: dict
+
+
+def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator: str = "maskfree"):
+    """(samples [(image, annotations)], categories, text embeddings, data manifest) of the validated shards."""
+    src, pl = open_store(clean_uri, settings.s3), open_store(pseudo_uri, settings.s3)
+    prefix = f"pseudo/{generator}"
+    if not pl.exists(f"{prefix}/validation_report.json"):
+        raise FileNotFoundError(f"no {prefix}/validation_report.json under {pl.uri}: run `ovtasks validate` first "
+                                "(only shards that pass the gate are trained on)")
+    report = json.loads(pl.get_bytes(f"{prefix}/validation_report.json"))
+    shards = [s for s in report["training_shards"] if s in set(complete_shards(src))]
+    if not shards:
+        raise ValueError(f"no shard passed validation (excluded: {report.get('excluded')})")
+    cats = json.loads(pl.get_bytes(f"{prefix}/categories.json"))
+    emb = np.load(io.BytesIO(pl.get_bytes(f"{prefix}/text_embeddings.npy")))
+    samples, digest = [], hashlib.sha256()
+    for shard in shards:
+        blob = pl.get_bytes(f"{prefix}/{shard}.json")
+        digest.update(shard.encode() + hashlib.sha256(blob).digest())
+        doc = json.loads(blob)
+        by_image: dict[int, list] = {}
+        for a in doc["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(a)
+        for s in iter_shard(src, shard):
+            if s.image_id in by_image:
+                samples.append((s.image, by_image[s.image_id]))
+    manifest = {"shards": shards, "excluded": report.get("excluded", {}), "generator": generator,
+                "images": len(samples), "annotations": sum(len(a) for _, a in samples), "sha256": digest.hexdigest()}
+    return samples, cats, emb, manifest
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
+def build_model(embed_dim: int, cfg: TrainConfig):
+    from ovtasks.models.ov_maskrcnn import build
+
+    return build(embed_dim, cfg.backbone, temperature=cfg.temperature, background_weight=cfg.background_weight,
+                 min_size=cfg.min_size, max_size=cfg.max_size)
+
+
+def train_ov_maskrcnn(clean_uri: str, pseudo_uri: str, out_dir: str, settings: Settings, cfg: TrainConfig = TrainConfig(),
+                      progress: Callable[[dict], None] | None = None) -> TrainedModel:
+    from safetensors.torch import save_file
+
+    from ovtasks.models.ov_maskrcnn import targets_from_coco
+
+    samples, cats, emb, manifest = training_data(clean_uri, pseudo_uri, settings, cfg.generator)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = settings.device
+    model = build_model(emb.shape[1], cfg).to(device)
+    model.set_vocabulary(torch.from_numpy(emb))
+    cat_index = {c["id"]: i for i, c in enumerate(cats)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))))
+    start, history = 0, []
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():  # resume a killed run; weights_only: never unpickle arbitrary objects
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        if state.get("config") == json.dumps(asdict(cfg), sort_keys=True) and state.get("data") == manifest["sha256"]:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start = int(state["step"])
+            history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+            history = [h for h in history if h["step"] < start]
+            log.info("resumed training", extra={"step": start})
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        # everything random in a step derives from (seed, step): a resumed run repeats the uninterrupted one
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        pick = np.random.default_rng([cfg.seed, step]).choice(len(samples), size=min(cfg.batch_size, len(samples)), replace=False)
+        batch = [samples[i] for i in pick]
+        images = [_to_tensor(im).to(device) for im, _ in batch]
+        targets = [{k: v.to(device) for k, v in targets_from_coco(anns, cat_index, im.shape[:2]).items()} for im, anns in batch]
+        losses = model(images, targets)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite loss at step {step}: {({k: float(v) for k, v in losses.items()})}")
+        opt.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+        sched.step()
+        rec = {"step": step, "loss": round(float(total), 5), **{k: round(float(v), 5) for k, v in losses.items()},
+               "lr": round(sched.get_last_lr()[0], 6), "seconds": round(time.perf_counter() - t0, 1)}
+        history.append(rec)
+        if progress and (step % 10 == 0 or step == cfg.steps - 1):
+            progress(rec)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            tmp = out / "checkpoint.pt.tmp"
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "step": step + 1, "config": json.dumps(asdict(cfg), sort_keys=True), "data": manifest["sha256"]}, tmp)
+            (out / "history.json").write_text(json.dumps(history))
+            tmp.replace(ckpt)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    np.save(out / "text_embeddings.npy", emb)
+    metrics = {"steps": cfg.steps, "final_loss": float(np.mean([h["loss"] for h in history[-10:]])) if history else None,
+               "images": manifest["images"], "annotations": manifest["annotations"], "categories": len(cats)}
+    meta = {"architecture": "ov-maskrcnn", "embed_dim": int(emb.shape[1]), "config": asdict(cfg), "categories": cats,
+            "data_manifest": manifest, "metrics": metrics, "code_version": __version__}
+    (out / META).write_text(json.dumps(meta, indent=2))
+    (out / "history.json").write_text(json.dumps(history))
+    loss_curve(history, out / "loss_curve.png")
+    ckpt.unlink(missing_ok=True)
+    return TrainedModel(str(out), metrics, history, manifest)
+
+
+def loss_curve(history: Sequence[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    steps = [h["step"] for h in history]
+    for key in ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness"):
+        vals = np.array([h.get(key, np.nan) for h in history], float)
+        if len(vals):
+            k = max(1, len(vals) // 30)
+            ax.plot(steps[k - 1:], np.convolve(vals, np.ones(k) / k, mode="valid"), label=key, lw=1.5 if key == "loss" else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (moving mean)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("OV Mask R-CNN training on pseudo-labels")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def load_model(model_dir: str, device: str = "cpu"):
+    """(model, meta) from a trained directory; safetensors only."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((Path(model_dir) / META).read_text())
+    cfg = TrainConfig(**meta["config"])
+    model = build_model(meta["embed_dim"], cfg)
+    model.set_vocabulary(torch.from_numpy(np.load(Path(model_dir) / "text_embeddings.npy")))
+    model.load_state_dict(load_file(str(Path(model_dir) / "model.safetensors")))
+    return model.to(device).eval(), meta
+
+
+@torch.no_grad()
+def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], category_ids: Sequence[int],
+            text_embeddings: np.ndarray, device: str = "cpu", score_thresh: float = 0.05, batch_size: int = 4) -> list[dict]:
+    """COCO predictions (RLE masks, xywh boxes) for ``images`` with vocabulary ``category_ids``."""
+    from ovtasks.groundtruth import encode_rle
+
+    model.set_vocabulary(torch.from_numpy(np.asarray(text_embeddings)))
+    model.roi_heads.score_thresh = score_thresh
+    model.eval()
+    preds = []
+    for b0 in range(0, len(images), batch_size):
+        outs = model([_to_tensor(im).to(device) for im in images[b0:b0 + batch_size]])
+        for image_id, o in zip(image_ids[b0:b0 + batch_size], outs):
+            for box, label, score, mask in zip(o["boxes"], o["labels"], o["scores"], o["masks"]):
+                m = (mask[0] > 0.5).cpu().numpy()
+                if not m.any():
+                    continue
+                x1, y1, x2, y2 = (float(v) for v in box)
+                preds.append({"image_id": int(image_id), "category_id": int(category_ids[int(label) - 1]), "score": float(score),
+                              "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": encode_rle(m)})
+    return preds
+
+
+def evaluate_model(model, gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None) -> dict:
+    """Evaluation table on COCO GT for the clean images that have GT: generalized (all categories) and
+    constrained (novel-only and base-only vocabularies)."""
+    from ovtasks.evaluate import evaluation_table, format_eval_table, split_ids
+    from ovtasks.groundtruth import GroundTruth
+    from ovtasks.models.text_encoder import TextEncoder
+
+    gt = GroundTruth.load(gt_uri, settings)
+    have = {im["id"] for im in gt.coco["images"]}
+    src = open_store(clean_uri, settings.s3)
+    images, ids = [], []
+    for shard in complete_shards(src):
+        for s in iter_shard(src, shard):
+            if s.image_id in have:
+                images.append(s.image)
+                ids.append(s.image_id)
+            if limit and len(ids) >= limit:
+                break
+        if limit and len(ids) >= limit:
+            break
+    doc = gt.subset(ids)
+    cats = doc["categories"]
+    enc = TextEncoder(settings.candidates.text_encoder, settings.device, s3=settings.s3)
+    emb = enc.encode([c["name"] for c in cats])
+    splits = split_ids(doc)
+    general = predict(model, images, ids, [c["id"] for c in cats], emb, settings.device)
+    constrained = {}
+    for split in ("novel", "base"):
+        keep = [i for i, c in enumerate(cats) if c["id"] in set(splits[split])]
+        if keep:
+            constrained[split] = predict(model, images, ids, [cats[i]["id"] for i in keep], emb[keep], settings.device)
+    rows = evaluation_table(doc, general, constrained)
+    return {"rows": rows, "table": format_eval_table(rows), "images": len(ids),
+            "novel_mask_AP50": next(r["mask_AP50"] for r in rows if r["setting"] == "generalized" and r["split"] == "novel")}

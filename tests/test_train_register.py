@@ -1,0 +1,113 @@
+"""Train the OV Mask R-CNN on validated pseudo-labels, resume, evaluate, register and promote in MLflow (sqlite)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ovtasks.config import load_settings
+from ovtasks.dataset import complete_shards, iter_shard
+from ovtasks.groundtruth import GroundTruth
+from ovtasks.storage import open_store
+from ovtasks.train import TrainConfig, evaluate_model, load_model, train_ov_maskrcnn
+from ovtasks.validate import validate
+
+
+@pytest.fixture(scope="module")
+def labelled(synth_small, clean_small, tmp_path_factory):
+    """Pseudo-labels written in the generator format from the synthetic GT (a fixture, not a generator)."""
+    from ovtasks.models.text_encoder import TextEncoder
+
+    s = load_settings(env={})
+    gt = GroundTruth.load(synth_small[0], s)
+    out = tmp_path_factory.mktemp("labelled")
+    base = out / "pseudo" / "maskfree"
+    base.mkdir(parents=True)
+    cats = {}
+    src = open_store(clean_small)
+    for shard in complete_shards(src):
+        ids = [x.image_id for x in iter_shard(src, shard)]
+        doc = gt.subset(ids)
+        for a in doc["annotations"]:
+            a.update(category_name=next(c["name"] for c in doc["categories"] if c["id"] == a["category_id"]),
+                     known_category=True, score=0.9, pseudo_box=a["bbox"])
+        for c in doc["categories"]:
+            cats[c["id"]] = {"id": c["id"], "name": c["name"], "known": True, "split": c["split"]}
+        (base / f"{shard}.json").write_text(json.dumps(doc))
+        (base / f"{shard}.manifest.json").write_text(json.dumps({"status": "complete", "files": {}}))
+    cats = sorted(cats.values(), key=lambda c: c["id"])
+    (base / "categories.json").write_text(json.dumps(cats))
+    np.save(base / "text_embeddings.npy", TextEncoder("minilm").encode([c["name"] for c in cats]))
+    assert validate(str(out), s).report["failed"] == 0
+    return str(out)
+
+
+CFG = TrainConfig(steps=6, batch_size=2, min_size=128, max_size=160, checkpoint_every=3)
+
+
+def test_training_requires_the_gate(clean_small, tmp_path):
+    (tmp_path / "pseudo" / "maskfree").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="run `ovtasks validate` first"):
+        train_ov_maskrcnn(clean_small, str(tmp_path), str(tmp_path / "m"), load_settings(env={}), CFG)
+
+
+def test_train_resume_evaluate_register_promote(clean_small, labelled, synth_small, tmp_path):
+    s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data")})
+    full = train_ov_maskrcnn(clean_small, labelled, str(tmp_path / "full"), s, CFG)
+    assert len(full.history) == 6 and all(np.isfinite(h["loss"]) for h in full.history)
+    assert (tmp_path / "full" / "loss_curve.png").exists() and not (tmp_path / "full" / "checkpoint.pt").exists()
+
+    # a run killed after its step-3 checkpoint resumes there and ends with the same weights
+    class Killed(Exception):
+        pass
+
+    def kill(rec):
+        if rec["step"] >= 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_ov_maskrcnn(clean_small, labelled, str(tmp_path / "resumed"), s, CFG, progress=lambda r: kill(r) if r["step"] else None)
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    resumed = train_ov_maskrcnn(clean_small, labelled, str(tmp_path / "resumed"), s, CFG)
+    assert [h["step"] for h in resumed.history] == list(range(6))
+    a, _ = load_model(full.model_dir)
+    b, meta = load_model(resumed.model_dir)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+    assert meta["data_manifest"]["sha256"] == full.data_manifest["sha256"]
+
+    ev = evaluate_model(a, synth_small[0], clean_small, s, limit=8)
+    assert [(r["setting"], r["split"]) for r in ev["rows"]][:3] == [("generalized", "all"), ("generalized", "base"), ("generalized", "novel")]
+    assert ev["novel_mask_AP50"] is not None and "| constrained | novel |" in ev["table"]
+
+    from ovtasks.registry import load_registered, log_and_register, promote
+
+    gx = json.loads((open_store(labelled).get_bytes("pseudo/maskfree/validation_report.json")))
+    v1 = log_and_register(s, full.model_dir, {"steps": 6}, full.history, gx, dict(ev, novel_mask_AP50=10.0),
+                          [str(tmp_path / "full" / "loss_curve.png")], full.data_manifest)
+    assert v1.version == "1" and v1.tags["gx_status"] == "passed"
+    first = promote(s, who="tester")
+    assert first.promoted and first.champion_after == "1" and first.champion_before is None
+    # a worse challenger is refused and the champion stays
+    v2 = log_and_register(s, full.model_dir, {"steps": 6}, full.history, gx, dict(ev, novel_mask_AP50=8.0), (), full.data_manifest)
+    refused = promote(s, tolerance=1.0, who="tester")
+    assert not refused.promoted and "below champion v1" in refused.reason and refused.champion_after == "1"
+    # within tolerance it moves, tagged with who / why / previous
+    ok = promote(s, tolerance=3.0, who="tester", why="weekly retrain")
+    assert ok.promoted and ok.champion_before == "1" and ok.champion_after == v2.version
+    from mlflow import MlflowClient
+
+    from ovtasks.registry import tracking_uri
+
+    c = MlflowClient(tracking_uri(s), registry_uri=tracking_uri(s))
+    mv = c.get_model_version_by_alias(s.registry.model_name, "champion")
+    assert mv.tags["promoted_by"] == "tester" and mv.tags["previous_champion"] == "1" and mv.tags["promotion_reason"] == "weekly retrain"
+    assert "below champion v1" in c.get_model_version(s.registry.model_name, "2").tags["promotion_refused"]
+    # a failed GX status is refused
+    bad = dict(gx, failed=1, passed=0)
+    log_and_register(s, full.model_dir, {"steps": 6}, full.history, bad, dict(ev, novel_mask_AP50=99.0), (), full.data_manifest)
+    r = promote(s)
+    assert not r.promoted and "GX status" in r.reason and r.champion_after == v2.version
+    model, meta, version = load_registered(s, "champion")
+    assert version == v2.version and meta["architecture"] == "ov-maskrcnn"
