@@ -152,6 +152,43 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     return 3 if (args.strict and rep["failed"]) else 0
 
 
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.registry import log_and_register
+    from ovtasks.train import TrainConfig, evaluate_model, load_model, train_ov_maskrcnn
+
+    if args.model != "ov-maskrcnn":
+        print(f"ovtasks: --model {args.model} is not available yet (Semantic-SAM is planned)", file=sys.stderr)
+        return 2
+    settings = _on_device(args, settings)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, backbone=args.backbone, seed=args.seed,
+                      generator=args.generator)
+    trained = train_ov_maskrcnn(args.src, args.pseudo, args.out, settings, cfg,
+                                progress=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
+    rows = [(k, str(v)) for k, v in trained.metrics.items()]
+    if args.gt:
+        model, _ = load_model(trained.model_dir, settings.device)
+        ev = evaluate_model(model, args.gt, args.src, settings, limit=args.eval_images)
+        print(ev["table"])
+        if args.register:
+            from ovtasks.storage import open_store
+
+            gx = json.loads(open_store(args.pseudo, settings.s3).get_bytes(f"pseudo/{args.generator}/validation_report.json"))
+            reg = log_and_register(settings, trained.model_dir, {**cfg.__dict__}, trained.history, gx, ev,
+                                   [f"{trained.model_dir}/loss_curve.png"], trained.data_manifest)
+            rows += [("registered", f"{reg.name} v{reg.version} (alias challenger)"), ("mlflow run", reg.run_id)]
+    _print_table(rows, "train ov-maskrcnn")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.registry import promote
+
+    r = promote(settings, args.tolerance, args.who, args.reason or "")
+    _print_table([("promoted", "yes" if r.promoted else "NO"), ("reason", r.reason), ("challenger", str(r.challenger)),
+                  ("champion before", str(r.champion_before)), ("champion now", str(r.champion_after))], "promotion gate")
+    return 0 if r.promoted else 4
+
+
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
     return 0
@@ -244,6 +281,29 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--generator", default="maskfree", choices=("maskfree", "grounded"))
     v.add_argument("--strict", action="store_true", help="exit 3 when any shard fails")
     v.set_defaults(func=cmd_validate)
+
+    t = sub.add_parser("train", help="train a model on GX-validated pseudo-labels; optionally evaluate and register it")
+    t.add_argument("--model", default="ov-maskrcnn", choices=("ov-maskrcnn", "semantic-sam"))
+    t.add_argument("--src", required=True, help="clean shards URI")
+    t.add_argument("--pseudo", required=True, help="URI holding pseudo/<generator>/ and its validation_report.json")
+    t.add_argument("--out", required=True, help="model directory")
+    t.add_argument("--generator", default="maskfree", choices=("maskfree", "grounded"))
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=0.01)
+    t.add_argument("--backbone", default="small", choices=("small", "resnet50_fpn"))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None)
+    t.add_argument("--gt", default=None, help="COCO GT (synthetic laion URI) to evaluate on")
+    t.add_argument("--eval-images", type=int, default=64)
+    t.add_argument("--register", action="store_true", help="log the run to MLflow and register a challenger version")
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("promote", help="move the champion alias to the challenger if the gate allows it")
+    pr.add_argument("--tolerance", type=float, default=None, help="novel mask AP50 points (default registry.promotion_tolerance)")
+    pr.add_argument("--who", default=None)
+    pr.add_argument("--reason", default=None)
+    pr.set_defaults(func=cmd_promote)
 
     c = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     c.set_defaults(func=cmd_config)

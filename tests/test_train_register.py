@@ -111,3 +111,16 @@ def test_train_resume_evaluate_register_promote(clean_small, labelled, synth_sma
     assert not r.promoted and "GX status" in r.reason and r.champion_after == v2.version
     model, meta, version = load_registered(s, "champion")
     assert version == v2.version and meta["architecture"] == "ov-maskrcnn"
+
+
+def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, monkeypatch, capsys):
+    from ovtasks.cli import main
+
+    monkeypatch.setenv("OVTASKS_DATA_DIR", str(tmp_path / "data"))
+    assert main(["promote"]) == 4 and "no challenger" in capsys.readouterr().out
+    assert main(["train", "--model", "semantic-sam", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "x")]) == 2
+    rc = main(["train", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "m"), "--steps", "2",
+               "--batch-size", "2", "--gt", synth_small[0], "--eval-images", "4", "--register"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "ovtasks-ov-maskrcnn v1 (alias challenger)" in out and "| generalized | novel |" in out
+    assert main(["promote", "--who", "cli"]) == 0 and "yes" in capsys.readouterr().out
