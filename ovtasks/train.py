@@ -154,7 +154,7 @@ def train_ov_maskrcnn(clean_uri: str, pseudo_uri: str, out_dir: str, settings: S
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         opt.step()
         sched.step()
-        rec = {"step": step, "loss": round(float(total), 5), **{k: round(float(v), 5) for k, v in losses.items()},
+        rec = {"step": step, "loss": round(total.item(), 5), **{k: round(v.item(), 5) for k, v in losses.items()},
                "lr": round(sched.get_last_lr()[0], 6), "seconds": round(time.perf_counter() - t0, 1)}
         history.append(rec)
         if progress and (step % 10 == 0 or step == cfg.steps - 1):

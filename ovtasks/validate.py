@@ -170,6 +170,7 @@ def validate_tables(shard: str, ann_df, img_df, cfg: ValidateConfig, docs_dir: s
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines drown the run's own
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     ctx.add_data_docs_site(site_name="ovtasks", site_config={
