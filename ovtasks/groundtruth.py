@@ -11,26 +11,41 @@ from ovtasks.config import Settings
 from ovtasks.storage import open_store
 
 
+def to_pycoco(seg: dict) -> dict:
+    """A stored RLE (JSON: ``counts`` as str) as pycocotools wants it (``counts`` as bytes)."""
+    counts = seg["counts"]
+    return {"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+
+
 def decode_rle(seg: dict) -> np.ndarray:
     from pycocotools import mask as mask_utils
 
-    counts = seg["counts"]
-    return mask_utils.decode({"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}).astype(bool)
+    return mask_utils.decode(to_pycoco(seg)).astype(bool)
+
+
+def encode_rles(masks: np.ndarray) -> list[dict]:
+    """``(H, W, N)`` uint8 masks → N JSON-ready COCO RLEs (pycocotools encodes the stack in one call)."""
+    from pycocotools import mask as mask_utils
+
+    out = mask_utils.encode(np.asfortranarray(masks))
+    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in out]
 
 
 def encode_rle(mask: np.ndarray) -> dict:
+    return encode_rles(mask.astype(np.uint8)[:, :, None])[0]
+
+
+def rle_area(seg: dict) -> int:
     from pycocotools import mask as mask_utils
 
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+    return int(mask_utils.area(to_pycoco(seg)))
 
 
 def rle_bbox(seg: dict) -> list[float]:
     """COCO xywh box of an RLE mask (same values as :func:`mask_bbox` on the decoded mask)."""
     from pycocotools import mask as mask_utils
 
-    counts = seg["counts"]
-    return [float(v) for v in mask_utils.toBbox({"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts})]
+    return [float(v) for v in mask_utils.toBbox(to_pycoco(seg))]
 
 
 def mask_bbox(mask: np.ndarray) -> list[float]:

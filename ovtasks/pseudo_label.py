@@ -46,7 +46,7 @@ from ovtasks import __version__
 from ovtasks.candidates import Candidate, Vocabulary, build_extractor
 from ovtasks.config import Settings
 from ovtasks.dataset import CleanSample, complete_shards, iter_shard
-from ovtasks.groundtruth import encode_rle, mask_bbox, rle_bbox
+from ovtasks.groundtruth import encode_rle, mask_bbox, rle_area, rle_bbox
 from ovtasks.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def to_coco(samples: Sequence[CleanSample], results: Sequence[PairResult], gener
         per_image[s.image_id] += 1
         x1, y1, x2, y2 = (float(v) for v in r.box)
         if r.rle is not None:
-            seg, area, bbox = r.rle, float(_rle_area(r.rle)), rle_bbox(r.rle)
+            seg, area, bbox = r.rle, float(rle_area(r.rle)), rle_bbox(r.rle)
         else:
             seg, area, bbox = encode_rle(r.mask), float(r.mask.sum()), mask_bbox(r.mask)
         ann = {
@@ -239,13 +239,6 @@ def to_coco(samples: Sequence[CleanSample], results: Sequence[PairResult], gener
             ann["mask_iou"] = round(float(r.mask_iou), 6)
         anns.append(ann)
     return {"images": images, "annotations": anns, "categories": sorted(cats.values(), key=lambda c: c["id"]), "skipped": skipped}
-
-
-def _rle_area(seg: dict) -> int:
-    from pycocotools import mask as mask_utils
-
-    counts = seg["counts"]
-    return int(mask_utils.area({"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}))
 
 
 def run_fingerprint(settings: Settings, generator: str, versions: dict) -> str:

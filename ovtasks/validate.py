@@ -36,6 +36,7 @@ import numpy as np
 from ovtasks import __version__
 from ovtasks.candidates import OPEN_VOCAB_ID_BASE, Vocabulary
 from ovtasks.config import Settings, ValidateConfig
+from ovtasks.groundtruth import to_pycoco
 from ovtasks.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,8 @@ def _duplicates(anns: list[dict], iou_thr: float) -> list[bool]:
         idx = sorted(idx, key=lambda i: -float(anns[i].get("score") or 0))
         rles = []
         for i in idx:
-            seg = anns[i].get("segmentation")
             try:
-                counts = seg["counts"]
-                rles.append({"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts})
+                rles.append(to_pycoco(anns[i].get("segmentation")))
             except (TypeError, KeyError):
                 rles.append(None)
         ok = [k for k, r in enumerate(rles) if r is not None]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ovtasks.groundtruth import encode_rles
 from ovtasks.models.grounding_dino import resize_normalise, resolve_dtype
 from ovtasks.models.hub import resolve_model
 
@@ -121,14 +122,6 @@ class SamSegmenter:
                 # (n, w, h) C order read as (h, w, n) is the Fortran layout pycocotools wants: no copy
                 rles += encode_rles(masks.transpose(1, 2).to(torch.uint8).contiguous().cpu().numpy().transpose(2, 1, 0))
         return BoxMasks(rles, np.asarray(areas, np.int64), np.asarray(ious, np.float32))
-
-
-def encode_rles(masks: np.ndarray) -> list[dict]:
-    """``(H, W, N)`` uint8 masks → N COCO RLEs (pycocotools encodes the whole stack in one call)."""
-    from pycocotools import mask as mask_utils
-
-    out = mask_utils.encode(np.asfortranarray(masks))
-    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in out]
 
 
 def save_tiny(path: str | os.PathLike, image_size: int = 128, hidden: int = 32, seed: int = 0, full: bool = False) -> str:
