@@ -124,3 +124,73 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
     out = capsys.readouterr().out
     assert rc == 0 and "ovtasks-ov-maskrcnn v1 (alias challenger)" in out and "| generalized | novel |" in out
     assert main(["promote", "--who", "cli"]) == 0 and "yes" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on the machine's PostgreSQL (fresh database), file artifacts."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    import uuid
+    from pathlib import Path
+
+    try:
+        import psycopg2
+    except ImportError as exc:  # pinned in pyproject: only a broken install gets here
+        pytest.fail(f"psycopg2 missing: {exc}")
+    db = f"mlflow_{uuid.uuid4().hex[:10]}"
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        print(f"\nSKIP MLflow server test: PostgreSQL at 127.0.0.1:5432 unreachable: {exc}", file=sys.stderr)
+        pytest.skip(f"PostgreSQL unreachable: {exc}")
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE DATABASE {db}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    art = tmp_path_factory.mktemp("mlflow-artifacts")
+    log = open(art / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server",
+                             "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}",
+                             "--default-artifact-root", art.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    def healthy() -> bool:
+        try:
+            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 90
+        while not healthy() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not healthy():
+            pytest.fail(f"mlflow server did not come up: {(art / 'server.log').read_text()[-2000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        conn.close()
+
+
+def test_registry_on_a_real_mlflow_server_with_postgresql(clean_small, labelled, tmp_path, mlflow_server):
+    from ovtasks.registry import load_registered, log_and_register, promote
+
+    s = load_settings(env={"OVTASKS_REGISTRY__TRACKING_URI": mlflow_server, "OVTASKS_DATA_DIR": str(tmp_path)})
+    trained = train_ov_maskrcnn(clean_small, labelled, str(tmp_path / "m"), s, TrainConfig(steps=2, batch_size=2, min_size=128, max_size=160))
+    gx = json.loads(open_store(labelled).get_bytes("pseudo/maskfree/validation_report.json"))
+    ev = {"rows": [], "table": "", "novel_mask_AP50": 12.0}
+    v1 = log_and_register(s, trained.model_dir, {"steps": 2}, trained.history, gx, ev, (), trained.data_manifest)
+    assert promote(s, who="server-test").promoted
+    log_and_register(s, trained.model_dir, {"steps": 2}, trained.history, gx, dict(ev, novel_mask_AP50=5.0), (), trained.data_manifest)
+    refused = promote(s, tolerance=1.0)
+    assert not refused.promoted and refused.champion_after == v1.version
+    model, meta, version = load_registered(s, "champion")
+    assert version == v1.version and meta["data_manifest"]["sha256"] == trained.data_manifest["sha256"]
