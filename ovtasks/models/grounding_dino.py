@@ -20,7 +20,6 @@ What :meth:`GroundingDino.detect` does that the usual one-image, one-prompt loop
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovtasks.models.hub import resolve_model
+from ovtasks.models.hub import image_processor_config, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +117,9 @@ class GroundingDino:
             if tokenizer.convert_tokens_to_ids(tok) != want:
                 raise ValueError(f"{ref}: tokenizer maps {tok!r} to {tokenizer.convert_tokens_to_ids(tok)}, "
                                  f"Grounding-DINO needs {want} (a bert-base-uncased vocabulary)")
-        size, mean, std = {"shortest_edge": 800, "longest_edge": 1333}, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-        pp = Path(path) / "preprocessor_config.json"
-        if pp.exists():
-            cfg = json.loads(pp.read_text())
-            size, mean, std = cfg.get("size", size), cfg.get("image_mean", mean), cfg.get("image_std", std)
-        else:
-            from transformers import AutoImageProcessor
-
-            proc = AutoImageProcessor.from_pretrained(path)
-            size, mean, std = dict(proc.size), proc.image_mean, proc.image_std
+        cfg = image_processor_config(path)
+        size = cfg.get("size") or {"shortest_edge": 800, "longest_edge": 1333}
+        mean, std = cfg.get("image_mean", (0.485, 0.456, 0.406)), cfg.get("image_std", (0.229, 0.224, 0.225))
         return cls(model, tokenizer, int(size["shortest_edge"]), int(size["longest_edge"]), mean, std, device,
                    resolve_dtype(dtype, device), **kwargs)
 

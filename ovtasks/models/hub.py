@@ -66,6 +66,19 @@ def resolve_model(ref: str | os.PathLike, s3: S3Config | None = None) -> str:
     return str(target)
 
 
+def image_processor_config(path: str) -> dict:
+    """The image processor settings (``size``, ``image_mean``, ``image_std``, ...) saved with a model:
+    its ``preprocessor_config.json`` for a local directory ({} when it has none: the model class's
+    defaults apply), or transformers' ``AutoImageProcessor`` for a Hugging Face id."""
+    local = Path(path)
+    if local.is_dir():
+        cfg = local / "preprocessor_config.json"
+        return json.loads(cfg.read_text()) if cfg.exists() else {}
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(path).to_dict()
+
+
 def publish_model(local: str | os.PathLike, uri: str, s3: S3Config | None = None) -> str:
     """Upload a model directory (or one file) to ``uri``; returns the URI to load it from."""
     local = Path(local)

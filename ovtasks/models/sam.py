@@ -14,7 +14,6 @@ full-size masks at once), and come back as COCO RLE at the original image size.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from ovtasks.groundtruth import encode_rles
 from ovtasks.models.grounding_dino import resize_normalise, resolve_dtype
-from ovtasks.models.hub import resolve_model
+from ovtasks.models.hub import image_processor_config, resolve_model
 
 
 @dataclass
@@ -57,16 +56,8 @@ class SamSegmenter:
 
         path = resolve_model(ref, s3)
         model = SamModel.from_pretrained(path)
-        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-        pp = Path(path) / "preprocessor_config.json"
-        if pp.exists():
-            cfg = json.loads(pp.read_text())
-            mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
-        elif not os.path.isdir(path):
-            from transformers import AutoImageProcessor
-
-            proc = AutoImageProcessor.from_pretrained(path)
-            mean, std = proc.image_mean, proc.image_std
+        cfg = image_processor_config(path)
+        mean, std = cfg.get("image_mean", (0.485, 0.456, 0.406)), cfg.get("image_std", (0.229, 0.224, 0.225))
         return cls(model, mean, std, device, resolve_dtype(dtype, device), **kwargs)
 
     def _resized(self, h: int, w: int) -> tuple[int, int, float]:

@@ -42,3 +42,13 @@ def test_model_on_real_s3(tmp_path, monkeypatch, s3_settings):
     uri = publish_model(tmp_path / "m", "s3://models/wspn/v1", s3_settings.s3)
     local = resolve_model(uri, s3_settings.s3)
     assert open(f"{local}/wspn.pt", "rb").read() == b"weights"
+
+
+def test_image_processor_config_of_a_local_directory(tmp_path):
+    import json
+
+    from ovtasks.models.hub import image_processor_config
+
+    assert image_processor_config(str(tmp_path)) == {}  # no processor file: the model class's defaults apply
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5], "size": {"longest_edge": 64}}))
+    assert image_processor_config(str(tmp_path))["size"] == {"longest_edge": 64}
