@@ -154,16 +154,20 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.registry import log_and_register
-    from ovtasks.train import TrainConfig, evaluate_model, load_model, train_ov_maskrcnn
+    from ovtasks.train import TrainConfig, eval_image_ids, evaluate_model, load_model, train_ov_maskrcnn
 
     if args.model != "ov-maskrcnn":
         print(f"ovtasks: --model {args.model} is not available yet (Semantic-SAM is planned)", file=sys.stderr)
         return 2
     settings = _on_device(args, settings)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, backbone=args.backbone, seed=args.seed,
-                      generator=args.generator)
+                      generator=args.generator, finetune_steps=args.finetune_steps)
+    if args.finetune_steps and not args.gt:
+        print("ovtasks: --finetune-steps needs --gt (the base-category GT to fine-tune on)", file=sys.stderr)
+        return 2
+    held_out = eval_image_ids(args.gt, args.src, settings, args.eval_images) if args.finetune_steps else ()
     trained = train_ov_maskrcnn(args.src, args.pseudo, args.out, settings, cfg,
-                                progress=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
+                                progress=lambda r: print(json.dumps(r), file=sys.stderr, flush=True), gt_uri=args.gt, exclude_ids=held_out)
     rows = [(k, str(v)) for k, v in trained.metrics.items()]
     if args.gt:
         model, _ = load_model(trained.model_dir, settings.device)
@@ -296,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None)
     t.add_argument("--gt", default=None, help="COCO GT (synthetic laion URI) to evaluate on")
     t.add_argument("--eval-images", type=int, default=64)
+    t.add_argument("--finetune-steps", type=int, default=0,
+                   help="then fine-tune this many steps on the base categories' GT from --gt (the evaluation images are held out)")
     t.add_argument("--register", action="store_true", help="log the run to MLflow and register a challenger version")
     t.set_defaults(func=cmd_train)
 

@@ -76,7 +76,7 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
     with mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in params.items()})
         for h in history:
-            mlflow.log_metrics({k: float(v) for k, v in h.items() if k not in ("step", "seconds")}, step=int(h["step"]))
+            mlflow.log_metrics({k: float(v) for k, v in h.items() if k not in ("step", "seconds", "phase")}, step=int(h["step"]))
         for r in evaluation.get("rows", []):
             for k in ("box_AP", "box_AP50", "mask_AP", "mask_AP50"):
                 if r.get(k) is not None:

@@ -11,8 +11,10 @@ Output directory (a model, loadable without unpickling anything)::
     ovtasks_model.json      architecture, vocabulary (ids, names, splits), training config, data manifest hash
     text_embeddings.npy     the vocabulary's text embeddings
     history.json            loss per step;  loss_curve.png  the curves
-    checkpoint.pt           weights + optimizer + step, written every ``checkpoint_every`` steps and read
-                            back with ``torch.load(weights_only=True)`` to resume a killed run
+    checkpoint-<phase>.pt   weights + optimizer + step, written every ``checkpoint_every`` steps and read
+                            back with ``torch.load(weights_only=True)`` to resume a killed run (phases:
+                            ``train`` on pseudo-labels, then the optional ``finetune`` on base-category GT);
+                            gone once the model is written
 
 :func:`predict` runs a trained model with any vocabulary; :func:`evaluate_model` scores it on COCO GT
 (generalized and constrained, base / novel) with :mod:`ovtasks.evaluate`.
@@ -57,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     generator: str = "maskfree"
+    finetune_steps: int = 0  # then this many steps on base-category GT at lr/10 (needs gt_uri)
 
 
 @dataclass
@@ -67,8 +70,9 @@ class TrainedModel:
     data_manifest: dict
 
 
-def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator: str = "maskfree"):
-    """(samples [(image, annotations)], categories, text embeddings, data manifest) of the validated shards."""
+def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator: str = "maskfree", exclude_ids=()):
+    """(samples [(image, annotations)], categories, text embeddings, data manifest) of the validated shards;
+    ``exclude_ids``: images held out (the evaluation images of a benchmark)."""
     src, pl = open_store(clean_uri, settings.s3), open_store(pseudo_uri, settings.s3)
     prefix = f"pseudo/{generator}"
     if not pl.exists(f"{prefix}/validation_report.json"):
@@ -80,7 +84,7 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
         raise ValueError(f"no shard passed validation (excluded: {report.get('excluded')})")
     cats = json.loads(pl.get_bytes(f"{prefix}/categories.json"))
     emb = np.load(io.BytesIO(pl.get_bytes(f"{prefix}/text_embeddings.npy")))
-    samples, digest = [], hashlib.sha256()
+    samples, digest, exclude = [], hashlib.sha256(), set(exclude_ids)
     for shard in shards:
         blob = pl.get_bytes(f"{prefix}/{shard}.json")
         digest.update(shard.encode() + hashlib.sha256(blob).digest())
@@ -89,11 +93,56 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
         for a in doc["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a)
         for s in iter_shard(src, shard):
-            if s.image_id in by_image:
+            if s.image_id in by_image and s.image_id not in exclude:
                 samples.append((s.image, by_image[s.image_id]))
-    manifest = {"shards": shards, "excluded": report.get("excluded", {}), "generator": generator,
+    if exclude:
+        digest.update(json.dumps(sorted(exclude)).encode())
+    manifest = {"source": "pseudo", "shards": shards, "excluded": report.get("excluded", {}), "generator": generator,
                 "images": len(samples), "annotations": sum(len(a) for _, a in samples), "sha256": digest.hexdigest()}
     return samples, cats, emb, manifest
+
+
+def eval_image_ids(gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None) -> list[int]:
+    """The clean images that have GT, in shard order, the first ``limit`` of them: what :func:`evaluate_model`
+    scores, and what GT-trained models (the oracle, the base fine-tune) must never train on."""
+    from ovtasks.groundtruth import GroundTruth
+
+    have = set(GroundTruth.load(gt_uri, settings).images)
+    src, ids = open_store(clean_uri, settings.s3), []
+    for shard in complete_shards(src):
+        for s in iter_shard(src, shard):
+            if s.image_id in have:
+                ids.append(s.image_id)
+            if limit and len(ids) >= limit:
+                return ids
+    return ids
+
+
+def gt_training_data(gt_uri: str, clean_uri: str, settings: Settings, split: str | None = None, exclude_ids=()):
+    """Like :func:`training_data` but with the synthetic benchmark's GT masks: only for the GT oracle of
+    ``benchmarks/model_quality.py`` and the optional base-category fine-tune (``split="base"``); the held-out
+    evaluation images (``exclude_ids``) are never used."""
+    from ovtasks.groundtruth import GroundTruth
+    from ovtasks.models.text_encoder import TextEncoder
+
+    gt = GroundTruth.load(gt_uri, settings)
+    cats = [c for c in gt.coco["categories"] if split is None or c.get("split") == split]
+    if not cats:
+        raise ValueError(f"no GT category has split {split!r}")
+    keep, exclude = {c["id"] for c in cats}, set(exclude_ids)
+    src, samples, digest = open_store(clean_uri, settings.s3), [], hashlib.sha256()
+    for shard in complete_shards(src):
+        for s in iter_shard(src, shard):
+            anns = [a for a in gt.annotations(s.image_id) if a["category_id"] in keep]
+            if anns and s.image_id not in exclude:
+                samples.append((s.image, anns))
+                digest.update(str(s.image_id).encode() + b",")
+    if not samples:
+        raise ValueError(f"no training image with {split or 'any'} GT outside the {len(exclude)} held-out images")
+    emb = TextEncoder(settings.candidates.text_encoder, settings.device, s3=settings.s3).encode([c["name"] for c in cats])
+    manifest = {"source": "gt", "split": split, "images": len(samples), "annotations": sum(len(a) for _, a in samples),
+                "held_out": len(exclude), "sha256": digest.hexdigest()}
+    return samples, [{"id": c["id"], "name": c["name"], "split": c.get("split")} for c in cats], np.asarray(emb, np.float32), manifest
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -108,74 +157,116 @@ def build_model(embed_dim: int, cfg: TrainConfig):
 
 
 def train_ov_maskrcnn(clean_uri: str, pseudo_uri: str, out_dir: str, settings: Settings, cfg: TrainConfig = TrainConfig(),
-                      progress: Callable[[dict], None] | None = None) -> TrainedModel:
+                      progress: Callable[[dict], None] | None = None, gt_uri: str | None = None, exclude_ids=()) -> TrainedModel:
+    """Train on the validated pseudo-labels; with ``cfg.finetune_steps`` and ``gt_uri``, then fine-tune on the
+    base categories' GT (the patent's optional second stage), never on ``exclude_ids`` nor on novel GT."""
+    samples, cats, emb, manifest = training_data(clean_uri, pseudo_uri, settings, cfg.generator, exclude_ids)
+    finetune = None
+    if cfg.finetune_steps:
+        if not gt_uri:
+            raise ValueError("finetune_steps needs gt_uri (base-category GT)")
+        finetune = gt_training_data(gt_uri, clean_uri, settings, "base", exclude_ids)
+        manifest = {**manifest, "finetune": finetune[3]}
+    return fit_ov_maskrcnn(samples, cats, emb, manifest, out_dir, settings, cfg, progress, finetune)
+
+
+def fit_ov_maskrcnn(samples, cats, emb, manifest: dict, out_dir: str, settings: Settings, cfg: TrainConfig = TrainConfig(),
+                    progress: Callable[[dict], None] | None = None, finetune=None) -> TrainedModel:
+    """Train on ``samples`` [(image, COCO annotations)] whose category ids are ``cats``' (text embeddings ``emb``);
+    then ``cfg.finetune_steps`` on ``finetune`` (same form), if given. Resumable phase by phase."""
     from safetensors.torch import save_file
 
-    from ovtasks.models.ov_maskrcnn import targets_from_coco
-
-    samples, cats, emb, manifest = training_data(clean_uri, pseudo_uri, settings, cfg.generator)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    device = settings.device
-    model = build_model(emb.shape[1], cfg).to(device)
+    model = build_model(emb.shape[1], cfg).to(settings.device)
+    history = _fit_phase(model, samples, cats, emb, manifest["sha256"], out, settings.device, cfg, cfg.steps, "train", progress)
+    if finetune is not None and cfg.finetune_steps:
+        f_samples, f_cats, f_emb, f_manifest = finetune
+        history += _fit_phase(model, f_samples, f_cats, f_emb, f_manifest["sha256"], out, settings.device, cfg, cfg.finetune_steps,
+                              "finetune", progress, lr=cfg.lr * 0.1, step0=cfg.steps)
+    model.set_vocabulary(torch.from_numpy(emb))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    np.save(out / "text_embeddings.npy", emb)
+    last = [h["loss"] for h in history if h.get("phase", "train") == "train"][-10:]
+    metrics = {"steps": cfg.steps, "final_loss": float(np.mean(last)) if last else None,
+               "images": manifest["images"], "annotations": manifest["annotations"], "categories": len(cats)}
+    if finetune is not None and cfg.finetune_steps:
+        metrics["finetune_steps"] = cfg.finetune_steps
+    meta = {"architecture": "ov-maskrcnn", "embed_dim": int(emb.shape[1]), "config": asdict(cfg), "categories": cats,
+            "data_manifest": manifest, "metrics": metrics, "code_version": __version__}
+    (out / META).write_text(json.dumps(meta, indent=2))
+    (out / "history.json").write_text(json.dumps(history))
+    loss_curve(history, out / "loss_curve.png")
+    for phase in ("train", "finetune"):  # the finished-phase markers only matter while the run is incomplete
+        (out / f"done-{phase}.safetensors").unlink(missing_ok=True)
+        (out / f"history-{phase}.json").unlink(missing_ok=True)
+    return TrainedModel(str(out), metrics, history, manifest)
+
+
+def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str, cfg: TrainConfig, steps: int, phase: str,
+               progress, lr: float | None = None, step0: int = 0) -> list[dict]:
+    from ovtasks.models.ov_maskrcnn import targets_from_coco
+
     model.set_vocabulary(torch.from_numpy(emb))
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))))
+    opt = torch.optim.SGD(params, lr=lr or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    warm = min(50, max(1, steps // 4))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))))
     start, history = 0, []
-    ckpt = out / "checkpoint.pt"
+    ckpt, hist_path, key = out / f"checkpoint-{phase}.pt", out / f"history-{phase}.json", json.dumps(asdict(cfg), sort_keys=True)
+    done = out / f"done-{phase}.safetensors"
+    if done.exists() and hist_path.exists():  # this phase finished before the run was killed
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(done)))
+        return json.loads(hist_path.read_text())
     if ckpt.exists():  # resume a killed run; weights_only: never unpickle arbitrary objects
         state = torch.load(ckpt, map_location=device, weights_only=True)
-        if state.get("config") == json.dumps(asdict(cfg), sort_keys=True) and state.get("data") == manifest["sha256"]:
+        if state.get("config") == key and state.get("data") == data_sha:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start = int(state["step"])
-            history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
-            history = [h for h in history if h["step"] < start]
-            log.info("resumed training", extra={"step": start})
+            history = json.loads(hist_path.read_text()) if hist_path.exists() else []
+            history = [h for h in history if h["step"] < step0 + start]
+            log.info("resumed training", extra={"step": start, "phase": phase})
     model.train()
     t0 = time.perf_counter()
-    for step in range(start, cfg.steps):
-        # everything random in a step derives from (seed, step): a resumed run repeats the uninterrupted one
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
-        pick = np.random.default_rng([cfg.seed, step]).choice(len(samples), size=min(cfg.batch_size, len(samples)), replace=False)
+    for step in range(start, steps):
+        # everything random in a step derives from (seed, phase, step): a resumed run repeats the uninterrupted one
+        torch.manual_seed(cfg.seed * 1_000_003 + step0 + step)
+        pick = np.random.default_rng([cfg.seed, step0 + step]).choice(len(samples), size=min(cfg.batch_size, len(samples)), replace=False)
         batch = [samples[i] for i in pick]
         images = [_to_tensor(im).to(device) for im, _ in batch]
         targets = [{k: v.to(device) for k, v in targets_from_coco(anns, cat_index, im.shape[:2]).items()} for im, anns in batch]
         losses = model(images, targets)
         total = sum(losses.values())
         if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite loss at step {step}: {({k: float(v) for k, v in losses.items()})}")
+            raise FloatingPointError(f"non-finite loss at {phase} step {step}: {({k: float(v) for k, v in losses.items()})}")
         opt.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         opt.step()
         sched.step()
-        rec = {"step": step, "loss": round(total.item(), 5), **{k: round(v.item(), 5) for k, v in losses.items()},
+        rec = {"step": step0 + step, "phase": phase, "loss": round(total.item(), 5), **{k: round(v.item(), 5) for k, v in losses.items()},
                "lr": round(sched.get_last_lr()[0], 6), "seconds": round(time.perf_counter() - t0, 1)}
         history.append(rec)
-        if progress and (step % 10 == 0 or step == cfg.steps - 1):
+        if progress and (step % 10 == 0 or step == steps - 1):
             progress(rec)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            tmp = out / "checkpoint.pt.tmp"
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+            tmp = out / f"checkpoint-{phase}.pt.tmp"
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step + 1, "config": json.dumps(asdict(cfg), sort_keys=True), "data": manifest["sha256"]}, tmp)
-            (out / "history.json").write_text(json.dumps(history))
+                        "step": step + 1, "config": key, "data": data_sha}, tmp)
+            hist_path.write_text(json.dumps(history))
             tmp.replace(ckpt)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    np.save(out / "text_embeddings.npy", emb)
-    metrics = {"steps": cfg.steps, "final_loss": float(np.mean([h["loss"] for h in history[-10:]])) if history else None,
-               "images": manifest["images"], "annotations": manifest["annotations"], "categories": len(cats)}
-    meta = {"architecture": "ov-maskrcnn", "embed_dim": int(emb.shape[1]), "config": asdict(cfg), "categories": cats,
-            "data_manifest": manifest, "metrics": metrics, "code_version": __version__}
-    (out / META).write_text(json.dumps(meta, indent=2))
-    (out / "history.json").write_text(json.dumps(history))
-    loss_curve(history, out / "loss_curve.png")
+    from safetensors.torch import save_file
+
+    hist_path.write_text(json.dumps(history))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(done))
     ckpt.unlink(missing_ok=True)
-    return TrainedModel(str(out), metrics, history, manifest)
+    return history
 
 
 def loss_curve(history: Sequence[dict], path: Path) -> Path:
@@ -245,18 +336,16 @@ def evaluate_model(model, gt_uri: str, clean_uri: str, settings: Settings, limit
     from ovtasks.models.text_encoder import TextEncoder
 
     gt = GroundTruth.load(gt_uri, settings)
-    have = {im["id"] for im in gt.coco["images"]}
+    ids = eval_image_ids(gt_uri, clean_uri, settings, limit)
+    wanted, images = set(ids), {}
     src = open_store(clean_uri, settings.s3)
-    images, ids = [], []
     for shard in complete_shards(src):
         for s in iter_shard(src, shard):
-            if s.image_id in have:
-                images.append(s.image)
-                ids.append(s.image_id)
-            if limit and len(ids) >= limit:
-                break
-        if limit and len(ids) >= limit:
+            if s.image_id in wanted:
+                images[s.image_id] = s.image
+        if len(images) == len(wanted):
             break
+    images = [images[i] for i in ids]
     doc = gt.subset(ids)
     cats = doc["categories"]
     enc = TextEncoder(settings.candidates.text_encoder, settings.device, s3=settings.s3)

@@ -56,7 +56,7 @@ def test_train_resume_evaluate_register_promote(clean_small, labelled, synth_sma
     s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data")})
     full = train_ov_maskrcnn(clean_small, labelled, str(tmp_path / "full"), s, CFG)
     assert len(full.history) == 6 and all(np.isfinite(h["loss"]) for h in full.history)
-    assert (tmp_path / "full" / "loss_curve.png").exists() and not (tmp_path / "full" / "checkpoint.pt").exists()
+    assert (tmp_path / "full" / "loss_curve.png").exists() and not list((tmp_path / "full").glob("checkpoint*"))
 
     # a run killed after its step-3 checkpoint resumes there and ends with the same weights
     class Killed(Exception):
@@ -68,7 +68,7 @@ def test_train_resume_evaluate_register_promote(clean_small, labelled, synth_sma
 
     with pytest.raises(Killed):
         train_ov_maskrcnn(clean_small, labelled, str(tmp_path / "resumed"), s, CFG, progress=lambda r: kill(r) if r["step"] else None)
-    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    assert (tmp_path / "resumed" / "checkpoint-train.pt").exists()
     resumed = train_ov_maskrcnn(clean_small, labelled, str(tmp_path / "resumed"), s, CFG)
     assert [h["step"] for h in resumed.history] == list(range(6))
     a, _ = load_model(full.model_dir)
@@ -111,6 +111,32 @@ def test_train_resume_evaluate_register_promote(clean_small, labelled, synth_sma
     assert not r.promoted and "GX status" in r.reason and r.champion_after == v2.version
     model, meta, version = load_registered(s, "champion")
     assert version == v2.version and meta["architecture"] == "ov-maskrcnn"
+
+
+def test_base_gt_finetune_holds_out_eval_images_and_novel_gt(clean_small, labelled, synth_small, tmp_path):
+    from ovtasks.train import eval_image_ids, gt_training_data
+
+    s = load_settings(env={})
+    held = eval_image_ids(synth_small[0], clean_small, s, limit=6)
+    assert len(held) == 6
+    samples, cats, emb, manifest = gt_training_data(synth_small[0], clean_small, s, "base", held)
+    gt = GroundTruth.load(synth_small[0], s)
+    base = {c["id"] for c in gt.coco["categories"] if c["split"] == "base"}
+    assert {c["id"] for c in cats} == base and emb.shape == (len(cats), 384)
+    assert all(a["category_id"] in base for _, anns in samples for a in anns)
+    assert manifest["held_out"] == 6 and manifest["images"] == len(samples)
+    held_images = {x.image_id: x.image for sh in complete_shards(open_store(clean_small)) for x in iter_shard(open_store(clean_small), sh)
+                   if x.image_id in set(held)}
+    assert not any(any(np.array_equal(im, h) for h in held_images.values()) for im, _ in samples)
+
+    with pytest.raises(ValueError, match="needs gt_uri"):
+        train_ov_maskrcnn(clean_small, labelled, str(tmp_path / "x"), s, TrainConfig(steps=2, finetune_steps=2))
+    cfg = TrainConfig(steps=3, batch_size=2, min_size=128, max_size=160, finetune_steps=2, checkpoint_every=2)
+    m = train_ov_maskrcnn(clean_small, labelled, str(tmp_path / "ft"), s, cfg, gt_uri=synth_small[0], exclude_ids=held)
+    assert [(h["step"], h["phase"]) for h in m.history] == [(0, "train"), (1, "train"), (2, "train"), (3, "finetune"), (4, "finetune")]
+    assert m.data_manifest["finetune"]["split"] == "base" and m.metrics["finetune_steps"] == 2
+    assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == ["history.json", "loss_curve.png", "model.safetensors",
+                                                                   "ovtasks_model.json", "text_embeddings.npy"]
 
 
 def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, monkeypatch, capsys):
