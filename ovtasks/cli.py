@@ -56,6 +56,14 @@ def cmd_synth(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_synth_sa1b(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.sa1b import write_synthetic
+
+    info = write_synthetic(args.out, settings, images=args.images, seed=args.seed, image_size=settings.synth.image_size)
+    _print_table([(k, str(v)) for k, v in info.items()], "synth-sa1b")
+    return 0
+
+
 def _report_rows(report: dict) -> list[tuple[str, str]]:
     rows = [("shards", f"{len(report['shards'])} ({report['failed_shards']} failed)"),
             ("seen", str(report["seen"])), ("kept", str(report["kept"]))]
@@ -156,22 +164,31 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.registry import log_and_register
     from ovtasks.train import TrainConfig, eval_image_ids, evaluate_model, load_model, train_ov_maskrcnn
 
-    if args.model != "ov-maskrcnn":
-        print(f"ovtasks: --model {args.model} is not available yet (Semantic-SAM is planned)", file=sys.stderr)
-        return 2
     settings = _on_device(args, settings)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, backbone=args.backbone, seed=args.seed,
-                      generator=args.generator, finetune_steps=args.finetune_steps)
+    progress = lambda r: print(json.dumps(r), file=sys.stderr, flush=True)  # noqa: E731
     if args.finetune_steps and not args.gt:
         print("ovtasks: --finetune-steps needs --gt (the base-category GT to fine-tune on)", file=sys.stderr)
         return 2
-    held_out = eval_image_ids(args.gt, args.src, settings, args.eval_images) if args.finetune_steps else ()
-    trained = train_ov_maskrcnn(args.src, args.pseudo, args.out, settings, cfg,
-                                progress=lambda r: print(json.dumps(r), file=sys.stderr, flush=True), gt_uri=args.gt, exclude_ids=held_out)
+    if args.model == "semantic-sam":
+        from ovtasks.train_semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
+
+        if args.finetune_steps:
+            print("ovtasks: --finetune-steps is for --model ov-maskrcnn", file=sys.stderr)
+            return 2
+        cfg = SemanticSamConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, generator=args.generator,
+                                sam_model=args.sam_model, freeze_image_encoder=args.freeze_image_encoder)
+        trained = train_semantic_sam(args.src, args.pseudo, args.sa1b, args.out, settings, cfg, progress=progress)
+        evaluate = evaluate_semantic_sam
+    else:
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, backbone=args.backbone, seed=args.seed,
+                          generator=args.generator, finetune_steps=args.finetune_steps)
+        held_out = eval_image_ids(args.gt, args.src, settings, args.eval_images) if args.finetune_steps else ()
+        trained = train_ov_maskrcnn(args.src, args.pseudo, args.out, settings, cfg, progress=progress, gt_uri=args.gt, exclude_ids=held_out)
+        evaluate = evaluate_model
     rows = [(k, str(v)) for k, v in trained.metrics.items()]
     if args.gt:
         model, _ = load_model(trained.model_dir, settings.device)
-        ev = evaluate_model(model, args.gt, args.src, settings, limit=args.eval_images)
+        ev = evaluate(model, args.gt, args.src, settings, limit=args.eval_images)
         print(ev["table"])
         if args.register:
             from ovtasks.storage import open_store
@@ -180,14 +197,17 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
             reg = log_and_register(settings, trained.model_dir, {**cfg.__dict__}, trained.history, gx, ev,
                                    [f"{trained.model_dir}/loss_curve.png"], trained.data_manifest)
             rows += [("registered", f"{reg.name} v{reg.version} (alias challenger)"), ("mlflow run", reg.run_id)]
-    _print_table(rows, "train ov-maskrcnn")
+    elif args.register:
+        print("ovtasks: --register needs --gt (a version is registered with its evaluation)", file=sys.stderr)
+        return 2
+    _print_table(rows, f"train {args.model}")
     return 0
 
 
 def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.registry import promote
 
-    r = promote(settings, args.tolerance, args.who, args.reason or "")
+    r = promote(settings, args.tolerance, args.who, args.reason or "", architecture=args.model)
     _print_table([("promoted", "yes" if r.promoted else "NO"), ("reason", r.reason), ("challenger", str(r.challenger)),
                   ("champion before", str(r.champion_before)), ("champion now", str(r.champion_after))], "promotion gate")
     return 0 if r.promoted else 4
@@ -221,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--failure-rate", type=float, default=None, help="fraction made to fail an ingest filter")
     s.add_argument("--workers", type=int, default=None)
     s.set_defaults(func=cmd_synth)
+
+    sa = sub.add_parser("synth-sa1b", help="write SA-1B-format tars (masks without names) from the synthetic scene generator")
+    sa.add_argument("--out", required=True)
+    sa.add_argument("--images", type=int, default=256)
+    sa.add_argument("--seed", type=int, default=7, help="keep it apart from the benchmark's seeds (0 and the ITM's 1)")
+    sa.set_defaults(func=cmd_synth_sa1b)
 
     i = sub.add_parser("ingest", help="filter and normalise img2dataset shards into clean webdataset shards")
     i.add_argument("--src", required=True, help="URI holding NNNNN.tar (+ .parquet) shards")
@@ -295,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=300)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=0.01)
-    t.add_argument("--backbone", default="small", choices=("small", "resnet50_fpn"))
+    t.add_argument("--backbone", default="small", choices=("small", "resnet50_fpn"), help="ov-maskrcnn backbone")
+    t.add_argument("--sa1b", default=None, help="semantic-sam: SA-1B-format tars (masks without names), mixed 1:4 with the pseudo-labels")
+    t.add_argument("--sam-model", default=None, help="semantic-sam: pretrained SAM (HF id, directory, model-store URI); default a tiny random one")
+    t.add_argument("--freeze-image-encoder", action="store_true", help="semantic-sam: train the decoder, tokens and heads only")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
     t.add_argument("--gt", default=None, help="COCO GT (synthetic laion URI) to evaluate on")
@@ -306,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("promote", help="move the champion alias to the challenger if the gate allows it")
+    pr.add_argument("--model", default="ov-maskrcnn", choices=("ov-maskrcnn", "semantic-sam"))
     pr.add_argument("--tolerance", type=float, default=None, help="novel mask AP50 points (default registry.promotion_tolerance)")
     pr.add_argument("--who", default=None)
     pr.add_argument("--reason", default=None)

@@ -159,7 +159,8 @@ class RegistryConfig(_Frozen):
     tracking_uri: str | None = Field(None, description="None: sqlite under <data_dir>/mlflow; production: http://mlflow:5000")
     artifact_root: str | None = Field(None, description="experiment artifact location (s3://... in production)")
     experiment: str = "ovtasks"
-    model_name: str = "ovtasks-ov-maskrcnn"
+    model_name: str = Field("ovtasks-ov-maskrcnn", description="registered model of the OV Mask R-CNN")
+    semantic_sam_model_name: str = Field("ovtasks-semantic-sam", description="registered model of Semantic-SAM")
     promotion_tolerance: float = Field(0.5, ge=0.0, description="novel mask AP50 points the challenger may lose to the champion")
 
 

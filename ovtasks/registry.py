@@ -37,6 +37,16 @@ def tracking_uri(settings: Settings) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+ARCHITECTURES = ("ov-maskrcnn", "semantic-sam")
+
+
+def registered_name(settings: Settings, architecture: str = "ov-maskrcnn") -> str:
+    """Each architecture is its own registered model (its own champion): their numbers are not comparable."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {ARCHITECTURES}")
+    return settings.registry.model_name if architecture == "ov-maskrcnn" else settings.registry.semantic_sam_model_name
+
+
 def _client(settings: Settings):
     import mlflow
     from mlflow import MlflowClient
@@ -71,7 +81,9 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
                      dag_run: str | None = None) -> Registered:
     mlflow, client = _client(settings)
     exp_id = _experiment(mlflow, client, settings)
-    name = settings.registry.model_name
+    meta_path = Path(model_dir) / "ovtasks_model.json"
+    architecture = json.loads(meta_path.read_text()).get("architecture", "ov-maskrcnn") if meta_path.exists() else "ov-maskrcnn"
+    name = registered_name(settings, architecture)
     gx_status = "passed" if gx_report.get("failed", 1) == 0 else ("partial" if gx_report.get("passed") else "failed")
     with mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in params.items()})
@@ -90,7 +102,8 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
         mlflow.log_artifacts(model_dir, "model")
         tags = {"data_manifest_sha256": (data_manifest or {}).get("sha256", ""), "gx_status": gx_status,
                 "novel_mask_AP50": str(evaluation.get("novel_mask_AP50")), "code_version": __version__,
-                "dag_run": dag_run or ""}
+                "dag_run": dag_run or "", "architecture": architecture,
+                "eval_prompts": str(evaluation.get("prompts", "detections"))}
         mlflow.set_tags(tags)
         run_id = run.info.run_id
     try:
@@ -125,10 +138,11 @@ class PromotionResult:
     champion_after: str | None
 
 
-def promote(settings: Settings, tolerance: float | None = None, who: str | None = None, why: str = "") -> PromotionResult:
+def promote(settings: Settings, tolerance: float | None = None, who: str | None = None, why: str = "",
+            architecture: str = "ov-maskrcnn") -> PromotionResult:
     """Move ``champion`` to ``challenger`` when the gate allows it (see module doc)."""
     mlflow, client = _client(settings)
-    name = settings.registry.model_name
+    name = registered_name(settings, architecture)
     tol = settings.registry.promotion_tolerance if tolerance is None else tolerance
     who = who or getpass.getuser()
     ch = _by_alias(client, name, "challenger")
@@ -162,10 +176,10 @@ def promote(settings: Settings, tolerance: float | None = None, who: str | None 
     return PromotionResult(True, ok, str(ch.version), before, str(ch.version))
 
 
-def load_registered(settings: Settings, alias: str = "champion", device: str = "cpu"):
+def load_registered(settings: Settings, alias: str = "champion", device: str = "cpu", architecture: str = "ov-maskrcnn"):
     """(model, meta, version) of ``models:/NAME@alias``, loaded from safetensors."""
     mlflow, client = _client(settings)
-    name = settings.registry.model_name
+    name = registered_name(settings, architecture)
     mv = _by_alias(client, name, alias)
     if mv is None:
         raise LookupError(f"registered model {name!r} has no {alias!r} alias")

@@ -222,16 +222,8 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
 
         model.load_state_dict(load_file(str(done)))
         return json.loads(hist_path.read_text())
-    if ckpt.exists():  # resume a killed run; weights_only: never unpickle arbitrary objects
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        if state.get("config") == key and state.get("data") == data_sha:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start = int(state["step"])
-            history = json.loads(hist_path.read_text()) if hist_path.exists() else []
-            history = [h for h in history if h["step"] < step0 + start]
-            log.info("resumed training", extra={"step": start, "phase": phase})
+    if ckpt.exists():
+        start, history = resume(ckpt, hist_path, model, opt, sched, key, data_sha, device, step0)
     model.train()
     t0 = time.perf_counter()
     for step in range(start, steps):
@@ -256,11 +248,7 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
         if progress and (step % 10 == 0 or step == steps - 1):
             progress(rec)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-            tmp = out / f"checkpoint-{phase}.pt.tmp"
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step + 1, "config": key, "data": data_sha}, tmp)
-            hist_path.write_text(json.dumps(history))
-            tmp.replace(ckpt)
+            checkpoint(ckpt, hist_path, model, opt, sched, step + 1, key, data_sha, history)
     from safetensors.torch import save_file
 
     hist_path.write_text(json.dumps(history))
@@ -269,7 +257,32 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
     return history
 
 
-def loss_curve(history: Sequence[dict], path: Path) -> Path:
+def resume(ckpt: Path, hist_path: Path, model, opt, sched, key: str, data_sha: str, device: str, step0: int = 0) -> tuple[int, list]:
+    """(first step to run, history so far) from a checkpoint written by :func:`checkpoint` for the same
+    config and data; (0, []) otherwise. ``weights_only``: a checkpoint never unpickles arbitrary objects."""
+    state = torch.load(ckpt, map_location=device, weights_only=True)
+    if state.get("config") != key or state.get("data") != data_sha:
+        log.warning("checkpoint ignored: other config or data", extra={"checkpoint": str(ckpt)})
+        return 0, []
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    start = int(state["step"])
+    history = json.loads(hist_path.read_text()) if hist_path.exists() else []
+    log.info("resumed training", extra={"step": start, "checkpoint": str(ckpt)})
+    return start, [h for h in history if h["step"] < step0 + start]
+
+
+def checkpoint(ckpt: Path, hist_path: Path, model, opt, sched, step: int, key: str, data_sha: str, history: list) -> None:
+    """Weights, optimizer, scheduler and step, written to a temporary file and renamed (never half-written)."""
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "config": key, "data": data_sha}, tmp)
+    hist_path.write_text(json.dumps(history))
+    tmp.replace(ckpt)
+
+
+def loss_curve(history: Sequence[dict], path: Path, title: str = "OV Mask R-CNN training on pseudo-labels") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,7 +290,8 @@ def loss_curve(history: Sequence[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     steps = [h["step"] for h in history]
-    for key in ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness"):
+    keys = ["loss"] + sorted({k for h in history for k in h if k.startswith("loss_")})
+    for key in keys:
         vals = np.array([h.get(key, np.nan) for h in history], float)
         if len(vals):
             k = max(1, len(vals) // 30)
@@ -286,7 +300,7 @@ def loss_curve(history: Sequence[dict], path: Path) -> Path:
     ax.set_ylabel("loss (moving mean)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    ax.set_title("OV Mask R-CNN training on pseudo-labels")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -294,10 +308,14 @@ def loss_curve(history: Sequence[dict], path: Path) -> Path:
 
 
 def load_model(model_dir: str, device: str = "cpu"):
-    """(model, meta) from a trained directory; safetensors only."""
+    """(model, meta) from a trained directory (OV Mask R-CNN or Semantic-SAM); safetensors only."""
     from safetensors.torch import load_file
 
     meta = json.loads((Path(model_dir) / META).read_text())
+    if meta.get("architecture") == "semantic-sam":
+        from ovtasks.models.semantic_sam import load
+
+        return load(model_dir, device), meta
     cfg = TrainConfig(**meta["config"])
     model = build_model(meta["embed_dim"], cfg)
     model.set_vocabulary(torch.from_numpy(np.load(Path(model_dir) / "text_embeddings.npy")))

@@ -89,3 +89,40 @@ def tiny_grounded(tmp_path_factory):
     d = tmp_path_factory.mktemp("grounded")
     words = sorted({t for e in Vocabulary.load(None).entries for t in e.terms() for t in t.split()})
     return grounding_dino.save_tiny(d / "gdino", words), sam.save_tiny(d / "sam")
+
+
+@pytest.fixture(scope="session")
+def labelled(synth_small, clean_small, tmp_path_factory):
+    """Pseudo-labels written in the generator format from the synthetic GT (a fixture, not a generator)."""
+    import json
+
+    import numpy as np
+
+    from ovtasks.dataset import complete_shards, iter_shard
+    from ovtasks.groundtruth import GroundTruth
+    from ovtasks.models.text_encoder import TextEncoder
+    from ovtasks.storage import open_store
+    from ovtasks.validate import validate
+
+    s = load_settings(env={})
+    gt = GroundTruth.load(synth_small[0], s)
+    out = tmp_path_factory.mktemp("labelled")
+    base = out / "pseudo" / "maskfree"
+    base.mkdir(parents=True)
+    cats = {}
+    src = open_store(clean_small)
+    for shard in complete_shards(src):
+        ids = [x.image_id for x in iter_shard(src, shard)]
+        doc = gt.subset(ids)
+        for a in doc["annotations"]:
+            a.update(category_name=next(c["name"] for c in doc["categories"] if c["id"] == a["category_id"]),
+                     known_category=True, score=0.9, pseudo_box=a["bbox"])
+        for c in doc["categories"]:
+            cats[c["id"]] = {"id": c["id"], "name": c["name"], "known": True, "split": c["split"]}
+        (base / f"{shard}.json").write_text(json.dumps(doc))
+        (base / f"{shard}.manifest.json").write_text(json.dumps({"status": "complete", "files": {}}))
+    cats = sorted(cats.values(), key=lambda c: c["id"])
+    (base / "categories.json").write_text(json.dumps(cats))
+    np.save(base / "text_embeddings.npy", TextEncoder("minilm").encode([c["name"] for c in cats]))
+    assert validate(str(out), s).report["failed"] == 0
+    return str(out)

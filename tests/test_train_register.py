@@ -14,35 +14,6 @@ from ovtasks.train import TrainConfig, evaluate_model, load_model, train_ov_mask
 from ovtasks.validate import validate
 
 
-@pytest.fixture(scope="module")
-def labelled(synth_small, clean_small, tmp_path_factory):
-    """Pseudo-labels written in the generator format from the synthetic GT (a fixture, not a generator)."""
-    from ovtasks.models.text_encoder import TextEncoder
-
-    s = load_settings(env={})
-    gt = GroundTruth.load(synth_small[0], s)
-    out = tmp_path_factory.mktemp("labelled")
-    base = out / "pseudo" / "maskfree"
-    base.mkdir(parents=True)
-    cats = {}
-    src = open_store(clean_small)
-    for shard in complete_shards(src):
-        ids = [x.image_id for x in iter_shard(src, shard)]
-        doc = gt.subset(ids)
-        for a in doc["annotations"]:
-            a.update(category_name=next(c["name"] for c in doc["categories"] if c["id"] == a["category_id"]),
-                     known_category=True, score=0.9, pseudo_box=a["bbox"])
-        for c in doc["categories"]:
-            cats[c["id"]] = {"id": c["id"], "name": c["name"], "known": True, "split": c["split"]}
-        (base / f"{shard}.json").write_text(json.dumps(doc))
-        (base / f"{shard}.manifest.json").write_text(json.dumps({"status": "complete", "files": {}}))
-    cats = sorted(cats.values(), key=lambda c: c["id"])
-    (base / "categories.json").write_text(json.dumps(cats))
-    np.save(base / "text_embeddings.npy", TextEncoder("minilm").encode([c["name"] for c in cats]))
-    assert validate(str(out), s).report["failed"] == 0
-    return str(out)
-
-
 CFG = TrainConfig(steps=6, batch_size=2, min_size=128, max_size=160, checkpoint_every=3)
 
 
@@ -144,12 +115,28 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
 
     monkeypatch.setenv("OVTASKS_DATA_DIR", str(tmp_path / "data"))
     assert main(["promote"]) == 4 and "no challenger" in capsys.readouterr().out
-    assert main(["train", "--model", "semantic-sam", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "x"), "--finetune-steps", "2"]) == 2
     rc = main(["train", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "m"), "--steps", "2",
                "--batch-size", "2", "--gt", synth_small[0], "--eval-images", "4", "--register"])
     out = capsys.readouterr().out
     assert rc == 0 and "ovtasks-ov-maskrcnn v1 (alias challenger)" in out and "| generalized | novel |" in out
     assert main(["promote", "--who", "cli"]) == 0 and "yes" in capsys.readouterr().out
+
+    # Semantic-SAM: SA-1B-format data, training, box-prompted evaluation, its own registered model and champion
+    assert main(["synth-sa1b", "--out", str(tmp_path / "sa"), "--images", "6"]) == 0
+    rc = main(["train", "--model", "semantic-sam", "--src", clean_small, "--pseudo", labelled, "--sa1b", str(tmp_path / "sa"),
+               "--out", str(tmp_path / "ss"), "--steps", "2", "--batch-size", "5", "--lr", "1e-3", "--gt", synth_small[0],
+               "--eval-images", "4", "--register"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "ovtasks-semantic-sam v1 (alias challenger)" in out and "sa1b_images" in out
+    assert main(["promote", "--model", "semantic-sam"]) == 0
+    from ovtasks.config import load_settings
+    from ovtasks.registry import load_registered
+
+    s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data")})
+    model, meta, version = load_registered(s, "champion", architecture="semantic-sam")
+    assert meta["architecture"] == "semantic-sam" and version == "1" and model.embed_dim == 384
+    assert load_registered(s, "champion")[1]["architecture"] == "ov-maskrcnn"
 
 
 @pytest.fixture(scope="module")

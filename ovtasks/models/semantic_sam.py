@@ -1,0 +1,223 @@
+"""Semantic-SAM (the thesis, §2.2): SAM whose mask decoder carries 5 extra learned tokens — 4 semantic
+tokens, one per mask output, and 1 cosine-similarity score token — and a semantic output aligned with
+the text embedding space (768-d for CLIP-L; the configured text encoder's size otherwise).
+
+The extra tokens join SAM's IoU and mask tokens as queries of the decoder's two-way transformer (so they
+attend to the prompt and the image exactly as SAM's own output tokens do). Their outputs go through
+two small MLP heads: ``semantic_head`` maps each semantic token to an L2-normalised vector of the text
+embedding size (the meaning of the corresponding mask), ``score_head`` maps the score token to the 4
+masks' predicted cosine similarity with their true name. Everything else is transformers' ``SamModel``,
+loaded by Hugging Face id, local directory or model-store URI, or built tiny and random for the CPU.
+
+:meth:`SemanticSam.decode` reimplements ``SamMaskDecoder.forward`` with the extra tokens and returns all
+4 masks (SAM's single-output mask 0 and its 3 multimask outputs); with ``extra=False`` it is exactly
+the stock decoder (a test checks this, so a transformers upgrade that changes the decoder is caught).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NUM_MASKS = 4  # SAM's mask tokens: 0 = single output, 1..3 = multimask outputs
+
+
+class _MLP(nn.Module):
+    def __init__(self, dim_in: int, hidden: int, dim_out: int, layers: int = 3):
+        super().__init__()
+        dims = [dim_in] + [hidden] * (layers - 1) + [dim_out]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+@dataclass
+class Decoded:
+    """One image's answer for its ``n`` box prompts."""
+
+    masks: torch.Tensor  # (n, 4, h, w) low-resolution logits in the padded input frame
+    iou: torch.Tensor  # (n, 4) predicted IoU
+    semantic: torch.Tensor | None  # (n, 4, D) unit vectors in the text embedding space
+    score: torch.Tensor | None  # (n, 4) predicted cosine similarity with the true name
+
+
+class SemanticSam(nn.Module):
+    def __init__(self, sam, embed_dim: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        super().__init__()
+        self.sam = sam
+        hidden = sam.config.mask_decoder_config.hidden_size
+        self.embed_dim = int(embed_dim)
+        self.semantic_tokens = nn.Embedding(NUM_MASKS, hidden)
+        self.score_token = nn.Embedding(1, hidden)
+        self.semantic_head = _MLP(hidden, hidden, self.embed_dim)
+        self.score_head = _MLP(hidden, hidden, NUM_MASKS)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.sam.config.vision_config.image_size)
+
+    def resized(self, h: int, w: int) -> tuple[int, int, float]:
+        scale = self.image_size / max(h, w)
+        return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)), scale
+
+    def pixels(self, image: np.ndarray, device, dtype=torch.float32) -> torch.Tensor:
+        """SAM's preprocessing: long side to ``image_size``, normalise, pad bottom/right to a square."""
+        from ovtasks.models.grounding_dino import resize_normalise
+
+        h, w = image.shape[:2]
+        rh, rw, _ = self.resized(h, w)
+        x = resize_normalise(image, (rh, rw), self.mean, self.std, device, dtype)
+        return F.pad(x, (0, self.image_size - rw, 0, self.image_size - rh))
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.sam.get_image_embeddings(pixels)
+
+    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, extra: bool = True) -> Decoded:
+        """``emb``: (1, C, h, w) one image's embedding; ``boxes``: (n, 4) xyxy in the padded input frame."""
+        dec = self.sam.mask_decoder
+        sparse, dense = self.sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=boxes[None], input_masks=None)
+        n = sparse.shape[1]
+        out_tokens = [dec.iou_token.weight, dec.mask_tokens.weight]
+        if extra:
+            out_tokens += [self.semantic_tokens.weight, self.score_token.weight]
+        tokens = torch.cat(out_tokens, dim=0).repeat(1, n, 1, 1)
+        tokens = torch.cat((tokens, sparse), dim=2).to(dec.iou_token.weight.dtype)
+        image = (emb + dense).repeat_interleave(n, 0)
+        pos = self.sam.get_image_wide_positional_embeddings().repeat_interleave(n, 0)
+        q, image = dec.transformer(point_embeddings=tokens, image_embeddings=image, image_positional_embeddings=pos,
+                                   attention_similarity=None, target_embedding=None)[:2]
+        _, c, h, w = emb.shape
+        image = image.transpose(2, 3).reshape(n, c, h, w)
+        up = dec.activation(dec.upscale_layer_norm(dec.upscale_conv1(image)))
+        up = dec.activation(dec.upscale_conv2(up))
+        k = dec.num_mask_tokens
+        hyper = torch.stack([dec.output_hypernetworks_mlps[i](q[:, :, 1 + i, :]) for i in range(k)], dim=2)
+        _, cu, hu, wu = up.shape
+        masks = (hyper @ up.reshape(1, n, cu, hu * wu)).reshape(n, k, hu, wu)
+        iou = dec.iou_prediction_head(q[:, :, 0, :])[0]
+        if not extra:
+            return Decoded(masks, iou, None, None)
+        sem = F.normalize(self.semantic_head(q[0, :, 1 + k: 1 + k + NUM_MASKS, :]).float(), dim=-1)
+        score = self.score_head(q[0, :, 1 + k + NUM_MASKS, :])
+        return Decoded(masks, iou, sem, score)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
+
+def sam_config(image_size: int = 128, hidden: int = 32):
+    """A tiny SAM config (ViT encoder with 2 layers) for CPU training and tests."""
+    from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
+
+    vision = SamVisionConfig(hidden_size=hidden, output_channels=hidden, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=image_size, patch_size=16, window_size=4, global_attn_indexes=[1],
+                             mlp_dim=2 * hidden, initializer_range=0.02, num_pos_feats=hidden // 2)
+    prompt = SamPromptEncoderConfig(hidden_size=hidden, image_size=image_size, patch_size=16)
+    decoder = SamMaskDecoderConfig(hidden_size=hidden, mlp_dim=2 * hidden, num_attention_heads=2, iou_head_hidden_dim=hidden)
+    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+
+
+def build(embed_dim: int, sam_model: str | None = None, image_size: int = 128, hidden: int = 32, s3=None) -> SemanticSam:
+    """From a pretrained SAM (HF id, directory, model-store URI) or, with ``sam_model=None``, a tiny random one."""
+    from transformers import SamModel
+
+    if sam_model is None:
+        return SemanticSam(SamModel(sam_config(image_size, hidden)), embed_dim)
+    from ovtasks.models.hub import image_processor_config, resolve_model
+
+    path = resolve_model(sam_model, s3)
+    cfg = image_processor_config(path)
+    return SemanticSam(SamModel.from_pretrained(path), embed_dim, cfg.get("image_mean", (0.485, 0.456, 0.406)),
+                       cfg.get("image_std", (0.229, 0.224, 0.225)))
+
+
+def save(model: SemanticSam, path: str | os.PathLike) -> None:
+    """``model.safetensors`` (every weight) + ``sam_config.json``; :func:`load` reads them back without pickles."""
+    import json
+
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path / "model.safetensors"))  # SAM ties its positional embeddings: stored once
+    (path / "sam_config.json").write_text(json.dumps({"sam": model.sam.config.to_dict(), "embed_dim": model.embed_dim,
+                                                      "image_mean": model.mean, "image_std": model.std}, indent=1, default=str))
+
+
+def load(path: str | os.PathLike, device: str = "cpu") -> SemanticSam:
+    import json
+
+    from safetensors.torch import load_model
+    from transformers import SamConfig, SamModel
+
+    path = Path(path)
+    doc = json.loads((path / "sam_config.json").read_text())
+    model = SemanticSam(SamModel(SamConfig.from_dict(doc["sam"])), doc["embed_dim"], doc["image_mean"], doc["image_std"])
+    load_model(model, str(path / "model.safetensors"))
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses (SAM's for SA-1B samples; contrastive across the batch for generated ones)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Per-mask sigmoid focal loss, mean over pixels: (..., h, w) → (...)."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.flatten(-2).mean(-1)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    p = logits.sigmoid().flatten(-2)
+    t = target.flatten(-2)
+    return 1 - (2 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)
+
+
+def mask_losses(d: Decoded, target: torch.Tensor, focal_weight: float = 20.0) -> dict[str, torch.Tensor]:
+    """SAM's supervision for ``n`` prompts with GT masks ``target`` (n, h, w): focal x20 + dice on the
+    single-output mask and on the best of the 3 multimask outputs (SAM's ambiguity-aware minimum), and MSE
+    between the predicted IoU and the IoU the masks actually have, for all 4."""
+    t = target[:, None].expand_as(d.masks).float()
+    focal, dice = focal_loss(d.masks.float(), t), dice_loss(d.masks.float(), t)
+    per = focal_weight * focal + dice  # (n, 4)
+    best = per[:, 1:].argmin(dim=1)
+    rows = torch.arange(len(per), device=per.device)
+    with torch.no_grad():
+        pred = d.masks > 0
+        inter = (pred & t.bool()).flatten(-2).sum(-1).float()
+        union = (pred | t.bool()).flatten(-2).sum(-1).float()
+        actual = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return {"loss_focal": focal_weight * (focal[:, 0] + focal[rows, best + 1]).mean(),
+            "loss_dice": (dice[:, 0] + dice[rows, best + 1]).mean(),
+            "loss_iou": F.mse_loss(d.iou.float(), actual)}
+
+
+def contrastive_losses(semantic: torch.Tensor, score: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
+                       scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``semantic`` (P, 4, D) unit vectors of all prompts of the batch's generated samples, ``labels`` (P,)
+    indices into ``text`` (V, D): InfoNCE of every semantic token against the names present in the batch
+    (the batch's other names are the negatives), plus MSE of the score token to the realised cosine."""
+    present, target = torch.unique(labels, return_inverse=True)
+    t = F.normalize(text[present].float(), dim=-1)
+    logits = scale * semantic @ t.T  # (P, 4, U)
+    ce = F.cross_entropy(logits.reshape(-1, len(present)), target.repeat_interleave(semantic.shape[1]))
+    cos = (semantic * t[target][:, None, :]).sum(-1)
+    return {"loss_contrastive": ce, "loss_score": F.mse_loss(score.float(), cos.detach())}
