@@ -129,7 +129,8 @@ ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard
 
 
 def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: int = 64, seed: int = 0, workers: int | None = None,
-             train_itm_steps: int | None = None, wspn_steps: int = 100, eval_images: int = 64, train_steps: int = 150) -> int:
+             train_itm_steps: int | None = None, wspn_steps: int = 100, eval_images: int = 64, train_steps: int = 150,
+             semantic_sam_steps: int = 150) -> int:
     from ovtasks.ingest import ingest
     from ovtasks.pseudo_label import load_maskfree, pseudo_label
     from ovtasks.quality import evaluate_pseudo_labels, format_table, overlay_grid
@@ -144,43 +145,54 @@ def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: in
     workers = workers or settings.workers
     t0 = time.perf_counter()
     synth_uri, ingest_uri = str(root / "laion"), str(root / "clean")
-    print(f"[1/8] synth: {shards} shards x {images_per_shard} images -> {synth_uri}", flush=True)
+    print(f"[1/9] synth: {shards} shards x {images_per_shard} images -> {synth_uri}", flush=True)
     summary = generate(SynthSpec(seed=seed, shards=shards, images_per_shard=images_per_shard,
                                  image_size=settings.synth.image_size, failure_rate=settings.synth.failure_rate),
                        synth_uri, settings, workers=workers)
-    print(f"[2/8] ingest -> {ingest_uri}", flush=True)
+    print(f"[2/9] ingest -> {ingest_uri}", flush=True)
     result = ingest(synth_uri, ingest_uri, settings, workers=workers)
     picture = ingest_overview(synth_uri, ingest_uri, settings, root / "report" / "ingest_overview.png")
     itm_uri = settings.maskfree.itm_model
     if itm_uri:
-        print(f"[3/8] train-itm: skipped, using maskfree.itm_model={itm_uri}", flush=True)
+        print(f"[3/9] train-itm: skipped, using maskfree.itm_model={itm_uri}", flush=True)
     elif train_itm_steps is None and (COMMITTED_ITM / "model.safetensors").exists():
         itm_uri = str(COMMITTED_ITM)
-        print(f"[3/8] train-itm: using the committed checkpoint {itm_uri}\n      (made by: {ITM_RECIPE};"
+        print(f"[3/9] train-itm: using the committed checkpoint {itm_uri}\n      (made by: {ITM_RECIPE};"
               " pass --train-itm-steps N to train one here)", flush=True)
     else:
         itm_uri = str(root / "models" / "itm")
         steps = train_itm_steps or 300
-        print(f"[3/8] train-itm: {steps} steps on {ingest_uri} -> {itm_uri}", flush=True)
+        print(f"[3/9] train-itm: {steps} steps on {ingest_uri} -> {itm_uri}", flush=True)
         train_itm(ingest_uri, itm_uri, settings, ItmTrainConfig(steps=steps, pretrain_steps=steps, lr=1e-3, batch_size=24, holdout=32), gt_uri=synth_uri)
     wspn_uri = str(root / "models" / "wspn")
-    print(f"[4/8] train-wspn: {wspn_steps} steps on the clean shards' captions -> {wspn_uri}", flush=True)
+    print(f"[4/9] train-wspn: {wspn_steps} steps on the clean shards' captions -> {wspn_uri}", flush=True)
     wspn = train_wspn(ingest_uri, wspn_uri, settings, WspnTrainConfig(steps=wspn_steps))
     settings = settings.model_copy(update={"maskfree": settings.maskfree.model_copy(update={"itm_model": itm_uri, "wspn_model": wspn_uri})})
-    print(f"[5/8] pseudo-label (maskfree) -> {root}/pseudo/maskfree/", flush=True)
+    print(f"[5/9] pseudo-label (maskfree) -> {root}/pseudo/maskfree/", flush=True)
     models = load_maskfree(settings)
     pl = pseudo_label(ingest_uri, str(root), settings, models=models)
-    print(f"[6/8] validate (Great Expectations) -> {root}/pseudo/maskfree/validation_report.json", flush=True)
+    print(f"[6/9] validate (Great Expectations) -> {root}/pseudo/maskfree/validation_report.json", flush=True)
     gate = validate(str(root), settings, "maskfree").report
     model_dir = str(root / "models" / "ov-maskrcnn")
-    print(f"[7/8] train ov-maskrcnn: {train_steps} steps on the validated pseudo-labels -> {model_dir}", flush=True)
+    print(f"[7/9] train ov-maskrcnn: {train_steps} steps on the validated pseudo-labels -> {model_dir}", flush=True)
     trained = train_ov_maskrcnn(ingest_uri, str(root), model_dir, settings, TrainConfig(steps=train_steps, batch_size=4))
-    print(f"[8/8] evaluate on the synthetic GT, register in MLflow ({tracking_uri(settings)}), promote", flush=True)
+    print(f"[8/9] evaluate on the synthetic GT, register in MLflow ({tracking_uri(settings)}), promote", flush=True)
     ov_model, _ = load_model(model_dir, settings.device)
     ev = evaluate_model(ov_model, synth_uri, ingest_uri, settings, limit=eval_images)
     reg = log_and_register(settings, model_dir, {"steps": train_steps, "batch_size": 4}, trained.history, gate, ev,
                            [f"{model_dir}/loss_curve.png", str(root / "report" / "pseudo_label_overlays.png")], trained.data_manifest)
     promo = promote(settings, who="demo", why="demo run")
+    ssam_dir, sa1b_uri = str(root / "models" / "semantic-sam"), str(root / "sa1b")
+    print(f"[9/9] Semantic-SAM: SA-1B-format masks ({sa1b_uri}) + the pseudo-labels' names, 1:4, {semantic_sam_steps} steps "
+          f"-> {ssam_dir}; box-prompted evaluation; registered as its own model", flush=True)
+    from ovtasks.sa1b import write_synthetic
+    from ovtasks.train_semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
+
+    write_synthetic(sa1b_uri, settings, images=128, image_size=settings.synth.image_size)
+    ssam = train_semantic_sam(ingest_uri, str(root), sa1b_uri, ssam_dir, settings, SemanticSamConfig(steps=semantic_sam_steps))
+    ssam_ev = evaluate_semantic_sam(load_model(ssam_dir, settings.device)[0], synth_uri, ingest_uri, settings, limit=eval_images)
+    ssam_reg = log_and_register(settings, ssam_dir, {"steps": semantic_sam_steps}, ssam.history, gate, ssam_ev,
+                                [f"{ssam_dir}/loss_curve.png"], ssam.data_manifest)
     table, samples, results = evaluate_pseudo_labels(ingest_uri, synth_uri, settings, models, limit=eval_images)
     overlays = overlay_grid(samples, results, root / "report" / "pseudo_label_overlays.png")
     (root / "report" / "pseudo_label_quality.json").write_text(json.dumps(table, indent=2))
@@ -202,10 +214,14 @@ def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: in
           f"final loss {trained.metrics['final_loss']:.3f}")
     print(f"{'register':<14}{'':>8}{'':>8}{'':>9}  {reg.name} v{reg.version}: challenger; promotion "
           f"{'accepted' if promo.promoted else 'refused'}: {promo.reason}")
+    print(f"{'semantic-sam':<14}{ssam.metrics['images']:>8}{'':>8}{'':>9}  + {ssam.metrics['sa1b_images']} SA-1B-format images, "
+          f"{semantic_sam_steps} steps, final loss {ssam.metrics['final_loss']:.3f}; {ssam_reg.name} v{ssam_reg.version}: challenger")
     print(f"\npseudo-label quality on {table['_meta']['images']} images (mask AP50 %, synthetic GT):")
     print(format_table(table))
     print(f"\nOV Mask R-CNN trained on the pseudo-labels, evaluated on {ev['images']} images (%):")
     print(ev["table"])
+    print(f"\nSemantic-SAM, GT boxes as prompts (names and masks, not detection), {ssam_ev['images']} images (%):")
+    print(ssam_ev["table"])
     print(f"\nfinished in {dt:.1f}s. Results:")
     print(f"  synthetic LAION shards + COCO GT : {synth_uri}  (gt/instances.json, gt/categories.json)")
     print(f"  clean shards + manifests        : {ingest_uri}/shards/")
@@ -213,10 +229,10 @@ def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: in
     print(f"  pseudo-masks (COCO per shard)   : {root}/pseudo/maskfree/  (report.json, categories.json, text_embeddings.npy)")
     print(f"  validation (GX)                 : {root}/pseudo/maskfree/validation_report.json, "
           f"data docs {root}/pseudo/maskfree/validation/<shard>/annotations.html")
-    print(f"  models                          : ITM {itm_uri}, WSPN {wspn_uri}, OV Mask R-CNN {model_dir}")
+    print(f"  models                          : ITM {itm_uri}, WSPN {wspn_uri}, OV Mask R-CNN {model_dir}, Semantic-SAM {ssam_dir}")
     print(f"  MLflow (runs, registry)         : {tracking_uri(settings)}  -> open with: "
           f".venv/bin/mlflow ui --backend-store-uri {tracking_uri(settings)}")
-    print(f"  loss curve                      : {model_dir}/loss_curve.png")
+    print(f"  loss curves                     : {model_dir}/loss_curve.png, {ssam_dir}/loss_curve.png")
     print(f"  pictures                        : {picture}")
     print(f"                                    {overlays}")
     return 1 if result.failed_shards else 0
