@@ -164,6 +164,26 @@ class RegistryConfig(_Frozen):
     promotion_tolerance: float = Field(0.5, ge=0.0, description="novel mask AP50 points the challenger may lose to the champion")
 
 
+class PipelineConfig(_Frozen):
+    """Where the scheduled pipeline (the Airflow DAGs) reads and writes; None: under ``data_dir``."""
+
+    source_uri: str | None = Field(None, description="img2dataset shards arrive here (default <data_dir>/laion)")
+    clean_uri: str | None = Field(None, description="ingested shards (default <data_dir>/clean)")
+    pseudo_uri: str | None = Field(None, description="root of pseudo/<generator>/ (default <data_dir>)")
+    models_uri: str | None = Field(None, description="trained model directories (default <data_dir>/models)")
+    eval_gt_uri: str | None = Field(None, description="COCO GT that models are evaluated on (default: the source's gt/instances.json)")
+    sa1b_uri: str | None = Field(None, description="SA-1B-format tars for Semantic-SAM")
+    generator: str = Field("maskfree", pattern="^(maskfree|grounded)$")
+    shards_per_task: int = Field(1, ge=1, description="pseudo-label shards per mapped task (past 1024 shards they are grouped anyway)")
+    max_map_length: int = Field(1024, ge=1, description="Airflow's [core] max_map_length")
+
+    def resolved(self, data_dir: Path) -> dict[str, str]:
+        d = str(Path(data_dir).absolute())
+        return {"source": self.source_uri or f"{d}/laion", "clean": self.clean_uri or f"{d}/clean", "pseudo": self.pseudo_uri or d,
+                "models": self.models_uri or f"{d}/models", "eval_gt": self.eval_gt_uri or self.source_uri or f"{d}/laion",
+                "sa1b": self.sa1b_uri or ""}
+
+
 class Settings(_Frozen):
     """Everything configurable. Build it with :func:`load_settings`."""
 
@@ -176,6 +196,7 @@ class Settings(_Frozen):
     grounded: GroundedConfig = GroundedConfig()
     validation: ValidateConfig = ValidateConfig()
     registry: RegistryConfig = RegistryConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     label_chunk: int = Field(64, ge=1, description="images of a shard labelled at a time (memory stays flat in shard size)")
     device: str = Field("cpu", description="torch device for model stages: cpu, cuda, cuda:1, ...")
     workers: int = Field(2, ge=1, le=256)

@@ -366,7 +366,7 @@ def pseudo_label_shard(src_uri: str, out_uri: str, shard: str, settings: Setting
         "seconds": round(time.perf_counter() - t0, 2),
     }
     out.put_bytes(f"{prefix}.manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
-    return {"shard": shard, "status": "done", **manifest["counts"], "seconds": manifest["seconds"], "categories": categories}
+    return {"shard": shard, "status": "done", **manifest["counts"], "seconds": manifest["seconds"]}
 
 
 def load_generator(settings: Settings, generator: str):
@@ -401,27 +401,52 @@ def pseudo_label(src_uri: str, out_uri: str, settings: Settings, generator: str 
     extractor = build_extractor(settings, vocab)
     fp = run_fingerprint(settings, generator, models.versions)
     tick = progress("pseudo-label", len(shards)) if progress else None
-    entries = []
+    statuses = {}
     for shard in shards:
-        mkey = f"pseudo/{generator}/{shard}.manifest.json"
-        if out.exists(mkey):
-            m = json.loads(out.get_bytes(mkey))
-            if m.get("status") == "complete" and m.get("fingerprint") == fp:
-                cats = m.get("categories")
-                if cats is None:  # manifests written before categories were recorded in them
-                    cats = json.loads(out.get_bytes(f"pseudo/{generator}/{shard}.json"))["categories"]
-                entries.append({"shard": shard, "status": "skipped (complete)", **m["counts"], "seconds": 0.0, "categories": cats})
-                if tick:
-                    tick()
-                continue
-        entries.append(pseudo_label_shard(src_uri, out_uri, shard, settings, models, vocab, extractor, generator))
-        log.info("pseudo-labelled shard", extra={k: v for k, v in entries[-1].items() if k != "categories"})
+        entry = label_shard_unless_complete(src_uri, out_uri, shard, settings, models, vocab, extractor, generator, fp)
+        statuses[shard] = entry["status"]
+        if entry["status"] == "done":
+            log.info("pseudo-labelled shard", extra={k: v for k, v in entry.items() if k != "categories"})
         if tick:
             tick()
-    categories = {}
-    for e in entries:
-        for c in e.pop("categories"):
+    return finalize(src_uri, out_uri, settings, generator, statuses)
+
+
+def label_shard_unless_complete(src_uri: str, out_uri: str, shard: str, settings: Settings, models, vocab, extractor,
+                                generator: str, fingerprint: str) -> dict:
+    """Label ``shard`` unless its manifest says it is complete for this exact run fingerprint (same models,
+    config and code): the unit a retried or re-run task repeats."""
+    out = open_store(out_uri, settings.s3)
+    mkey = f"pseudo/{generator}/{shard}.manifest.json"
+    if out.exists(mkey):
+        m = json.loads(out.get_bytes(mkey))
+        if m.get("status") == "complete" and m.get("fingerprint") == fingerprint:
+            return {"shard": shard, "status": "skipped (complete)", **m["counts"], "seconds": 0.0}
+    return pseudo_label_shard(src_uri, out_uri, shard, settings, models, vocab, extractor, generator)
+
+
+def finalize(src_uri: str, out_uri: str, settings: Settings, generator: str = "maskfree",
+             statuses: dict[str, str] | None = None) -> PseudoLabelResult:
+    """The run report, ``categories.json`` and ``text_embeddings.npy`` from the complete shard manifests of
+    every complete clean shard (a shard without one is listed as ``missing``, never silently left out)."""
+    src, out = open_store(src_uri, settings.s3), open_store(out_uri, settings.s3)
+    vocab = Vocabulary.load(settings.candidates.vocabulary)
+    entries, categories, versions, fps = [], {}, {}, set()
+    for shard in complete_shards(src):
+        mkey = f"pseudo/{generator}/{shard}.manifest.json"
+        m = json.loads(out.get_bytes(mkey)) if out.exists(mkey) else None
+        if not m or m.get("status") != "complete":
+            entries.append({"shard": shard, "status": "missing", "images": 0, "annotations": 0, "candidates": 0, "quarantined": 0})
+            continue
+        cats = m.get("categories")
+        if cats is None:  # manifests written before categories were recorded in them
+            cats = json.loads(out.get_bytes(f"pseudo/{generator}/{shard}.json"))["categories"]
+        for c in cats:
             categories.setdefault(c["id"], c)
+        versions = m.get("model_versions", versions)
+        fps.add(m.get("fingerprint"))
+        status = (statuses or {}).get(shard, "complete")
+        entries.append({"shard": shard, "status": status, **m["counts"], "seconds": m.get("seconds", 0.0) if status == "done" else 0.0})
     cats = sorted(categories.values(), key=lambda c: c["id"])
     for c in cats:
         entry = vocab.by_id.get(c["id"])
@@ -433,8 +458,9 @@ def pseudo_label(src_uri: str, out_uri: str, settings: Settings, generator: str 
     report = {"stage": "pseudo_label", "generator": generator, "src": src.uri, "out": out.uri, "shards": entries,
               "images": sum(e["images"] for e in entries), "annotations": sum(e["annotations"] for e in entries),
               "candidates": sum(e["candidates"] for e in entries), "skipped": dict(sorted(total.items())),
-              "quarantined": sum(e.get("quarantined", 0) for e in entries),
-              "model_versions": models.versions, "fingerprint": fp, "code_version": __version__}
+              "quarantined": sum(e.get("quarantined", 0) for e in entries), "missing": [e["shard"] for e in entries if e["status"] == "missing"],
+              "model_versions": versions, "fingerprint": fps.pop() if len(fps) == 1 else sorted(f for f in fps if f),
+              "code_version": __version__}
     out.put_bytes(f"pseudo/{generator}/report.json", json.dumps(report, indent=2, sort_keys=True).encode())
     return PseudoLabelResult(report, out.uri_for(f"pseudo/{generator}/report.json"))
 

@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     generator: str = "maskfree"
+    window_shards: int = 0  # train on the newest N validated shards only (0: all)
     finetune_steps: int = 0  # then this many steps on base-category GT at lr/10 (needs gt_uri)
 
 
@@ -70,7 +71,8 @@ class TrainedModel:
     data_manifest: dict
 
 
-def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator: str = "maskfree", exclude_ids=()):
+def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator: str = "maskfree", exclude_ids=(),
+                  window_shards: int = 0):
     """(samples [(image, annotations)], categories, text embeddings, data manifest) of the validated shards;
     ``exclude_ids``: images held out (the evaluation images of a benchmark)."""
     src, pl = open_store(clean_uri, settings.s3), open_store(pseudo_uri, settings.s3)
@@ -80,6 +82,8 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
                                 "(only shards that pass the gate are trained on)")
     report = json.loads(pl.get_bytes(f"{prefix}/validation_report.json"))
     shards = [s for s in report["training_shards"] if s in set(complete_shards(src))]
+    if window_shards:
+        shards = sorted(shards)[-window_shards:]
     if not shards:
         raise ValueError(f"no shard passed validation (excluded: {report.get('excluded')})")
     cats = json.loads(pl.get_bytes(f"{prefix}/categories.json"))
@@ -160,7 +164,7 @@ def train_ov_maskrcnn(clean_uri: str, pseudo_uri: str, out_dir: str, settings: S
                       progress: Callable[[dict], None] | None = None, gt_uri: str | None = None, exclude_ids=()) -> TrainedModel:
     """Train on the validated pseudo-labels; with ``cfg.finetune_steps`` and ``gt_uri``, then fine-tune on the
     base categories' GT (the patent's optional second stage), never on ``exclude_ids`` nor on novel GT."""
-    samples, cats, emb, manifest = training_data(clean_uri, pseudo_uri, settings, cfg.generator, exclude_ids)
+    samples, cats, emb, manifest = training_data(clean_uri, pseudo_uri, settings, cfg.generator, exclude_ids, cfg.window_shards)
     finetune = None
     if cfg.finetune_steps:
         if not gt_uri:

@@ -60,6 +60,7 @@ class SemanticSamConfig:
     seed: int = 0
     checkpoint_every: int = 50
     generator: str = "maskfree"
+    window_shards: int = 0  # train on the newest N validated shards only (0: all)
 
 
 def _boxes_xyxy(anns: Sequence[dict]) -> np.ndarray:
@@ -96,7 +97,7 @@ def train_semantic_sam(clean_uri: str, pseudo_uri: str, sa1b_uri: str | None, ou
     from ovtasks.models.semantic_sam import build, contrastive_losses, mask_losses, save
     from ovtasks.sa1b import iter_sa1b, masks_of
 
-    generated, cats, emb, manifest = training_data(clean_uri, pseudo_uri, settings, cfg.generator, exclude_ids)
+    generated, cats, emb, manifest = training_data(clean_uri, pseudo_uri, settings, cfg.generator, exclude_ids, cfg.window_shards)
     sa_stats: dict = {}
     sa1b = list(iter_sa1b(sa1b_uri, settings, sa1b_limit, sa_stats)) if sa1b_uri else []
     if sa1b_uri and not sa1b:

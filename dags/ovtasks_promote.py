@@ -1,0 +1,30 @@
+"""ovtasks_promote: manual. Moves ``champion`` to ``challenger`` when the gate allows it (GX passed, novel
+mask AP50 not below the champion's minus the tolerance); a refusal is a result with its reason, tagged
+on the challenger, not a failure."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from ovtasks.airflow_support import TAGS, default_args, settings
+
+
+@dag(dag_id="ovtasks_promote", schedule=None, start_date=datetime(2026, 1, 1), catchup=False, tags=TAGS + ["mlflow", "promote"],
+     default_args=default_args(10), doc_md=__doc__,
+     params={"model": Param("ov-maskrcnn", enum=["ov-maskrcnn", "semantic-sam"]),
+             "tolerance": Param(None, type=["null", "number"], description="novel mask AP50 points; empty: registry.promotion_tolerance"),
+             "who": Param("airflow", type="string"), "reason": Param("", type="string")})
+def ovtasks_promote():
+    @task(doc_md="The promotion gate; returns promoted, reason, challenger and champion before/after.")
+    def promote() -> dict:
+        from ovtasks.orchestration import promote_model
+
+        p = get_current_context()["params"]
+        return promote_model(settings(), p["model"], p["tolerance"], p["who"], p["reason"])
+
+    promote()
+
+
+ovtasks_promote()

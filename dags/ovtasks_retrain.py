@@ -1,0 +1,54 @@
+"""ovtasks_retrain: weekly (and on demand) validate → train → evaluate → register a challenger.
+
+The GX gate decides which pseudo-label shards are trained on (failing ones are excluded with their
+reasons in the run report). The new MLflow model version gets the alias ``challenger``; promotion is
+``ovtasks_promote``'s job.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from ovtasks.airflow_support import GPU_POOL, GPU_QUEUE, TAGS, default_args, run_key, settings
+
+
+@dag(dag_id="ovtasks_retrain", schedule="@weekly", start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
+     tags=TAGS + ["train", "mlflow"], default_args=default_args(240), doc_md=__doc__,
+     params={"model": Param("ov-maskrcnn", enum=["ov-maskrcnn", "semantic-sam"]),
+             "steps": Param(300, type="integer", minimum=1),
+             "window_shards": Param(0, type="integer", minimum=0, description="newest N validated shards; 0 = all"),
+             "generator": Param("", type="string", description="empty: pipeline.generator"),
+             "eval_images": Param(64, type="integer", minimum=1)})
+def ovtasks_retrain():
+    @task(doc_md="Great Expectations gate over every pseudo-label shard; fails when no shard passes.")
+    def validate() -> dict:
+        from ovtasks.orchestration import uris, validate_pseudo
+
+        s = settings()
+        return validate_pseudo(uris(s)["pseudo"], s, get_current_context()["params"]["generator"] or s.pipeline.generator)
+
+    @task(queue=GPU_QUEUE, pool=GPU_POOL, doc_md="Trains on the validated shards; a retried try resumes from the checkpoint.")
+    def train(gate: dict) -> dict:
+        from ovtasks.orchestration import local_model_dir, train_model, uris
+
+        s, ctx = settings(), get_current_context()
+        p, u = ctx["params"], uris(s)
+        out = local_model_dir(s, p["model"], run_key(ctx["run_id"]))
+        return train_model(p["model"], u["clean"], u["pseudo"], out, s, p["generator"] or s.pipeline.generator, p["steps"],
+                           p["window_shards"], u["sa1b"])
+
+    @task(queue=GPU_QUEUE, pool=GPU_POOL, doc_md="Evaluates (base/novel, generalized/constrained), logs to MLflow, registers the challenger.")
+    def register(trained: dict) -> dict:
+        from ovtasks.orchestration import evaluate_and_register, uris
+
+        s, ctx = settings(), get_current_context()
+        p, u = ctx["params"], uris(s)
+        return evaluate_and_register(trained["model_dir"], u["eval_gt"], u["clean"], u["pseudo"], s, p["generator"] or s.pipeline.generator,
+                                     p["eval_images"], dag_run=f"{ctx['dag'].dag_id}/{ctx['run_id']}")
+
+    register(train(validate()))
+
+
+ovtasks_retrain()

@@ -1,0 +1,44 @@
+"""What every ovtasks DAG shares: task defaults (retries with backoff, timeouts), the failure callback,
+the Asset URIs and the GPU queue/pool names. Imported at DAG parse time: standard library only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from datetime import timedelta
+
+log = logging.getLogger("ovtasks.dags")
+
+GPU_QUEUE = os.environ.get("OVTASKS_GPU_QUEUE", "gpu")
+GPU_POOL = os.environ.get("OVTASKS_GPU_POOL", "ovtasks_gpu")
+CLEAN_ASSET_URI = os.environ.get("OVTASKS_CLEAN_ASSET", "ovtasks://clean-shards")
+PSEUDO_ASSET_URI = os.environ.get("OVTASKS_PSEUDO_ASSET", "ovtasks://pseudo-labels")
+TAGS = ["ovtasks"]
+
+
+def on_failure(context) -> None:
+    """One readable line per failed try: which DAG run / task / try, and the exception."""
+    ti = context.get("task_instance") or context.get("ti")
+    exc = context.get("exception")
+    log.error("ovtasks task failed: dag=%s run=%s task=%s map_index=%s try=%s error=%s: %s",
+              getattr(ti, "dag_id", "?"), context.get("run_id"), getattr(ti, "task_id", "?"), getattr(ti, "map_index", -1),
+              getattr(ti, "try_number", "?"), type(exc).__name__ if exc else "?", exc)
+
+
+def default_args(timeout_minutes: int = 60) -> dict:
+    return {"owner": "ovtasks", "retries": 2, "retry_delay": timedelta(seconds=int(os.environ.get("OVTASKS_RETRY_DELAY_S", "30"))),
+            "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=10),
+            "execution_timeout": timedelta(minutes=timeout_minutes), "on_failure_callback": on_failure}
+
+
+def run_key(run_id: str) -> str:
+    """A DAG run id as a store key component."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:120]
+
+
+def settings():
+    """The ovtasks settings, read in the task (OVTASKS_CONFIG + OVTASKS_* env), never at parse time."""
+    from ovtasks.config import load_settings
+
+    return load_settings()

@@ -1,0 +1,257 @@
+"""Task bodies of the Airflow DAGs (``dags/``): plain functions of URIs and small manifests, so the DAG files
+stay thin and everything here is tested without a scheduler.
+
+Ingest runs in three steps so shards can be mapped across workers yet deduplicated across shards exactly
+as ``ovtasks ingest`` does: :func:`stage_ingest` per shard (filters; staged tars + the shard's perceptual
+hashes go to ``_staging/<run>/`` in the output store, so any worker can publish them), :func:`dedup_staged`
+once (cross-shard near-duplicates, in shard-name order), :func:`publish_ingest` per shard (atomic, manifest
+last). A retried task repeats its step from the staged inputs; a shard whose manifest is complete is
+never redone.
+
+Pseudo-labelling maps over groups of shards (:func:`shard_groups`: at most ``max_map_length`` groups, so
+any number of shards fits Airflow's mapping limit); :func:`pseudo_label_group` loads the models once per
+group and skips shards already complete for the same run fingerprint; :func:`finalize_pseudo_label`
+writes the run report and vocabulary from the manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections import Counter
+from dataclasses import asdict
+
+from ovtasks.config import Settings
+from ovtasks.storage import open_store
+
+log = logging.getLogger(__name__)
+STAGING = "_staging"
+
+
+def uris(settings: Settings) -> dict[str, str]:
+    return settings.pipeline.resolved(settings.data_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# ingest
+
+
+def new_shards(src_uri: str, out_uri: str, settings: Settings) -> list[str]:
+    """Source shards without a complete ingest manifest for the current ingest config."""
+    from ovtasks.ingest import list_shards
+
+    src, out = open_store(src_uri, settings.s3), open_store(out_uri, settings.s3)
+    todo, cfg = [], settings.fingerprint("ingest")
+    for name in list_shards(src):
+        key = f"shards/{name}.manifest.json"
+        if out.exists(key):
+            m = json.loads(out.get_bytes(key))
+            if m.get("status") == "complete" and m.get("config_hash") == cfg:
+                continue
+        todo.append(name)
+    return todo
+
+
+def _staged(run: str, shard: str, what: str) -> str:
+    return f"{STAGING}/{run}/{shard}.{what}"
+
+
+def stage_ingest(src_uri: str, out_uri: str, shard: str, settings: Settings, run: str) -> dict:
+    from ovtasks.ingest import stage_shard
+
+    out = open_store(out_uri, settings.s3)
+    tmp = out.scratch_dir()
+    try:
+        stage = stage_shard(src_uri, shard, settings, tmp)
+        for what, path in (("kept.tar", stage.kept_path), ("rejected.tar", stage.rejected_path)):
+            if os.path.exists(path):
+                out.put_file(_staged(run, shard, what), path)
+        doc = asdict(stage)
+        doc["quarantined"] = dict(stage.quarantined)
+        out.put_bytes(_staged(run, shard, "stage.json"), json.dumps(doc).encode())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"shard": shard, "status": stage.status, "seen": stage.seen, "kept": len(stage.kept)}
+
+
+def _load_stage(out, run: str, shard: str):
+    from ovtasks.ingest import ShardStage
+
+    doc = json.loads(out.get_bytes(_staged(run, shard, "stage.json")))
+    doc["quarantined"] = Counter(doc["quarantined"])
+    doc["kept"] = [tuple(k) for k in doc["kept"]]
+    doc["kept_file"], doc["rejected_file"] = tuple(doc["kept_file"]), tuple(doc["rejected_file"])
+    return ShardStage(**doc)
+
+
+def dedup_staged(out_uri: str, shards: list[str], settings: Settings, run: str) -> dict:
+    """Cross-shard near-duplicate decisions for this run's staged shards, in name order (as the CLI)."""
+    from ovtasks.ingest import CrossShardDedup
+
+    out = open_store(out_uri, settings.s3)
+    dedup = CrossShardDedup(settings.ingest.dedup_max_distance, settings.ingest.dedup)
+    dropped = 0
+    for shard in sorted(shards):
+        drops = dedup.drops_for(_load_stage(out, run, shard))
+        out.put_bytes(_staged(run, shard, "drops.json"), json.dumps(drops).encode())
+        dropped += len(drops)
+    return {"shards": len(shards), "near_duplicates": dropped}
+
+
+def publish_ingest(src_uri: str, out_uri: str, shard: str, settings: Settings, run: str) -> dict:
+    from ovtasks.ingest import publish_shard
+
+    out = open_store(out_uri, settings.s3)
+    stage = _load_stage(out, run, shard)
+    drops = json.loads(out.get_bytes(_staged(run, shard, "drops.json")))
+    tmp = out.scratch_dir()
+    try:
+        stage.kept_path, stage.rejected_path = os.path.join(tmp, f"{shard}.kept.tar"), os.path.join(tmp, f"{shard}.rejected.tar")
+        for what, path in (("kept.tar", stage.kept_path), ("rejected.tar", stage.rejected_path)):
+            if out.exists(_staged(run, shard, what)):
+                out.get_file(_staged(run, shard, what), path)
+        entry = publish_shard(stage, drops, src_uri, out_uri, settings)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def finish_ingest(src_uri: str, out_uri: str, entries: list[dict], settings: Settings, run: str) -> dict:
+    """The run's ``ingest_report.json`` (same form as ``ovtasks ingest``) and removal of its staging area."""
+    from ovtasks import __version__
+
+    out = open_store(out_uri, settings.s3)
+    total: Counter = Counter()
+    for e in entries:
+        total.update(e.get("quarantined", {}))
+    report = {"stage": "ingest", "src": open_store(src_uri, settings.s3).uri, "out": out.uri, "run": run,
+              "seen": sum(e["seen"] for e in entries), "kept": sum(e.get("kept", 0) for e in entries),
+              "quarantined": dict(sorted(total.items())), "shards": sorted(entries, key=lambda e: e["shard"]),
+              "failed_shards": sum(1 for e in entries if e["status"] != "ok"), "config_hash": settings.fingerprint("ingest"),
+              "code_version": __version__}
+    if report["seen"] != report["kept"] + sum(total.values()):
+        raise RuntimeError(f"ingest counts do not add up: seen {report['seen']} != kept {report['kept']} + quarantined {dict(total)}")
+    out.put_bytes("ingest_report.json", json.dumps(report, indent=2, sort_keys=True).encode())
+    for key in out.list(f"{STAGING}/{run}/"):
+        out.delete(key)
+    return {k: report[k] for k in ("seen", "kept", "quarantined", "failed_shards")}
+
+
+# ---------------------------------------------------------------------------------------------
+# pseudo-labels
+
+
+def shard_groups(shards: list[str], per_group: int = 1, max_groups: int = 1024) -> list[list[str]]:
+    """Consecutive groups of at least ``per_group`` shards, never more than ``max_groups`` groups."""
+    if not shards:
+        return []
+    size = max(per_group, math.ceil(len(shards) / max_groups))
+    return [shards[i: i + size] for i in range(0, len(shards), size)]
+
+
+def pending_pseudo_shards(src_uri: str, out_uri: str, settings: Settings, generator: str) -> list[str]:
+    """Complete clean shards without a complete pseudo-label manifest (a cheap pre-filter: the fingerprint
+    check against the loaded models happens in :func:`pseudo_label_group`)."""
+    from ovtasks.dataset import complete_shards
+
+    src, out = open_store(src_uri, settings.s3), open_store(out_uri, settings.s3)
+    todo = []
+    for shard in complete_shards(src):
+        key = f"pseudo/{generator}/{shard}.manifest.json"
+        if not out.exists(key) or json.loads(out.get_bytes(key)).get("status") != "complete":
+            todo.append(shard)
+    return todo
+
+
+def pseudo_label_group(src_uri: str, out_uri: str, shards: list[str], settings: Settings, generator: str) -> list[dict]:
+    from ovtasks.candidates import Vocabulary, build_extractor
+    from ovtasks.pseudo_label import label_shard_unless_complete, load_generator, run_fingerprint
+
+    models = load_generator(settings, generator)
+    vocab = Vocabulary.load(settings.candidates.vocabulary)
+    extractor = build_extractor(settings, vocab)
+    fp = run_fingerprint(settings, generator, models.versions)
+    out = []
+    for shard in shards:
+        e = label_shard_unless_complete(src_uri, out_uri, shard, settings, models, vocab, extractor, generator, fp)
+        out.append({k: e[k] for k in ("shard", "status", "images", "labelled", "quarantined", "annotations")})
+        log.info("pseudo-label shard", extra=out[-1])
+    return out
+
+
+def finalize_pseudo_label(src_uri: str, out_uri: str, settings: Settings, generator: str) -> dict:
+    from ovtasks.pseudo_label import finalize
+
+    r = finalize(src_uri, out_uri, settings, generator).report
+    if r["missing"]:
+        raise RuntimeError(f"pseudo-label shards missing after the run: {r['missing']}")
+    return {k: r[k] for k in ("images", "annotations", "quarantined")} | {"shards": len(r["shards"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# retrain and promote
+
+
+def validate_pseudo(pseudo_uri: str, settings: Settings, generator: str) -> dict:
+    from ovtasks.validate import validate
+
+    r = validate(pseudo_uri, settings, generator).report
+    if not r["training_shards"]:
+        raise RuntimeError(f"no shard passed the GX gate; excluded: {r['excluded']}")
+    return {"passed": r["passed"], "failed": r["failed"], "training_shards": len(r["training_shards"]), "excluded": r["excluded"]}
+
+
+def local_model_dir(settings: Settings, model: str, run: str) -> str:
+    """Where a run trains (a local directory: MLflow then holds the artifacts in its store)."""
+    base = uris(settings)["models"]
+    if "://" in base and not base.startswith("file://"):
+        base = str(settings.data_dir.absolute() / "models")
+    return f"{base.removeprefix('file://')}/{model}/{run}"
+
+
+def train_model(model: str, clean_uri: str, pseudo_uri: str, out_dir: str, settings: Settings, generator: str, steps: int,
+                window_shards: int = 0, sa1b_uri: str | None = None) -> dict:
+    """Train into ``out_dir`` (resumes from its checkpoint when a killed task is retried)."""
+    if model == "semantic-sam":
+        from ovtasks.train_semantic_sam import SemanticSamConfig, train_semantic_sam
+
+        t = train_semantic_sam(clean_uri, pseudo_uri, sa1b_uri or None, out_dir, settings,
+                               SemanticSamConfig(steps=steps, generator=generator, window_shards=window_shards))
+    elif model == "ov-maskrcnn":
+        from ovtasks.train import TrainConfig, train_ov_maskrcnn
+
+        t = train_ov_maskrcnn(clean_uri, pseudo_uri, out_dir, settings, TrainConfig(steps=steps, generator=generator,
+                                                                                    window_shards=window_shards))
+    else:
+        raise ValueError(f"unknown model {model!r}")
+    return {"model_dir": t.model_dir, "final_loss": t.metrics["final_loss"], "images": t.metrics["images"],
+            "data_sha256": t.data_manifest["sha256"]}
+
+
+def evaluate_and_register(model_dir: str, gt_uri: str, clean_uri: str, pseudo_uri: str, settings: Settings, generator: str,
+                          eval_images: int = 64, dag_run: str | None = None) -> dict:
+    from ovtasks.registry import log_and_register
+    from ovtasks.train import load_model
+
+    model, meta = load_model(model_dir, settings.device)
+    if meta["architecture"] == "semantic-sam":
+        from ovtasks.train_semantic_sam import evaluate_semantic_sam as evaluate
+    else:
+        from ovtasks.train import evaluate_model as evaluate
+    ev = evaluate(model, gt_uri, clean_uri, settings, limit=eval_images)
+    gx = json.loads(open_store(pseudo_uri, settings.s3).get_bytes(f"pseudo/{generator}/validation_report.json"))
+    history = json.loads((open(os.path.join(model_dir, "history.json"))).read())
+    reg = log_and_register(settings, model_dir, meta["config"], history, gx, ev, [os.path.join(model_dir, "loss_curve.png")],
+                           meta["data_manifest"], dag_run=dag_run)
+    return {"name": reg.name, "version": reg.version, "run_id": reg.run_id, "novel_mask_AP50": ev["novel_mask_AP50"],
+            "gx_status": reg.tags["gx_status"]}
+
+
+def promote_model(settings: Settings, model: str, tolerance: float | None, who: str, why: str) -> dict:
+    from ovtasks.registry import promote
+
+    r = promote(settings, tolerance, who, why, architecture=model)
+    return asdict(r)
