@@ -1,5 +1,8 @@
 """What every ovtasks DAG shares: task defaults (retries with backoff, timeouts), the failure callback,
-the Asset URIs and the GPU queue/pool names. Imported at DAG parse time: standard library only."""
+the Asset URIs and the GPU queue/pool names. Imported at DAG parse time: standard library only.
+
+Deployment knobs of the DAGs themselves use the ``OVDAGS_`` prefix (``OVTASKS_*`` is the pipeline's
+own configuration, which rejects unknown keys)."""
 
 from __future__ import annotations
 
@@ -10,10 +13,10 @@ from datetime import timedelta
 
 log = logging.getLogger("ovtasks.dags")
 
-GPU_QUEUE = os.environ.get("OVTASKS_GPU_QUEUE", "gpu")
-GPU_POOL = os.environ.get("OVTASKS_GPU_POOL", "ovtasks_gpu")
-CLEAN_ASSET_URI = os.environ.get("OVTASKS_CLEAN_ASSET", "ovtasks://clean-shards")
-PSEUDO_ASSET_URI = os.environ.get("OVTASKS_PSEUDO_ASSET", "ovtasks://pseudo-labels")
+GPU_QUEUE = os.environ.get("OVDAGS_GPU_QUEUE", "gpu")
+GPU_POOL = os.environ.get("OVDAGS_GPU_POOL", "ovtasks_gpu")
+CLEAN_ASSET_URI = os.environ.get("OVDAGS_CLEAN_ASSET", "ovtasks://clean-shards")
+PSEUDO_ASSET_URI = os.environ.get("OVDAGS_PSEUDO_ASSET", "ovtasks://pseudo-labels")
 TAGS = ["ovtasks"]
 
 
@@ -27,7 +30,7 @@ def on_failure(context) -> None:
 
 
 def default_args(timeout_minutes: int = 60) -> dict:
-    return {"owner": "ovtasks", "retries": 2, "retry_delay": timedelta(seconds=int(os.environ.get("OVTASKS_RETRY_DELAY_S", "30"))),
+    return {"owner": "ovtasks", "retries": 2, "retry_delay": timedelta(seconds=int(os.environ.get("OVDAGS_RETRY_DELAY_S", "30"))),
             "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=10),
             "execution_timeout": timedelta(minutes=timeout_minutes), "on_failure_callback": on_failure}
 

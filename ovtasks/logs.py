@@ -25,3 +25,8 @@ def setup_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for noisy in NOISY:  # their INFO lines (GX temp dirs, COCOeval's summary table) drown the run's own
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+NOISY = ("great_expectations", "faster_coco_eval")

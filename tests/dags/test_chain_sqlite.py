@@ -1,0 +1,102 @@
+"""The embedded mode: the four DAGs run with `airflow dags test` on a SQLite metadata DB, in order, on a
+small synthetic set; then the staged/mapped ingest is checked against `ovtasks ingest` byte for byte."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ovtasks.config import load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+AIRFLOW = str(Path(sys.executable).parent / "airflow")
+
+
+def _env(tmp: Path, data: Path, source: str) -> dict:
+    return {**os.environ, "AIRFLOW_HOME": str(tmp / "home"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp / 'airflow.db'}",
+            "HF_HUB_OFFLINE": "1", "OVTASKS_DATA_DIR": str(data), "OVTASKS_PIPELINE__SOURCE_URI": source,
+            "OVTASKS_MASKFREE__ITM_MODEL": str(ROOT / "models" / "itm-synth"), "OVTASKS_MASKFREE__PROPOSALS": "selective_search",
+            "OVTASKS_MASKFREE__WSS_ITERATIONS": "10", "OVDAGS_RETRY_DELAY_S": "1"}
+
+
+def _run(args, env, timeout=600):
+    r = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{args} exited {r.returncode}:\n{(r.stdout + r.stderr)[-4000:]}"
+    return r.stdout + r.stderr
+
+
+def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path):
+    data = tmp_path / "data"
+    env = _env(tmp_path, data, synth_small[0])
+    _run([AIRFLOW, "db", "migrate"], env)
+    _run([AIRFLOW, "pools", "set", "ovtasks_gpu", "1", "GPU tasks"], env)
+    for dag, conf in (("ovtasks_ingest", None), ("ovtasks_pseudo_label", None),
+                      ("ovtasks_retrain", {"steps": 3, "eval_images": 6}), ("ovtasks_promote", {"who": "ci"})):
+        out = _run([AIRFLOW, "dags", "test", dag] + (["-c", json.dumps(conf)] if conf else []), env)
+        assert "state=success" in out, out[-3000:]  # `dags test` also exits 1 on a failed run
+
+    report = json.loads((data / "clean" / "ingest_report.json").read_text())
+    assert report["seen"] == 80 and report["seen"] == report["kept"] + sum(report["quarantined"].values())
+    assert not [p for p in (data / "clean" / "_staging").rglob("*") if p.is_file()]  # staging removed
+    pl = json.loads((data / "pseudo" / "maskfree" / "report.json").read_text())
+    assert pl["missing"] == [] and len(pl["shards"]) == 2 and pl["annotations"] > 0
+    assert (data / "pseudo" / "maskfree" / "validation_report.json").exists()
+    assert len(list((data / "models" / "ov-maskrcnn").glob("*/model.safetensors"))) == 1
+
+    from mlflow import MlflowClient
+
+    from ovtasks.registry import tracking_uri
+
+    s = load_settings(env={"OVTASKS_DATA_DIR": str(data)})
+    c = MlflowClient(tracking_uri(s), registry_uri=tracking_uri(s))
+    mv = c.get_model_version_by_alias(s.registry.model_name, "champion")
+    assert str(mv.version) == "1" and mv.tags["promoted_by"] == "ci" and mv.tags["dag_run"].startswith("ovtasks_retrain/")
+
+    # a second ingest run finds nothing new and changes nothing
+    before = {p: p.read_bytes() for p in (data / "clean" / "shards").iterdir()}
+    _run([AIRFLOW, "dags", "test", "ovtasks_ingest"], env)
+    assert {p: p.read_bytes() for p in (data / "clean" / "shards").iterdir()} == before
+
+
+def test_mapped_ingest_equals_cli_ingest_and_retries_are_idempotent(synth_small, clean_small, tmp_path):
+    from ovtasks.orchestration import dedup_staged, finish_ingest, new_shards, publish_ingest, stage_ingest
+
+    s = load_settings(env={})
+    src, out = synth_small[0], str(tmp_path / "clean")
+    shards = new_shards(src, out, s)
+    assert shards == ["00000", "00001"]
+    staged = [stage_ingest(src, out, sh, s, "run1") for sh in reversed(shards)]  # any order, any worker
+    stage_ingest(src, out, "00000", s, "run1")  # a retried stage task
+    dedup_staged(out, [x["shard"] for x in staged], s, "run1")
+    entries = [publish_ingest(src, out, sh, s, "run1") for sh in shards]
+    again = publish_ingest(src, out, "00001", s, "run1")  # a retried publish task
+    assert again == entries[1]
+    summary = finish_ingest(src, out, entries, s, "run1")
+    assert summary["seen"] == summary["kept"] + sum(summary["quarantined"].values())
+    ref = Path(clean_small)
+    for sub in ("shards", "quarantine"):
+        for p in sorted((ref / sub).iterdir()):
+            mine = Path(out) / sub / p.name
+            if p.name.endswith(".manifest.json"):
+                a, b = json.loads(p.read_text()), json.loads(mine.read_text())
+                assert a["counts"] == b["counts"] and a["files"] == b["files"], p.name
+            else:
+                assert mine.read_bytes() == p.read_bytes(), p.name
+    assert new_shards(src, out, s) == []
+    shutil.rmtree(out)
+
+
+def test_shard_groups_fit_the_map_limit():
+    from ovtasks.orchestration import shard_groups
+
+    shards = [f"{i:05d}" for i in range(2500)]
+    groups = shard_groups(shards, per_group=1, max_groups=1024)
+    assert len(groups) <= 1024 and [s for g in groups for s in g] == shards
+    assert shard_groups(shards[:10], 1, 1024) == [[s] for s in shards[:10]]
+    assert shard_groups(shards[:10], 4, 1024) == [shards[0:4], shards[4:8], shards[8:10]]
+    assert shard_groups([], 1, 1024) == []
