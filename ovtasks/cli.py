@@ -223,7 +223,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     return run_demo(args.out or str(settings.data_dir / "demo"), settings, shards=args.shards,
                     images_per_shard=args.images_per_shard, seed=args.seed, workers=args.workers,
-                    train_itm_steps=args.train_itm_steps)
+                    train_itm_steps=args.train_itm_steps, airflow=not args.no_airflow)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=None)
     d.add_argument("--train-itm-steps", type=int, default=None, help="train the ITM here instead of using the committed checkpoint")
+    d.add_argument("--no-airflow", action="store_true", help="skip step 10 (the same chain through the DAGs with `airflow dags test`)")
     d.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("validate", help="Great Expectations gate over pseudo-label shards; failing shards are excluded from training")

@@ -121,6 +121,41 @@ def ingest_overview(synth_uri: str, ingest_uri: str, settings: Settings, path: P
     return path
 
 
+def _airflow_chain(root: Path, settings: Settings, synth_uri: str, ingest_uri: str, train_steps: int, eval_images: int):
+    """Step 10: the same data through the DAGs with `airflow dags test` on a SQLite DB under ``root``.
+    Ingest finds no new shard and pseudo-label finds every shard complete (their manifests), so only
+    the weekly retrain does real work; then the promotion gate runs as a DAG."""
+    from ovtasks.embedded_airflow import AirflowCommandError, airflow_env, prepare, run_chain, write_ui_script
+    from ovtasks.registry import registered_name, tracking_uri
+
+    print(f"[10/10] Airflow (embedded): ovtasks_ingest -> ovtasks_pseudo_label -> ovtasks_retrain -> ovtasks_promote "
+          f"with `airflow dags test`, SQLite DB {root / 'airflow' / 'airflow.db'}", flush=True)
+    ovt = {"OVTASKS_DATA_DIR": str(Path(settings.data_dir).absolute()), "OVTASKS_PIPELINE__SOURCE_URI": synth_uri,
+           "OVTASKS_PIPELINE__CLEAN_URI": ingest_uri, "OVTASKS_PIPELINE__PSEUDO_URI": str(root),
+           "OVTASKS_PIPELINE__MODELS_URI": str(root / "models"), "OVTASKS_REGISTRY__TRACKING_URI": tracking_uri(settings),
+           "OVTASKS_MASKFREE__ITM_MODEL": str(settings.maskfree.itm_model), "OVTASKS_MASKFREE__WSPN_MODEL": str(settings.maskfree.wspn_model),
+           "OVDAGS_RETRY_DELAY_S": "5"}
+    env = airflow_env(root / "airflow", ovt)
+    try:
+        prepare(env)
+        chain = run_chain(env, [("ovtasks_ingest", None), ("ovtasks_pseudo_label", None),
+                                ("ovtasks_retrain", {"steps": train_steps, "eval_images": eval_images}),
+                                ("ovtasks_promote", {"who": "demo-airflow", "reason": "demo: weekly retrain"})])
+    except (AirflowCommandError, OSError) as exc:
+        print(f"      Airflow step failed: {exc}", flush=True)
+        return [], f"failed: {str(exc).splitlines()[0]}", None
+    outcome = ""
+    if chain and chain[-1].dag_id == "ovtasks_promote" and chain[-1].state == "success":
+        from mlflow import MlflowClient
+
+        c = MlflowClient(tracking_uri(settings), registry_uri=tracking_uri(settings))
+        name = registered_name(settings, "ov-maskrcnn")
+        ch, champ = c.get_model_version_by_alias(name, "challenger"), c.get_model_version_by_alias(name, "champion")
+        outcome = (f"{name} v{ch.version} promoted to champion" if ch.version == champ.version else
+                   f"{name} v{ch.version} not promoted: {json.loads(ch.tags.get('promotion_refused', '{}')).get('reason', '?')}")
+    return chain, outcome, write_ui_script(root / "airflow" / "airflow-ui.sh", env)
+
+
 COMMITTED_ITM = Path(__file__).resolve().parents[1] / "models" / "itm-synth"
 ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard 256 --seed 1 --failure-rate 0.02 && "
               "ovtasks ingest --src data/itm/laion --out data/itm/clean && "
@@ -130,7 +165,7 @@ ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard
 
 def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: int = 64, seed: int = 0, workers: int | None = None,
              train_itm_steps: int | None = None, wspn_steps: int = 100, eval_images: int = 64, train_steps: int = 150,
-             semantic_sam_steps: int = 150) -> int:
+             semantic_sam_steps: int = 150, airflow: bool = True) -> int:
     from ovtasks.ingest import ingest
     from ovtasks.pseudo_label import load_maskfree, pseudo_label
     from ovtasks.quality import evaluate_pseudo_labels, format_table, overlay_grid
@@ -145,45 +180,45 @@ def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: in
     workers = workers or settings.workers
     t0 = time.perf_counter()
     synth_uri, ingest_uri = str(root / "laion"), str(root / "clean")
-    print(f"[1/9] synth: {shards} shards x {images_per_shard} images -> {synth_uri}", flush=True)
+    print(f"[1/10] synth: {shards} shards x {images_per_shard} images -> {synth_uri}", flush=True)
     summary = generate(SynthSpec(seed=seed, shards=shards, images_per_shard=images_per_shard,
                                  image_size=settings.synth.image_size, failure_rate=settings.synth.failure_rate),
                        synth_uri, settings, workers=workers)
-    print(f"[2/9] ingest -> {ingest_uri}", flush=True)
+    print(f"[2/10] ingest -> {ingest_uri}", flush=True)
     result = ingest(synth_uri, ingest_uri, settings, workers=workers)
     picture = ingest_overview(synth_uri, ingest_uri, settings, root / "report" / "ingest_overview.png")
     itm_uri = settings.maskfree.itm_model
     if itm_uri:
-        print(f"[3/9] train-itm: skipped, using maskfree.itm_model={itm_uri}", flush=True)
+        print(f"[3/10] train-itm: skipped, using maskfree.itm_model={itm_uri}", flush=True)
     elif train_itm_steps is None and (COMMITTED_ITM / "model.safetensors").exists():
         itm_uri = str(COMMITTED_ITM)
-        print(f"[3/9] train-itm: using the committed checkpoint {itm_uri}\n      (made by: {ITM_RECIPE};"
+        print(f"[3/10] train-itm: using the committed checkpoint {itm_uri}\n      (made by: {ITM_RECIPE};"
               " pass --train-itm-steps N to train one here)", flush=True)
     else:
         itm_uri = str(root / "models" / "itm")
         steps = train_itm_steps or 300
-        print(f"[3/9] train-itm: {steps} steps on {ingest_uri} -> {itm_uri}", flush=True)
+        print(f"[3/10] train-itm: {steps} steps on {ingest_uri} -> {itm_uri}", flush=True)
         train_itm(ingest_uri, itm_uri, settings, ItmTrainConfig(steps=steps, pretrain_steps=steps, lr=1e-3, batch_size=24, holdout=32), gt_uri=synth_uri)
     wspn_uri = str(root / "models" / "wspn")
-    print(f"[4/9] train-wspn: {wspn_steps} steps on the clean shards' captions -> {wspn_uri}", flush=True)
+    print(f"[4/10] train-wspn: {wspn_steps} steps on the clean shards' captions -> {wspn_uri}", flush=True)
     wspn = train_wspn(ingest_uri, wspn_uri, settings, WspnTrainConfig(steps=wspn_steps))
     settings = settings.model_copy(update={"maskfree": settings.maskfree.model_copy(update={"itm_model": itm_uri, "wspn_model": wspn_uri})})
-    print(f"[5/9] pseudo-label (maskfree) -> {root}/pseudo/maskfree/", flush=True)
+    print(f"[5/10] pseudo-label (maskfree) -> {root}/pseudo/maskfree/", flush=True)
     models = load_maskfree(settings)
     pl = pseudo_label(ingest_uri, str(root), settings, models=models)
-    print(f"[6/9] validate (Great Expectations) -> {root}/pseudo/maskfree/validation_report.json", flush=True)
+    print(f"[6/10] validate (Great Expectations) -> {root}/pseudo/maskfree/validation_report.json", flush=True)
     gate = validate(str(root), settings, "maskfree").report
     model_dir = str(root / "models" / "ov-maskrcnn")
-    print(f"[7/9] train ov-maskrcnn: {train_steps} steps on the validated pseudo-labels -> {model_dir}", flush=True)
+    print(f"[7/10] train ov-maskrcnn: {train_steps} steps on the validated pseudo-labels -> {model_dir}", flush=True)
     trained = train_ov_maskrcnn(ingest_uri, str(root), model_dir, settings, TrainConfig(steps=train_steps, batch_size=4))
-    print(f"[8/9] evaluate on the synthetic GT, register in MLflow ({tracking_uri(settings)}), promote", flush=True)
+    print(f"[8/10] evaluate on the synthetic GT, register in MLflow ({tracking_uri(settings)}), promote", flush=True)
     ov_model, _ = load_model(model_dir, settings.device)
     ev = evaluate_model(ov_model, synth_uri, ingest_uri, settings, limit=eval_images)
     reg = log_and_register(settings, model_dir, {"steps": train_steps, "batch_size": 4}, trained.history, gate, ev,
                            [f"{model_dir}/loss_curve.png", str(root / "report" / "pseudo_label_overlays.png")], trained.data_manifest)
     promo = promote(settings, who="demo", why="demo run")
     ssam_dir, sa1b_uri = str(root / "models" / "semantic-sam"), str(root / "sa1b")
-    print(f"[9/9] Semantic-SAM: SA-1B-format masks ({sa1b_uri}) + the pseudo-labels' names, 1:4, {semantic_sam_steps} steps "
+    print(f"[9/10] Semantic-SAM: SA-1B-format masks ({sa1b_uri}) + the pseudo-labels' names, 1:4, {semantic_sam_steps} steps "
           f"-> {ssam_dir}; box-prompted evaluation; registered as its own model", flush=True)
     from ovtasks.sa1b import write_synthetic
     from ovtasks.train_semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
@@ -196,6 +231,11 @@ def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: in
     table, samples, results = evaluate_pseudo_labels(ingest_uri, synth_uri, settings, models, limit=eval_images)
     overlays = overlay_grid(samples, results, root / "report" / "pseudo_label_overlays.png")
     (root / "report" / "pseudo_label_quality.json").write_text(json.dumps(table, indent=2))
+    chain, af_outcome, ui_script = [], "", None
+    if airflow:
+        chain, af_outcome, ui_script = _airflow_chain(root, settings, synth_uri, ingest_uri, train_steps, eval_images)
+    else:
+        print("[10/10] Airflow: skipped (--no-airflow)", flush=True)
     rep = result.report
     dt = time.perf_counter() - t0
     print("\n== ovtasks demo summary ==")
@@ -216,6 +256,9 @@ def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: in
           f"{'accepted' if promo.promoted else 'refused'}: {promo.reason}")
     print(f"{'semantic-sam':<14}{ssam.metrics['images']:>8}{'':>8}{'':>9}  + {ssam.metrics['sa1b_images']} SA-1B-format images, "
           f"{semantic_sam_steps} steps, final loss {ssam.metrics['final_loss']:.3f}; {ssam_reg.name} v{ssam_reg.version}: challenger")
+    if chain:
+        print(f"{'airflow':<14}{'':>8}{'':>8}{'':>9}  " + ", ".join(f"{r.dag_id} {r.state} ({r.seconds:.0f}s)" for r in chain)
+              + (f"; {af_outcome}" if af_outcome else ""))
     print(f"\npseudo-label quality on {table['_meta']['images']} images (mask AP50 %, synthetic GT):")
     print(format_table(table))
     print(f"\nOV Mask R-CNN trained on the pseudo-labels, evaluated on {ev['images']} images (%):")
@@ -232,6 +275,9 @@ def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: in
     print(f"  models                          : ITM {itm_uri}, WSPN {wspn_uri}, OV Mask R-CNN {model_dir}, Semantic-SAM {ssam_dir}")
     print(f"  MLflow (runs, registry)         : {tracking_uri(settings)}  -> open with: "
           f".venv/bin/mlflow ui --backend-store-uri {tracking_uri(settings)}")
+    if ui_script:
+        print(f"  Airflow (embedded, SQLite)      : {root / 'airflow'}  -> open the UI with: sh {ui_script}"
+              "  (http://127.0.0.1:8080, user admin, password printed at start)")
     print(f"  loss curves                     : {model_dir}/loss_curve.png, {ssam_dir}/loss_curve.png")
     print(f"  pictures                        : {picture}")
     print(f"                                    {overlays}")

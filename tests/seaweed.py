@@ -65,7 +65,7 @@ def start_seaweed(workdir: Path, timeout: float = 60.0) -> SeaweedServer:
                                                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     ports = {name: free_port() for name in (
         "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-        "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg")}
+        "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")}  # no fixed ports: two servers can run at once
     data = workdir / "data"
     data.mkdir(exist_ok=True)
     # Every bucket is a SeaweedFS collection, and by default each new collection grows 7 volumes. The

@@ -156,3 +156,18 @@ def test_helm_chart_files():
     mlflow = (CHART / "templates" / "mlflow.yaml").read_text()
     assert 'include "ovtasks.requiredSecret"' in mlflow and "secretKeyRef" in mlflow and "password" not in mlflow.lower()
     assert "required" in (CHART / "templates" / "_helpers.tpl").read_text()
+
+
+def test_helm_templates_only_read_values_that_exist():
+    import re
+
+    values = _values("values.yaml")
+    refs = set()
+    for tpl in (CHART / "templates").iterdir():
+        refs |= set(re.findall(r"\.Values\.([A-Za-z0-9_.]+)", tpl.read_text()))
+    assert refs, "the templates read no values?"
+    for ref in sorted(refs):
+        node = values
+        for part in ref.split("."):
+            assert isinstance(node, dict) and part in node, f"templates read .Values.{ref}, missing from values.yaml"
+            node = node[part]

@@ -2,43 +2,34 @@
 small synthetic set; then the staged/mapped ingest is checked against `ovtasks ingest` byte for byte."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 from ovtasks.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-AIRFLOW = str(Path(sys.executable).parent / "airflow")
 
 
 def _env(tmp: Path, data: Path, source: str) -> dict:
-    return {**os.environ, "AIRFLOW_HOME": str(tmp / "home"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp / 'airflow.db'}",
-            "HF_HUB_OFFLINE": "1", "OVTASKS_DATA_DIR": str(data), "OVTASKS_PIPELINE__SOURCE_URI": source,
-            "OVTASKS_MASKFREE__ITM_MODEL": str(ROOT / "models" / "itm-synth"), "OVTASKS_MASKFREE__PROPOSALS": "selective_search",
-            "OVTASKS_MASKFREE__WSS_ITERATIONS": "10", "OVDAGS_RETRY_DELAY_S": "1"}
+    from ovtasks.embedded_airflow import airflow_env
 
-
-def _run(args, env, timeout=600):
-    r = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{args} exited {r.returncode}:\n{(r.stdout + r.stderr)[-4000:]}"
-    return r.stdout + r.stderr
+    return airflow_env(tmp / "home", {"OVTASKS_DATA_DIR": str(data), "OVTASKS_PIPELINE__SOURCE_URI": source,
+                                      "OVTASKS_MASKFREE__ITM_MODEL": str(ROOT / "models" / "itm-synth"),
+                                      "OVTASKS_MASKFREE__PROPOSALS": "selective_search", "OVTASKS_MASKFREE__WSS_ITERATIONS": "10",
+                                      "OVDAGS_RETRY_DELAY_S": "1"})
 
 
 def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path):
+    from ovtasks.embedded_airflow import dags_test, prepare, run_chain, write_ui_script
+
     data = tmp_path / "data"
     env = _env(tmp_path, data, synth_small[0])
-    _run([AIRFLOW, "db", "migrate"], env)
-    _run([AIRFLOW, "pools", "set", "ovtasks_gpu", "1", "GPU tasks"], env)
-    for dag, conf in (("ovtasks_ingest", None), ("ovtasks_pseudo_label", None),
-                      ("ovtasks_retrain", {"steps": 3, "eval_images": 6}), ("ovtasks_promote", {"who": "ci"})):
-        out = _run([AIRFLOW, "dags", "test", dag] + (["-c", json.dumps(conf)] if conf else []), env)
-        assert "state=success" in out, out[-3000:]  # `dags test` also exits 1 on a failed run
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == f"sqlite:///{tmp_path / 'home' / 'airflow.db'}"
+    prepare(env)
+    chain = run_chain(env, [("ovtasks_ingest", None), ("ovtasks_pseudo_label", None),
+                            ("ovtasks_retrain", {"steps": 3, "eval_images": 6}), ("ovtasks_promote", {"who": "ci"})])
+    assert [(r.dag_id, r.state) for r in chain] == [("ovtasks_ingest", "success"), ("ovtasks_pseudo_label", "success"),
+                                                     ("ovtasks_retrain", "success"), ("ovtasks_promote", "success")], chain[-1].log[-3000:]
 
     report = json.loads((data / "clean" / "ingest_report.json").read_text())
     assert report["seen"] == 80 and report["seen"] == report["kept"] + sum(report["quarantined"].values())
@@ -57,10 +48,15 @@ def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path):
     mv = c.get_model_version_by_alias(s.registry.model_name, "champion")
     assert str(mv.version) == "1" and mv.tags["promoted_by"] == "ci" and mv.tags["dag_run"].startswith("ovtasks_retrain/")
 
-    # a second ingest run finds nothing new and changes nothing
+    # a second ingest run finds nothing new and changes nothing; a failing run reads as failed
     before = {p: p.read_bytes() for p in (data / "clean" / "shards").iterdir()}
-    _run([AIRFLOW, "dags", "test", "ovtasks_ingest"], env)
+    assert dags_test("ovtasks_ingest", env).state == "success"
     assert {p: p.read_bytes() for p in (data / "clean" / "shards").iterdir()} == before
+    bad = dict(env, OVTASKS_PIPELINE__SOURCE_URI="s3x://nowhere", OVDAGS_RETRY_DELAY_S="0")
+    assert dags_test("ovtasks_ingest", bad).state == "failed"
+
+    ui = write_ui_script(tmp_path / "ui.sh", env).read_text()
+    assert "airflow standalone" in ui.splitlines()[-1] and f"AIRFLOW_HOME={tmp_path / 'home'}" in ui and "OVTASKS_DATA_DIR=" in ui
 
 
 def test_mapped_ingest_equals_cli_ingest_and_retries_are_idempotent(synth_small, clean_small, tmp_path):
