@@ -164,6 +164,23 @@ class RegistryConfig(_Frozen):
     promotion_tolerance: float = Field(0.5, ge=0.0, description="novel mask AP50 points the challenger may lose to the champion")
 
 
+class AirflowClientConfig(_Frozen):
+    """How ``ovtasks status`` / ``ovtasks trigger`` reach the Airflow api-server (token from /auth/token)."""
+
+    url: str = Field("http://127.0.0.1:8080", description="api-server base URL")
+    username: str = "admin"
+    password: SecretStr | None = Field(None, description="set OVTASKS_AIRFLOW__PASSWORD or OVTASKS_AIRFLOW__PASSWORD_FILE")
+
+
+class UiConfig(_Frozen):
+    """The Airflow UI plugin."""
+
+    thumb_size: int = Field(256, ge=32, le=1024, description="longest side of gallery thumbnails (px)")
+    thumb_cache: str | None = Field(None, description="directory of cached thumbnails (default <data_dir>/cache/ui)")
+    page_size_max: int = Field(100, ge=1, le=1000)
+    promote_dag: str = Field("ovtasks_promote", description="promoting needs permission to trigger this DAG (and an admin-level role)")
+
+
 class PipelineConfig(_Frozen):
     """Where the scheduled pipeline (the Airflow DAGs) reads and writes; None: under ``data_dir``."""
 
@@ -197,6 +214,8 @@ class Settings(_Frozen):
     validation: ValidateConfig = ValidateConfig()
     registry: RegistryConfig = RegistryConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    airflow: AirflowClientConfig = AirflowClientConfig()
+    ui: UiConfig = UiConfig()
     label_chunk: int = Field(64, ge=1, description="images of a shard labelled at a time (memory stays flat in shard size)")
     device: str = Field("cpu", description="torch device for model stages: cpu, cuda, cuda:1, ...")
     workers: int = Field(2, ge=1, le=256)

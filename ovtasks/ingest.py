@@ -38,7 +38,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
-from ovtasks import __version__
+from ovtasks import __version__, history
 from ovtasks.config import IngestConfig, Settings
 from ovtasks.imaging import ImageRejected, NearDuplicateIndex, decode_image, phash64
 from ovtasks.langid import detect_language, is_english
@@ -474,5 +474,6 @@ def ingest(src_uri: str, out_uri: str, settings: Settings, workers: int | None =
     assert report["seen"] == report["kept"] + sum(total.values()), report
     out = open_store(out_uri, settings.s3)
     out.put_bytes("ingest_report.json", json.dumps(report, indent=2, sort_keys=True).encode())
+    history.record(out, "ingest", report)
     log.info("ingest done", extra={"seen": report["seen"], "kept": report["kept"], "failed_shards": report["failed_shards"]})
     return IngestResult(report, out.uri_for("ingest_report.json"))

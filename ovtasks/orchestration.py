@@ -24,6 +24,7 @@ import shutil
 from collections import Counter
 from dataclasses import asdict
 
+from ovtasks import history
 from ovtasks.config import Settings
 from ovtasks.storage import open_store
 
@@ -135,6 +136,7 @@ def finish_ingest(src_uri: str, out_uri: str, entries: list[dict], settings: Set
     if report["seen"] != report["kept"] + sum(total.values()):
         raise RuntimeError(f"ingest counts do not add up: seen {report['seen']} != kept {report['kept']} + quarantined {dict(total)}")
     out.put_bytes("ingest_report.json", json.dumps(report, indent=2, sort_keys=True).encode())
+    history.record(out, "ingest", report)
     for key in out.list(f"{STAGING}/{run}/"):
         out.delete(key)
     return {k: report[k] for k in ("seen", "kept", "quarantined", "failed_shards")}

@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ovtasks import __version__
+from ovtasks import __version__, history
 from ovtasks.candidates import Candidate, Vocabulary, build_extractor
 from ovtasks.config import Settings
 from ovtasks.dataset import CleanSample, complete_shards, iter_shard
@@ -462,6 +462,7 @@ def finalize(src_uri: str, out_uri: str, settings: Settings, generator: str = "m
               "model_versions": versions, "fingerprint": fps.pop() if len(fps) == 1 else sorted(f for f in fps if f),
               "code_version": __version__}
     out.put_bytes(f"pseudo/{generator}/report.json", json.dumps(report, indent=2, sort_keys=True).encode())
+    history.record(out, "pseudo_label", report)
     return PseudoLabelResult(report, out.uri_for(f"pseudo/{generator}/report.json"))
 
 

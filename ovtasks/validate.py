@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ovtasks import __version__
+from ovtasks import __version__, history
 from ovtasks.candidates import OPEN_VOCAB_ID_BASE, Vocabulary
 from ovtasks.config import Settings, ValidateConfig
 from ovtasks.groundtruth import to_pycoco
@@ -261,4 +261,5 @@ def validate(src_uri: str, settings: Settings, generator: str = "maskfree", prog
               "excluded": {e["shard"]: e["reasons"] for e in entries if not e["success"]},
               "thresholds": cfg.model_dump(mode="json"), "code_version": __version__}
     store.put_bytes(f"{prefix}/validation_report.json", json.dumps(report, indent=2).encode())
+    history.record(store, "validate", report)
     return ValidateResult(report, store.uri_for(f"{prefix}/validation_report.json"))

@@ -1,0 +1,122 @@
+"""The FastAPI app the Airflow plugin mounts in the api-server at ``/ovtasks``: JSON endpoints and one UI
+page. Authentication is Airflow's own (``get_user``: the UI's JWT cookie or a Bearer token), so every
+route refuses an anonymous request; promoting also needs permission to trigger the promote DAG and an
+admin-level role (see :func:`can_promote`)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Response
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
+
+from ovtasks.ui import data
+
+PAGE = Path(__file__).with_name("page.html")
+
+
+@functools.lru_cache(maxsize=1)
+def _settings():
+    from ovtasks.config import load_settings
+
+    return load_settings()
+
+
+def user_name(user) -> str:
+    for attr in ("get_name", "get_id"):
+        try:
+            v = getattr(user, attr)()
+            if v:
+                return str(v)
+        except Exception:  # noqa: BLE001 - auth managers' user classes differ
+            continue
+    return "unknown"
+
+
+def can_promote(user, promote_dag: str) -> tuple[bool, str]:
+    """Promotion is admin-level: the user may trigger ``promote_dag`` (a DAG-run POST) and, with the simple
+    auth manager, has the ADMIN role; with any other auth manager (FAB, Keycloak, ...) the admin grants the
+    custom-view permission ``POST ovtasks_promote``."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+
+    am = get_auth_manager()
+    if not am.is_authorized_dag(method="POST", access_entity=DagAccessEntity.RUN, details=DagDetails(id=promote_dag), user=user):
+        return False, f"needs permission to trigger {promote_dag}"
+    role = getattr(user, "role", None)
+    if type(am).__name__ == "SimpleAuthManager":
+        from airflow.configuration import conf
+
+        if conf.getboolean("core", "simple_auth_manager_all_admins", fallback=False) or str(role or "").upper() == "ADMIN":
+            return True, "admin"
+        return False, f"needs the admin role (has {role!r})"
+    if am.is_authorized_custom_view(method="POST", resource_name="ovtasks_promote", user=user):
+        return True, "custom view permission"
+    return False, "needs the 'POST ovtasks_promote' permission"
+
+
+class PromoteBody(BaseModel):
+    model: Literal["ov-maskrcnn", "semantic-sam"] = "ov-maskrcnn"
+    tolerance: float | None = Field(None, ge=0)
+    reason: str = Field("", max_length=500)
+
+
+def create_app(settings_factory=_settings, auth_dependency=None) -> FastAPI:
+    """``auth_dependency`` defaults to Airflow's ``get_user`` (the api-server's auth manager)."""
+    if auth_dependency is None:
+        from airflow.api_fastapi.core_api.security import get_user as auth_dependency
+
+    app = FastAPI(title="ovtasks", description="ovtasks monitoring and promotion (Airflow plugin)", docs_url=None, redoc_url=None)
+    user_dep = Depends(auth_dependency)
+
+    def missing(exc: Exception):
+        return HTTPException(404, str(exc))
+
+    @app.get("/ui/", response_class=HTMLResponse, summary="the page shown in Airflow's navigation")
+    def page(user=user_dep):
+        return HTMLResponse(PAGE.read_text().replace("{{user}}", user_name(user).replace("<", "")))
+
+    @app.get("/api/whoami")
+    def whoami(user=user_dep):
+        s = settings_factory()
+        ok, why = can_promote(user, s.ui.promote_dag)
+        return {"user": user_name(user), "can_promote": ok, "why": why}
+
+    @app.get("/api/datasets")
+    def datasets(generator: str | None = None, user=user_dep):
+        return data.datasets(settings_factory(), generator)
+
+    @app.get("/api/gallery")
+    def gallery(category: str | None = None, min_score: float = Query(0.0, ge=0, le=1), page: int = Query(1, ge=1),
+                per_page: int = Query(24, ge=1, le=1000), generator: str | None = None, user=user_dep):
+        return data.gallery(settings_factory(), category or None, min_score, page, per_page, generator)
+
+    @app.get("/api/gallery/{shard}/{image_id}.jpg", response_class=Response)
+    def thumbnail(shard: str, image_id: int, category: str | None = None, min_score: float = Query(0.0, ge=0, le=1),
+                  generator: str | None = None, user=user_dep):
+        try:
+            jpg = data.thumbnail(settings_factory(), shard, image_id, category or None, min_score, generator)
+        except data.NotFound as exc:
+            raise missing(exc) from exc
+        return Response(jpg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+
+    @app.get("/api/models")
+    def models(user=user_dep):
+        return {"models": data.models(settings_factory())}
+
+    @app.post("/api/promote")
+    def promote(body: PromoteBody, user=user_dep):
+        from ovtasks.registry import promote as run_gate
+
+        s = settings_factory()
+        ok, why = can_promote(user, s.ui.promote_dag)
+        if not ok:
+            raise HTTPException(403, f"promotion refused to {user_name(user)}: {why}")
+        r = run_gate(s, body.tolerance, who=user_name(user), why=body.reason or "promoted from the Airflow UI", architecture=body.model)
+        return asdict(r)
+
+    return app

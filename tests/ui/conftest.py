@@ -1,0 +1,89 @@
+"""A small world for the UI: the synthetic shards, their ingest, pseudo-labels (from the GT, validated) and
+two registered model versions; plus an empty one; plus Airflow's simple auth manager with three users."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ovtasks.config import load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORDS = {"admin": "test-only-admin", "viewer": "test-only-viewer", "op": "test-only-op"}
+
+
+def world_env(synth_small, clean_small, labelled, data_dir) -> dict:
+    return {"OVTASKS_DATA_DIR": str(data_dir), "OVTASKS_PIPELINE__SOURCE_URI": synth_small[0],
+            "OVTASKS_PIPELINE__CLEAN_URI": clean_small, "OVTASKS_PIPELINE__PSEUDO_URI": labelled}
+
+
+def register_versions(settings, tmp: Path, aps=(2.0, 3.0)) -> None:
+    """Two versions through the real registry code (a model directory with its metadata file)."""
+    from ovtasks.registry import log_and_register
+
+    model = tmp / "model"
+    model.mkdir(exist_ok=True)
+    (model / "ovtasks_model.json").write_text(json.dumps({"architecture": "ov-maskrcnn"}))
+    (model / "model.safetensors").write_bytes(b"not used by the UI")
+    for i, ap in enumerate(aps):
+        rows = [{"setting": st, "split": sp, "box_AP": 1.0, "box_AP50": 2.0, "mask_AP": 0.5, "mask_AP50": ap}
+                for st in ("generalized", "constrained") for sp in ("base", "novel")]
+        log_and_register(settings, str(model), {"steps": i + 1}, [{"step": 0, "loss": 1.0}], {"passed": 2, "failed": 0},
+                         {"rows": rows, "novel_mask_AP50": ap, "table": "|"}, data_manifest={"sha256": f"manifest{i}"},
+                         dag_run=f"ovtasks_retrain/manual__{i}")
+
+
+@pytest.fixture(scope="session")
+def ui_world(synth_small, clean_small, labelled, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ui-world")
+    env = world_env(synth_small, clean_small, labelled, d)
+    s = load_settings(env=env)
+    register_versions(s, d)
+    return s, env
+
+
+@pytest.fixture(scope="session")
+def ui_empty(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ui-empty")
+    return load_settings(env={"OVTASKS_DATA_DIR": str(d)})
+
+
+@pytest.fixture(scope="module")
+def simple_auth(tmp_path_factory):
+    """Airflow's SimpleAuthManager (users admin / viewer / op) configured in this process, restored after."""
+    home = tmp_path_factory.mktemp("airflow-home")
+    os.environ.setdefault("AIRFLOW_HOME", str(home))
+    from airflow.api_fastapi.app import purge_cached_app
+    from airflow.configuration import conf
+
+    pw = home / "passwords.json"
+    pw.write_text(json.dumps(PASSWORDS))
+    wanted = {("core", "auth_manager"): "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+              ("core", "simple_auth_manager_users"): "admin:admin,viewer:viewer,op:op",
+              ("core", "simple_auth_manager_passwords_file"): str(pw),
+              ("core", "simple_auth_manager_all_admins"): "False",
+              ("api_auth", "jwt_secret"): "test-only-jwt-secret-" + "y" * 64}
+    conn = f"sqlite:///{home / 'airflow.db'}"  # the token checks read the revoked_token table
+    r = subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": conn})
+    assert r.returncode == 0, r.stderr[-2000:]
+    wanted[("database", "sql_alchemy_conn")] = conn
+    old = {k: conf.get(*k, fallback=None) for k in wanted}
+
+    def apply(values):
+        from airflow import settings as af_settings
+
+        for (section, key), v in values.items():
+            if v is not None:
+                conf.set(section, key, v)
+        af_settings.dispose_orm(do_log=False)
+        af_settings.configure_vars()
+        af_settings.configure_orm()
+        purge_cached_app()
+
+    apply(wanted)
+    yield PASSWORDS
+    apply(old)
