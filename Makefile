@@ -7,7 +7,14 @@ STAMP  := $(VENV)/.ovtasks-installed
 TEST_OUT ?= test-output
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench lock clean
+.PHONY: demo test test-slow bench lock clean browser
+
+# The browser test needs Debian's chromium + chromium-driver; installed here when absent (root or sudo).
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
+	  || echo "WARNING: could not install chromium/chromium-driver; the browser test will skip with this reason"; }
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=python3.x)"; exit 1; }
@@ -24,7 +31,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/ovtasks demo
 
 # pytest's exit code lands in $(TEST_OUT)/pytest-exit-code so .ci/run can tell "no tests ran" (5).
-test: $(STAMP)
+test: $(STAMP) browser
 	@mkdir -p $(TEST_OUT)
 	@HF_HUB_OFFLINE=1 $(BIN)/python -m pytest --junitxml=$(TEST_OUT)/junit.xml $(PYTEST_ARGS); \
 	  rc=$$?; echo $$rc > $(TEST_OUT)/pytest-exit-code; exit $$rc

@@ -51,6 +51,16 @@ class Airflow:
             run = DagRunApi(c).trigger_dag_run(dag_id, TriggerDAGRunPostBody(logical_date=None, conf=conf or {}))
             return run.dag_run_id
 
+    def latest_runs(self, dag_id: str, limit: int = 1) -> list[dict]:
+        """The newest runs of ``dag_id`` (by run_after), as plain dicts."""
+        from airflow_client.client.api.dag_run_api import DagRunApi
+
+        with self._client() as c:
+            runs = DagRunApi(c).get_dag_runs(dag_id, limit=limit, order_by=["-run_after"]).dag_runs
+        return [{"dag_id": r.dag_id, "run_id": r.dag_run_id, "state": r.state.value if r.state else None,
+                 "run_type": r.run_type.value if r.run_type else None, "start": r.start_date, "end": r.end_date,
+                 "duration": r.duration} for r in runs]
+
     def run_state(self, dag_id: str, run_id: str) -> str:
         from airflow_client.client.api.dag_run_api import DagRunApi
 

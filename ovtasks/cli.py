@@ -213,6 +213,18 @@ def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if r.promoted else 4
 
 
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.ops_cli import main_status
+
+    return main_status(settings)
+
+
+def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.ops_cli import main_trigger
+
+    return main_trigger(settings, args.dag, args.conf, not args.no_wait, args.timeout)
+
+
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
     return 0
@@ -296,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="grounded model dtype (auto: bf16 on CUDA, fp32 on CPU)")
     pl.add_argument("--batch-size", type=int, default=None, help="override grounded.batch_size (images per micro-batch)")
     pl.set_defaults(func=cmd_pseudo_label)
+
+    st = sub.add_parser("status", help="latest DAG runs (Airflow REST API), shards per stage, champion / challenger")
+    st.set_defaults(func=cmd_status)
+    tr = sub.add_parser("trigger", help="trigger a DAG through the Airflow REST API and follow it with a progress bar")
+    tr.add_argument("dag", help="e.g. ovtasks_retrain")
+    tr.add_argument("--conf", default=None, help='JSON params, e.g. \'{"steps": 300}\'')
+    tr.add_argument("--no-wait", action="store_true", help="return once triggered")
+    tr.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to follow the run (exit 5 past it)")
+    tr.set_defaults(func=cmd_trigger)
 
     d = sub.add_parser("demo", help="run the pipeline end to end on embedded defaults and print where results are")
     d.add_argument("--out", default=None, help="default: <data_dir>/demo")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS_FOLDER = REPO / "dags"
+PLUGINS_FOLDER = REPO / "plugins"
 
 
 def airflow_bin() -> str:
@@ -24,11 +25,12 @@ def airflow_bin() -> str:
 
 def airflow_env(home: str | os.PathLike, ovtasks_env: dict[str, str], base: dict[str, str] | None = None) -> dict[str, str]:
     """Process environment for Airflow commands: its home and SQLite DB under ``home``, the repository's
-    DAGs, no examples, and the ``OVTASKS_*`` settings the tasks read."""
+    DAGs and plugins (the ovtasks UI), no examples, and the ``OVTASKS_*`` settings the tasks read."""
     home = Path(home).absolute()
     return {**(os.environ if base is None else base), "AIRFLOW_HOME": str(home),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER), "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "HF_HUB_OFFLINE": "1", **ovtasks_env}
 
 
@@ -92,6 +94,7 @@ def write_ui_script(path: str | os.PathLike, env: dict, port: int = 8080) -> Pat
     lines = ["#!/bin/sh", "# Opens the Airflow UI on the demo's metadata DB: http://127.0.0.1:%d (user admin; the password is" % port,
              "# printed at start and kept in $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated). Ctrl-C stops it."]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(keep.items())]
+    lines.append(f'export PATH={shlex.quote(str(Path(airflow_bin()).parent))}:"$PATH"  # standalone starts its parts as `airflow ...`')
     lines.append(f"exec {shlex.quote(airflow_bin())} standalone")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

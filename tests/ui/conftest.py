@@ -3,8 +3,11 @@ two registered model versions; plus an empty one; plus Airflow's simple auth man
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,47 @@ def simple_auth(tmp_path_factory):
     apply(wanted)
     yield PASSWORDS
     apply(old)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def api_server(ui_world, tmp_path_factory):
+    home = tmp_path_factory.mktemp("api-server-home")
+    (home / "passwords.json").write_text(json.dumps({"admin": "test-only-admin"}))
+    port = _port()
+    env = {**os.environ, **ui_world[1], "AIRFLOW_HOME": str(home), "HF_HUB_OFFLINE": "1",
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+           "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",  # api-server test user
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+           "AIRFLOW__API_AUTH__JWT_SECRET": "test-only-jwt-secret-" + "z" * 64, "AIRFLOW__API__SECRET_KEY": "test-only-api-secret",
+           "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}"}
+    airflow = str(Path(sys.executable).parent / "airflow")
+    r = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([airflow, "dags", "reserialize"], env=env, capture_output=True, text=True, timeout=300)  # DAGs in the DB
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = home / "api-server.log"
+    proc = subprocess.Popen([airflow, "api-server", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/api/v2/monitor/health", timeout=5)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"api-server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+    yield base, log
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=60)
