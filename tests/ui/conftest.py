@@ -40,12 +40,23 @@ def register_versions(settings, tmp: Path, aps=(2.0, 3.0)) -> None:
 
 
 @pytest.fixture(scope="session")
-def ui_world(synth_small, clean_small, labelled, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ui-world")
-    env = world_env(synth_small, clean_small, labelled, d)
-    s = load_settings(env=env)
-    register_versions(s, d)
-    return s, env
+def make_ui_world(synth_small, clean_small, labelled, tmp_path_factory):
+    """A fresh world (its own MLflow registry with versions 1 and 2, no champion): (settings, env)."""
+
+    def make():
+        d = tmp_path_factory.mktemp("ui-world")
+        env = world_env(synth_small, clean_small, labelled, d)
+        s = load_settings(env=env)
+        register_versions(s, d)
+        return s, env
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ui_world(make_ui_world):
+    """Shared by the browser and CLI tests (the browser test may promote v2)."""
+    return make_ui_world()
 
 
 @pytest.fixture(scope="session")

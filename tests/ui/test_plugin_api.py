@@ -34,8 +34,13 @@ def _login(client, passwords, user) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world(ui_world, simple_auth):
-    c = _client(ui_world[0])
+def own_world(make_ui_world):
+    return make_ui_world()
+
+
+@pytest.fixture(scope="module")
+def world(own_world, simple_auth):
+    c = _client(own_world[0])
     return c, {u: _login(c, simple_auth, u) for u in simple_auth}
 
 
@@ -65,7 +70,7 @@ def test_page_renders_for_a_viewer(world):
     assert "signed in as viewer" in r.text and 'data-tab="gallery"' in r.text
 
 
-def test_datasets(world, ui_world):
+def test_datasets(world):
     c, h = world
     d = c.get("/ovtasks/api/datasets", headers=h["viewer"]).json()
     assert d["stages"] == {"source": 2, "clean": 2, "pseudo_labelled": 2, "gx_passed": 2, "gx_failed": 0}
@@ -105,14 +110,14 @@ def test_gallery_empty(empty):
         "filters": {"category": None, "min_score": 0.0}, "categories": {}, "items": []}
 
 
-def test_thumbnails_have_overlays_and_refuse_bad_names(world, ui_world):
+def test_thumbnails_have_overlays_and_refuse_bad_names(world, own_world):
     c, h = world
     item = c.get("/ovtasks/api/gallery?per_page=1", headers=h["viewer"]).json()["items"][0]
     url = f"/ovtasks/{item['thumbnail']}"
     r = c.get(url, headers=h["viewer"])
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     drawn = Image.open(io.BytesIO(r.content))
-    assert max(drawn.size) <= ui_world[0].ui.thumb_size
+    assert max(drawn.size) <= own_world[0].ui.thumb_size
     plain = Image.open(io.BytesIO(c.get(url + "?category=no-such-category", headers=h["viewer"]).content))
     import numpy as np
 
