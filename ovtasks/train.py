@@ -237,17 +237,8 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
         batch = [samples[i] for i in pick]
         images = [_to_tensor(im).to(device) for im, _ in batch]
         targets = [{k: v.to(device) for k, v in targets_from_coco(anns, cat_index, im.shape[:2]).items()} for im, anns in batch]
-        losses = model(images, targets)
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite loss at {phase} step {step}: {({k: float(v) for k, v in losses.items()})}")
-        opt.zero_grad()
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        opt.step()
-        sched.step()
-        rec = {"step": step0 + step, "phase": phase, "loss": round(total.item(), 5), **{k: round(v.item(), 5) for k, v in losses.items()},
-               "lr": round(sched.get_last_lr()[0], 6), "seconds": round(time.perf_counter() - t0, 1)}
+        rec = {"step": step0 + step, "phase": phase,
+               **optimizer_step(model(images, targets), opt, sched, params, 10.0, f"{phase} step {step}", t0, lr_digits=6)}
         history.append(rec)
         if progress and (step % 10 == 0 or step == steps - 1):
             progress(rec)
@@ -259,6 +250,20 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(done))
     ckpt.unlink(missing_ok=True)
     return history
+
+
+def optimizer_step(losses: dict, opt, sched, params, clip: float, where: str, t0: float, lr_digits: int = 6) -> dict:
+    """Sum the losses, refuse a non-finite total, step with gradient clipping; the history record's numbers."""
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"non-finite loss at {where}: {({k: float(v) for k, v in losses.items()})}")
+    opt.zero_grad()
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    sched.step()
+    return {"loss": round(total.item(), 5), **{k: round(v.item(), 5) for k, v in losses.items()},
+            "lr": round(sched.get_last_lr()[0], lr_digits), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def resume(ckpt: Path, hist_path: Path, model, opt, sched, key: str, data_sha: str, device: str, step0: int = 0) -> tuple[int, list]:

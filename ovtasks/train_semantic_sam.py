@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ovtasks import __version__
 from ovtasks.config import Settings
-from ovtasks.train import META, TrainedModel, checkpoint, loss_curve, resume, training_data
+from ovtasks.train import META, TrainedModel, checkpoint, loss_curve, optimizer_step, resume, training_data
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +158,7 @@ def train_semantic_sam(clean_uri: str, pseudo_uri: str, sa1b_uri: str | None, ou
             losses.update(contrastive_losses(torch.cat(sem), torch.cat(score), torch.tensor(labels, device=device), text, model.scale()))
         if not losses:
             continue
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite loss at step {step}: {({k: float(v) for k, v in losses.items()})}")
-        opt.zero_grad()
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        rec = {"step": step, "loss": round(total.item(), 5), **{k: round(v.item(), 5) for k, v in losses.items()},
-               "lr": round(sched.get_last_lr()[0], 7), "seconds": round(time.perf_counter() - t0, 1)}
+        rec = {"step": step, **optimizer_step(losses, opt, sched, params, 1.0, f"step {step}", t0, lr_digits=7)}
         history.append(rec)
         if progress and (step % 10 == 0 or step == cfg.steps - 1):
             progress(rec)

@@ -147,50 +147,39 @@ def mlflow_server(tmp_path_factory):
     import sys
     import time
     import urllib.request
-    import uuid
     from pathlib import Path
 
-    try:
-        import psycopg2
-    except ImportError as exc:  # pinned in pyproject: only a broken install gets here
-        pytest.fail(f"psycopg2 missing: {exc}")
-    db = f"mlflow_{uuid.uuid4().hex[:10]}"
-    try:
-        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        print(f"\nSKIP MLflow server test: PostgreSQL at 127.0.0.1:5432 unreachable: {exc}", file=sys.stderr)
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE DATABASE {db}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    art = tmp_path_factory.mktemp("mlflow-artifacts")
-    log = open(art / "server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server",
-                             "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}",
-                             "--default-artifact-root", art.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    def healthy() -> bool:
-        try:
-            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-        except OSError:
-            return False
+    from pg import fresh_database
 
-    try:
-        deadline = time.monotonic() + 90
-        while not healthy() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if not healthy():
-            pytest.fail(f"mlflow server did not come up: {(art / 'server.log').read_text()[-2000:]}")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-        conn.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        conn.close()
+    with fresh_database("mlflow", "MLflow server test") as db:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        art = tmp_path_factory.mktemp("mlflow-artifacts")
+        log = open(art / "server.log", "w")
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server",
+                                 "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}",
+                                 "--default-artifact-root", art.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        try:
+            deadline = time.monotonic() + 90
+            while not healthy() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if not healthy():
+                pytest.fail(f"mlflow server did not come up: {(art / 'server.log').read_text()[-2000:]}")
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
 
 
 def test_registry_on_a_real_mlflow_server_with_postgresql(clean_small, labelled, tmp_path, mlflow_server):

@@ -32,18 +32,10 @@ def _port() -> int:
 
 @pytest.fixture
 def postgres_db():
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        print(f"\nSKIP Celery integration: PostgreSQL at 127.0.0.1:5432 unreachable: {exc}", file=sys.stderr)
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
-    conn.autocommit = True
-    db = f"airflow_{uuid.uuid4().hex[:10]}"
-    conn.cursor().execute(f"CREATE DATABASE {db}")
-    yield db
-    conn.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-    conn.close()
+    from pg import fresh_database
+
+    with fresh_database("airflow", "Celery integration") as db:
+        yield db
 
 
 @pytest.fixture
