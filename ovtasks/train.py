@@ -355,10 +355,10 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], categ
     return preds
 
 
-def evaluate_model(model, gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None) -> dict:
-    """Evaluation table on COCO GT for the clean images that have GT: generalized (all categories) and
-    constrained (novel-only and base-only vocabularies)."""
-    from ovtasks.evaluate import evaluation_table, format_eval_table, split_ids
+def evaluation_inputs(gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None):
+    """What both models are evaluated on: (gt, image ids, {id: image}, COCO subset, categories, their text
+    embeddings, base/novel split ids)."""
+    from ovtasks.evaluate import split_ids
     from ovtasks.groundtruth import GroundTruth
     from ovtasks.models.text_encoder import TextEncoder
 
@@ -372,12 +372,19 @@ def evaluate_model(model, gt_uri: str, clean_uri: str, settings: Settings, limit
                 images[s.image_id] = s.image
         if len(images) == len(wanted):
             break
-    images = [images[i] for i in ids]
     doc = gt.subset(ids)
     cats = doc["categories"]
-    enc = TextEncoder(settings.candidates.text_encoder, settings.device, s3=settings.s3)
-    emb = enc.encode([c["name"] for c in cats])
-    splits = split_ids(doc)
+    emb = TextEncoder(settings.candidates.text_encoder, settings.device, s3=settings.s3).encode([c["name"] for c in cats])
+    return gt, ids, images, doc, cats, emb, split_ids(doc)
+
+
+def evaluate_model(model, gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None) -> dict:
+    """Evaluation table on COCO GT for the clean images that have GT: generalized (all categories) and
+    constrained (novel-only and base-only vocabularies)."""
+    from ovtasks.evaluate import evaluation_table, format_eval_table
+
+    gt, ids, by_id, doc, cats, emb, splits = evaluation_inputs(gt_uri, clean_uri, settings, limit)
+    images = [by_id[i] for i in ids]
     general = predict(model, images, ids, [c["id"] for c in cats], emb, settings.device)
     constrained = {}
     for split in ("novel", "base"):

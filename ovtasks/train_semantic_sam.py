@@ -213,25 +213,10 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes
 
 def evaluate_semantic_sam(model, gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None) -> dict:
     """Box-prompted evaluation on the held-out GT images (GT boxes as prompts), generalized and constrained."""
-    from ovtasks.dataset import complete_shards, iter_shard
-    from ovtasks.evaluate import evaluation_table, format_eval_table, split_ids
-    from ovtasks.groundtruth import GroundTruth
-    from ovtasks.models.text_encoder import TextEncoder
-    from ovtasks.storage import open_store
-    from ovtasks.train import eval_image_ids
+    from ovtasks.evaluate import evaluation_table, format_eval_table
+    from ovtasks.train import evaluation_inputs
 
-    gt = GroundTruth.load(gt_uri, settings)
-    ids = eval_image_ids(gt_uri, clean_uri, settings, limit)
-    wanted, images = set(ids), {}
-    src = open_store(clean_uri, settings.s3)
-    for shard in complete_shards(src):
-        for s in iter_shard(src, shard):
-            if s.image_id in wanted:
-                images[s.image_id] = s.image
-    doc = gt.subset(ids)
-    cats = doc["categories"]
-    emb = TextEncoder(settings.candidates.text_encoder, settings.device, s3=settings.s3).encode([c["name"] for c in cats])
-    splits = split_ids(doc)
+    gt, ids, images, doc, cats, emb, splits = evaluation_inputs(gt_uri, clean_uri, settings, limit)
 
     def run(keep: list[int]) -> list[dict]:
         kept = {cats[i]["id"] for i in keep}
