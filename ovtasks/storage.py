@@ -228,7 +228,7 @@ class S3Store(Store):
         self.bucket = bucket
         self.prefix = check_key(prefix) if prefix.strip("/") else ""
         self.cfg = cfg
-        self.client = client or make_s3_client(cfg)
+        self.client = _Unreachable(client or make_s3_client(cfg), cfg)
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._bucket_checked = False
 
@@ -336,6 +336,32 @@ class S3Store(Store):
     def child(self, prefix: str) -> "S3Store":
         sub = self._name(prefix)
         return S3Store(self.bucket, sub, self.cfg, client=self.client)
+
+
+class _Unreachable:
+    """The S3 client with transport failures (server down past the retry budget, connection reset) turned
+    into a StoreError that says so; urllib3 has already retried with bounded exponential backoff."""
+
+    def __init__(self, client, cfg: S3Config):
+        self._client, self._cfg = client, cfg
+
+    def __getattr__(self, name):
+        import urllib3
+
+        fn = getattr(self._client, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args, **kwargs):
+            try:
+                out = fn(*args, **kwargs)
+                # list_objects is lazy: drain it here so its transport errors are caught too
+                return list(out) if name == "list_objects" else out
+            except (urllib3.exceptions.HTTPError, ConnectionError) as exc:
+                raise StoreError(f"S3 at {self._cfg.endpoint} unreachable: {name} failed after {self._cfg.retries} retries "
+                                 f"with exponential backoff: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+        return call
 
 
 def make_s3_client(cfg: S3Config):

@@ -34,6 +34,7 @@ class SeaweedServer:
     workdir: Path
     proc: subprocess.Popen
     log_path: Path
+    args: list | None = None
 
     def env(self) -> dict[str, str]:
         return {
@@ -42,6 +43,22 @@ class SeaweedServer:
             "OVTASKS_S3__SECRET_KEY": self.secret_key,
             "OVTASKS_S3__SECURE": "false",
         }
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start the same server again (same ports, data and credentials) after :meth:`stop`; waits until it serves."""
+        from minio import Minio
+
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir)
+        client = Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                client.list_buckets()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.3)
+        raise RuntimeError(f"SeaweedFS did not come back: {self.log_path.read_text()[-2000:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -78,7 +95,7 @@ def start_seaweed(workdir: Path, timeout: float = 60.0) -> SeaweedServer:
     log_path = workdir / "weed.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
-    server = SeaweedServer(f"127.0.0.1:{ports['s3.port']}", access, secret, workdir, proc, log_path)
+    server = SeaweedServer(f"127.0.0.1:{ports['s3.port']}", access, secret, workdir, proc, log_path, args)
     from minio import Minio
 
     client = Minio(server.endpoint, access_key=access, secret_key=secret, secure=False)

@@ -111,7 +111,7 @@ class GroundingDino:
         from transformers import AutoTokenizer, GroundingDinoForObjectDetection
 
         path = resolve_model(ref, s3)
-        model = GroundingDinoForObjectDetection.from_pretrained(path)
+        model = GroundingDinoForObjectDetection.from_pretrained(path, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         for tok, want in (("[CLS]", CLS_ID), ("[SEP]", SEP_ID), (".", DOT_ID)):
             if tokenizer.convert_tokens_to_ids(tok) != want:

@@ -146,7 +146,7 @@ class ItmModel:
             install_conv_stem(model)
             model.load_state_dict(load_file(str(Path(path) / "model.safetensors")), strict=True)
         else:
-            model = BlipForImageTextRetrieval.from_pretrained(path)
+            model = BlipForImageTextRetrieval.from_pretrained(path, use_safetensors=True)
         processor = BlipProcessor.from_pretrained(path)
         ip = processor.image_processor
         size = ip.size["height"] if hasattr(ip.size, "__getitem__") and not isinstance(ip.size, int) else int(ip.size)

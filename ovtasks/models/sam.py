@@ -55,7 +55,7 @@ class SamSegmenter:
         from transformers import SamModel
 
         path = resolve_model(ref, s3)
-        model = SamModel.from_pretrained(path)
+        model = SamModel.from_pretrained(path, use_safetensors=True)
         cfg = image_processor_config(path)
         mean, std = cfg.get("image_mean", (0.485, 0.456, 0.406)), cfg.get("image_std", (0.229, 0.224, 0.225))
         return cls(model, mean, std, device, resolve_dtype(dtype, device), **kwargs)

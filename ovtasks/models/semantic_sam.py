@@ -141,7 +141,7 @@ def build(embed_dim: int, sam_model: str | None = None, image_size: int = 128, h
 
     path = resolve_model(sam_model, s3)
     cfg = image_processor_config(path)
-    return SemanticSam(SamModel.from_pretrained(path), embed_dim, cfg.get("image_mean", (0.485, 0.456, 0.406)),
+    return SemanticSam(SamModel.from_pretrained(path, use_safetensors=True), embed_dim, cfg.get("image_mean", (0.485, 0.456, 0.406)),
                        cfg.get("image_std", (0.229, 0.224, 0.225)))
 
 

@@ -45,12 +45,12 @@ class TextEncoder:
                 from transformers import AutoModel
 
                 path = minilm_path()
-                model, kind = AutoModel.from_pretrained(path), "mean_pool"
+                model, kind = AutoModel.from_pretrained(path, use_safetensors=True), "mean_pool"
             else:
                 from transformers import CLIPTextModelWithProjection
 
                 path = resolve_model(ref, s3)
-                model, kind = CLIPTextModelWithProjection.from_pretrained(path), "clip"
+                model, kind = CLIPTextModelWithProjection.from_pretrained(path, use_safetensors=True), "clip"
             tokenizer = AutoTokenizer.from_pretrained(path)
         self.kind = kind or ("clip" if hasattr(model, "text_projection") else "mean_pool")
         self.model, self.tokenizer = model.to(device).eval(), tokenizer

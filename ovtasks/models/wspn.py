@@ -160,7 +160,7 @@ def save_wspn(model: WSPN, path, extra: dict | None = None) -> None:
 
 
 def load_wspn(path, device: str = "cpu") -> tuple[WSPN, dict]:
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = torch.load(path, map_location=device, weights_only=True)  # never unpickle arbitrary objects
     cfg = dict(ckpt["config"])
     cfg["channels"] = tuple(cfg["channels"])
     cfg["class_names"] = tuple(cfg["class_names"])
