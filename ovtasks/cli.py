@@ -181,7 +181,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         evaluate = evaluate_semantic_sam
     else:
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, backbone=args.backbone, seed=args.seed,
-                          generator=args.generator, finetune_steps=args.finetune_steps)
+                          generator=args.generator, finetune_steps=args.finetune_steps, checkpoint_every=args.checkpoint_every,
+                          min_size=args.min_size, max_size=args.max_size)
         held_out = eval_image_ids(args.gt, args.src, settings, args.eval_images) if args.finetune_steps else ()
         trained = train_ov_maskrcnn(args.src, args.pseudo, args.out, settings, cfg, progress=progress, gt_uri=args.gt, exclude_ids=held_out)
         evaluate = evaluate_model
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sam-model", default=None, help="semantic-sam: pretrained SAM (HF id, directory, model-store URI); default a tiny random one")
     t.add_argument("--freeze-image-encoder", action="store_true", help="semantic-sam: train the decoder, tokens and heads only")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=50, help="ov-maskrcnn: steps between resumable checkpoints")
+    t.add_argument("--min-size", type=int, default=192, help="ov-maskrcnn: shorter image side fed to the model")
+    t.add_argument("--max-size", type=int, default=320, help="ov-maskrcnn: longer image side cap")
     t.add_argument("--device", default=None)
     t.add_argument("--gt", default=None, help="COCO GT (synthetic laion URI) to evaluate on")
     t.add_argument("--eval-images", type=int, default=64)
