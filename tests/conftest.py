@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -126,3 +127,16 @@ def labelled(synth_small, clean_small, tmp_path_factory):
     np.save(base / "text_embeddings.npy", TextEncoder("minilm").encode([c["name"] for c in cats]))
     assert validate(str(out), s).report["failed"] == 0
     return str(out)
+
+
+# Fault-injection tests record what they injected and what happened; benchmarks/reliability.py runs them and
+# turns the records into benchmarks/reliability.md.
+@pytest.fixture
+def record_fault(request):
+    def record(fault: str, injected: str, outcome: str, data_lost: int) -> None:
+        out = Path(os.environ.get("TEST_OUT", Path(__file__).resolve().parents[1] / "test-output")) / "reliability"
+        out.mkdir(parents=True, exist_ok=True)
+        entry = {"test": request.node.nodeid, "fault": fault, "injected": injected, "outcome": outcome, "data_lost": data_lost}
+        (out / f"{request.node.name}.json").write_text(json.dumps(entry, indent=2))
+
+    return record

@@ -1,0 +1,139 @@
+"""Production-mode Airflow on this machine for tests: CeleryExecutor on a PostgreSQL database, a Redis
+broker, the pipeline's data in S3; api-server, scheduler, dag-processor and Celery workers as subprocesses,
+each in its own process group (stopped by pid)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PASSWORD = "test-only-password"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def celery_env(tmp_path: Path, port: int, pg_db: str, broker_url: str, s3_env: dict, clean_uri: str, pseudo_uri: str) -> dict:
+    (tmp_path / "passwords.json").write_text(json.dumps({"admin": PASSWORD}))
+    pg = f"postgres@127.0.0.1:5432/{pg_db}"
+    return {**os.environ, **s3_env, "AIRFLOW_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor", "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://{pg}",
+            "AIRFLOW__CELERY__BROKER_URL": broker_url, "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql+psycopg2://{pg}",
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}", "AIRFLOW__API_AUTH__JWT_SECRET": "test-only-jwt-secret-" + "x" * 64,
+            "AIRFLOW__API__SECRET_KEY": "test-only-api-secret",
+            "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp_path / "passwords.json"),
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+            "OVDAGS_RETRY_DELAY_S": "1", "OVTASKS_DATA_DIR": str(tmp_path / "data"),
+            "OVTASKS_PIPELINE__CLEAN_URI": clean_uri, "OVTASKS_PIPELINE__PSEUDO_URI": pseudo_uri,
+            "OVTASKS_MASKFREE__ITM_MODEL": str(ROOT / "models" / "itm-synth"), "OVTASKS_MASKFREE__PROPOSALS": "selective_search",
+            "OVTASKS_MASKFREE__WSS_ITERATIONS": "40"}
+
+
+class Stack:
+    """Airflow components as subprocesses, each in its own process group (stopped by pid)."""
+
+    def __init__(self, env: dict, logs: Path):
+        self.env, self.logs, self.procs = env, logs, {}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def run(self, *args):
+        r = subprocess.run([str(BIN / "airflow"), *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+    def start(self, name: str, *args):
+        log = open(self.logs / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def kill(self, name: str, sig=signal.SIGKILL):
+        p = self.procs.pop(name)
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=60)
+
+    def stop(self):
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(self.logs.glob("*.log")))
+
+    def up(self, port: int, dag: str, timeout: float = 180):
+        """Migrate, create the GPU pool, start every component and a `default,gpu` worker; the logged-in
+        REST client once ``dag`` is parsed. An anonymous REST request must be refused."""
+        from ovtasks.airflow_api import Airflow
+
+        self.run("db", "migrate")
+        self.run("pools", "set", "ovtasks_gpu", "1", "GPU tasks")
+        self.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
+        self.start("scheduler", "scheduler")
+        self.start("dag-processor", "dag-processor")
+        self.start("worker", "celery", "worker", "--queues", "default,gpu")
+        deadline, af = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            try:
+                af = af or Airflow.login(f"http://127.0.0.1:{port}", "admin", PASSWORD)
+                if dag in af.dag_ids():
+                    break
+            except OSError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - the api-server is still starting / DAG not parsed yet
+                if "401" in str(exc) or "403" in str(exc):
+                    raise
+            time.sleep(2)
+        else:
+            pytest.fail(f"{dag} never showed up in the API\n{self.tail()}")
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/dags", timeout=10)
+        assert denied.value.code in (401, 403)
+        af.unpause(dag)
+        return af
+
+    def wait(self, af, dag: str, run: str, timeout: float) -> str:
+        try:
+            return af.wait(dag, run, timeout=timeout)
+        except TimeoutError as exc:
+            pytest.fail(f"{exc}\n{self.tail()}")
+
+    def wait_task_running(self, af, dag: str, run: str, task: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(t == task and st == "running" for t, _, st, _ in af.task_states(dag, run)):
+                return
+            time.sleep(0.5)
+        pytest.fail(f"{task} never ran: {af.task_states(dag, run)}\n{self.tail()}")
+
+
+def shard_docs(store, prefix="pseudo/maskfree") -> dict[str, bytes]:
+    return {k: store.get_bytes(k) for k in store.list(prefix + "/") if k.endswith(".json") and k.rsplit("/", 1)[1][:5].isdigit()
+            and ".manifest." not in k and ".validation." not in k}
+
+
+def annotations(docs: dict[str, bytes]) -> dict[str, list[tuple]]:
+    return {k: [(a["image_id"], a["category_id"], a["segmentation"]["counts"]) for a in json.loads(v)["annotations"]]
+            for k, v in docs.items()}
