@@ -86,8 +86,10 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
         shards = sorted(shards)[-window_shards:]
     if not shards:
         raise ValueError(f"no shard passed validation (excluded: {report.get('excluded')})")
-    cats = json.loads(pl.get_bytes(f"{prefix}/categories.json"))
-    emb = np.load(io.BytesIO(pl.get_bytes(f"{prefix}/text_embeddings.npy")))
+    cats, emb, no_embedding = usable_categories(json.loads(pl.get_bytes(f"{prefix}/categories.json")),
+                                                np.load(io.BytesIO(pl.get_bytes(f"{prefix}/text_embeddings.npy"))))
+    known = {c["id"] for c in cats}
+    dropped: dict[str, int] = {}
     samples, digest, exclude = [], hashlib.sha256(), set(exclude_ids)
     for shard in shards:
         blob = pl.get_bytes(f"{prefix}/{shard}.json")
@@ -95,6 +97,10 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
         doc = json.loads(blob)
         by_image: dict[int, list] = {}
         for a in doc["annotations"]:
+            if a["category_id"] not in known:
+                why = "no_text_embedding" if a["category_id"] in no_embedding else "unknown_category"
+                dropped[why] = dropped.get(why, 0) + 1
+                continue
             by_image.setdefault(a["image_id"], []).append(a)
         for s in iter_shard(src, shard):
             if s.image_id in by_image and s.image_id not in exclude:
@@ -102,8 +108,26 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
     if exclude:
         digest.update(json.dumps(sorted(exclude)).encode())
     manifest = {"source": "pseudo", "shards": shards, "excluded": report.get("excluded", {}), "generator": generator,
-                "images": len(samples), "annotations": sum(len(a) for _, a in samples), "sha256": digest.hexdigest()}
+                "images": len(samples), "annotations": sum(len(a) for _, a in samples), "sha256": digest.hexdigest(),
+                "dropped_annotations": dropped, "categories_without_embedding": sorted(no_embedding.values())}
+    if dropped:
+        log.warning("annotations left out of training", extra={"dropped": dropped, "categories": sorted(no_embedding.values())})
     return samples, cats, emb, manifest
+
+
+def usable_categories(cats: list[dict], emb: np.ndarray) -> tuple[list[dict], np.ndarray, dict[int, str]]:
+    """Categories that have a finite, non-zero text embedding (row i of ``emb`` belongs to ``cats[i]``), their
+    embeddings, and {id: name} of those that do not (their annotations are left out with that reason)."""
+    keep, missing = [], {}
+    for i, c in enumerate(cats):
+        row = emb[i] if i < len(emb) else None
+        if row is None or not np.all(np.isfinite(row)) or not np.any(row):
+            missing[c["id"]] = c.get("name", str(c["id"]))
+        else:
+            keep.append(i)
+    if not keep:
+        raise ValueError(f"no category has a text embedding ({len(cats)} categories, embeddings {emb.shape})")
+    return [cats[i] for i in keep], emb[keep], missing
 
 
 def eval_image_ids(gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None) -> list[int]:

@@ -131,3 +131,30 @@ def test_bad_inputs_through_ingest_pseudo_label_validate_train(synth_small, tmp_
                  f"ingest seen {rep['seen']} = kept {rep['kept']} + quarantined {sum(rep['quarantined'].values())}; "
                  f"pseudo-label images {c['images']} = labelled {c['labelled']} + quarantined {c['quarantined']}; {summary}; "
                  f"GX {'passed' if gate['passed'] else 'failed'}; {train_note}", 0)
+
+
+def test_categories_without_text_embedding_are_left_out_with_a_reason(clean_small, labelled, tmp_path, record_fault):
+    import shutil
+
+    import pytest
+
+    from ovtasks.train import TrainConfig, train_ov_maskrcnn
+
+    pl = tmp_path / "labelled"
+    shutil.copytree(labelled, pl)
+    emb_path = pl / "pseudo" / "maskfree" / "text_embeddings.npy"
+    cats = json.loads((pl / "pseudo" / "maskfree" / "categories.json").read_text())
+    emb = np.load(emb_path)
+    emb[0] = np.nan  # a broken embedding
+    np.save(emb_path, emb[:-1])  # and the last category has none at all
+    s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data")})
+    t = train_ov_maskrcnn(clean_small, str(pl), str(tmp_path / "model"), s, TrainConfig(steps=2, batch_size=2, min_size=96, max_size=128))
+    m = t.data_manifest
+    assert m["categories_without_embedding"] == sorted([cats[0]["name"], cats[-1]["name"]])
+    assert m["dropped_annotations"]["no_text_embedding"] > 0 and all(np.isfinite(h["loss"]) for h in t.history)
+    np.save(emb_path, np.zeros_like(emb))
+    with pytest.raises(ValueError, match="no category has a text embedding"):
+        train_ov_maskrcnn(clean_small, str(pl), str(tmp_path / "model2"), s, TrainConfig(steps=1, batch_size=2))
+    record_fault("categories with no text embedding", "one category's embedding NaN, another's row missing from text_embeddings.npy",
+                 f"training left out {m['dropped_annotations']['no_text_embedding']} annotations of {m['categories_without_embedding']} "
+                 "(recorded in the data manifest) and trained on the rest; with no usable embedding at all it refused with a clear error", 0)
