@@ -137,3 +137,55 @@ def shard_docs(store, prefix="pseudo/maskfree") -> dict[str, bytes]:
 def annotations(docs: dict[str, bytes]) -> dict[str, list[tuple]]:
     return {k: [(a["image_id"], a["category_id"], a["segmentation"]["counts"]) for a in json.loads(v)["annotations"]]
             for k, v in docs.items()}
+
+
+class PartialWatcher:
+    """Polls a store while a run works and records any object seen half-written: a shard JSON that does not
+    parse, or a manifest naming files whose sha256 does not match (a manifest is written last)."""
+
+    def __init__(self, store, prefix="pseudo/maskfree/", interval=0.2):
+        import threading
+
+        self.store, self.prefix, self.interval = store, prefix, interval
+        self.problems, self.checks, self._stop = [], 0, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(30)
+
+    def _loop(self):
+        import hashlib
+
+        while not self._stop.is_set():
+            try:
+                keys = self.store.list(self.prefix)
+            except Exception:  # noqa: BLE001 - a listing racing a delete; try again
+                keys = []
+            for k in keys:
+                name = k.rsplit("/", 1)[-1]
+                try:
+                    blob = self.store.get_bytes(k)
+                except Exception:  # noqa: BLE001 - deleted between list and get (the test clears outputs)
+                    continue
+                self.checks += 1
+                if name.endswith(".json"):
+                    try:
+                        doc = json.loads(blob)
+                    except ValueError:
+                        self.problems.append(f"{k}: not parseable JSON (half-written?)")
+                        continue
+                    if name.endswith(".manifest.json") and doc.get("status") == "complete":
+                        for f, meta in doc.get("files", {}).items():
+                            rel = f[len(self.prefix):] if f.startswith(self.prefix) else f.rsplit("/", 1)[-1]
+                            try:
+                                data = self.store.get_bytes(self.prefix + rel)
+                            except Exception:  # noqa: BLE001
+                                continue
+                            if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+                                self.problems.append(f"{k}: names {f} whose bytes do not match")
+            self._stop.wait(self.interval)

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from airflow_stack import Stack, annotations, celery_env, free_port, shard_docs
+from airflow_stack import PartialWatcher, Stack, annotations, celery_env, free_port, shard_docs
 from ovtasks.config import load_settings
 
 DAG = "ovtasks_pseudo_label"
@@ -66,12 +66,14 @@ def test_pseudo_label_on_celery_survives_a_killed_worker(synth_small, seaweed, p
         # run 2 from scratch; SIGKILL the worker (and its task process) while it labels, start a new one
         for key in store.list("pseudo/maskfree/"):
             store.delete(key)
-        run2 = af.trigger(DAG)
-        stack.wait_task_running(af, DAG, run2, "label")
-        time.sleep(3)  # in the middle of a shard
-        stack.kill("worker")
-        stack.start("worker2", "celery", "worker", "--queues", "default,gpu")
-        assert stack.wait(af, DAG, run2, 500) == "success", f"{af.task_states(DAG, run2)}\n{stack.tail()}"
+        with PartialWatcher(store) as watcher:  # nothing half-written is ever visible, kill included
+            run2 = af.trigger(DAG)
+            stack.wait_task_running(af, DAG, run2, "label")
+            time.sleep(3)  # in the middle of a shard
+            stack.kill("worker")
+            stack.start("worker2", "celery", "worker", "--queues", "default,gpu")
+            assert stack.wait(af, DAG, run2, 500) == "success", f"{af.task_states(DAG, run2)}\n{stack.tail()}"
+        assert watcher.checks > 0 and watcher.problems == [], watcher.problems[:5]
         tries = [tr for t, _, st, tr in af.task_states(DAG, run2) if t == "label"]
         assert max(tries) >= 2, f"the kill did not hit a label task: {af.task_states(DAG, run2)}"
         second = shard_docs(store)
@@ -84,6 +86,7 @@ def test_pseudo_label_on_celery_survives_a_killed_worker(synth_small, seaweed, p
                      f"`airflow celery worker` (and its task process) SIGKILLed 3 s into a `label` task of ovtasks_pseudo_label "
                      f"(CeleryExecutor, PostgreSQL, Redis, SeaweedFS); a new worker started",
                      f"Airflow retried the task (try {max(tries)}) and the run succeeded; {len(second)} shard files with {n} "
-                     f"annotations, identical (image, category, RLE) to an uninterrupted run, none duplicated or missing", 0)
+                     f"annotations, identical (image, category, RLE) to an uninterrupted run, none duplicated or missing; "
+                     f"{watcher.checks} reads of the store during the run saw no half-written object", 0)
     finally:
         stack.stop()

@@ -12,7 +12,7 @@ import pytest
 
 from ovtasks.config import load_settings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
 
 _STAGE = """
 import json, resource, sys, time
