@@ -106,8 +106,9 @@ def trigger(settings: Settings, dag_id: str, conf: dict, wait: bool, timeout: fl
 
     console = console or Console()
     af = airflow or connect(settings)
-    if dag_id not in af.dag_ids():
-        raise ValueError(f"unknown DAG {dag_id!r}; known: {', '.join(d for d in af.dag_ids() if d.startswith('ovtasks'))}")
+    known = af.dag_ids()
+    if dag_id not in known:
+        raise ValueError(f"unknown DAG {dag_id!r}; known: {', '.join(d for d in known if d.startswith('ovtasks'))}")
     af.unpause(dag_id)
     run_id = af.trigger(dag_id, conf)
     console.print(f"triggered {dag_id} run [bold]{run_id}[/]" + (f" conf={json.dumps(conf)}" if conf else ""))

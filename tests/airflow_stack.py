@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from seaweed import free_port  # noqa: F401 - re-exported for the Airflow tests
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PASSWORD = "test-only-password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def celery_env(tmp_path: Path, port: int, pg_db: str, broker_url: str, s3_env: dict, clean_uri: str, pseudo_uri: str) -> dict:

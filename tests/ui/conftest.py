@@ -3,7 +3,6 @@ two registered model versions; plus an empty one; plus Airflow's simple auth man
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from seaweed import free_port
 
 from ovtasks.config import load_settings
 
@@ -103,17 +103,11 @@ def simple_auth(tmp_path_factory):
     apply(old)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def api_server(ui_world, tmp_path_factory):
     home = tmp_path_factory.mktemp("api-server-home")
     (home / "passwords.json").write_text(json.dumps({"admin": "test-only-admin"}))
-    port = _port()
+    port = free_port()
     env = {**os.environ, **ui_world[1], "AIRFLOW_HOME": str(home), "HF_HUB_OFFLINE": "1",
            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),

@@ -10,17 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from ovtasks.airflow_api import get_token
 from webdriver import Chrome, find_browser
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("TEST_OUT", ROOT / "test-output")) / "ui"
-
-
-def _token(base: str) -> str:
-    req = urllib.request.Request(f"{base}/auth/token", data=json.dumps({"username": "admin", "password": "test-only-admin"}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())["access_token"]
 
 
 def test_page_in_headless_chromium(api_server, tmp_path):
@@ -29,7 +23,7 @@ def test_page_in_headless_chromium(api_server, tmp_path):
         print("\nSKIP browser test: Debian chromium / chromium-driver not installed (make test installs them)", file=sys.stderr)
         pytest.skip("chromium / chromedriver not installed")
     base, log = api_server
-    token = _token(base)
+    token = get_token(base, "admin", "test-only-admin")
     # the plugin is registered: its app answers behind auth and its nav entry is listed
     with pytest.raises(urllib.error.HTTPError) as anon:
         urllib.request.urlopen(f"{base}/ovtasks/api/datasets", timeout=10)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+from seaweed import free_port
 
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 
@@ -25,9 +26,7 @@ class WebDriverError(RuntimeError):
 
 class Chrome:
     def __init__(self, browser: str, driver: str, log: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.proc = subprocess.Popen([driver, f"--port={port}"], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
         self.base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
