@@ -7,9 +7,10 @@ ingest). Shards without a manifest are incomplete and are never read.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -68,3 +69,10 @@ def iter_clean(uri: str, settings: Settings, limit: int | None = None) -> Iterat
             n += 1
             if limit is not None and n >= limit:
                 return
+
+
+def chunks(items: Iterable, n: int) -> Iterator[list]:
+    """Consecutive lists of ``n`` items (the last may be shorter), streaming."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk

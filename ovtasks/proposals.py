@@ -8,6 +8,8 @@ boxes for the image's object names (patent Table 5 compares proposal generators)
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -52,13 +54,26 @@ def selective_search(image: np.ndarray, max_side: int = 160, min_size: int = 6, 
 
 
 class SelectiveSearch:
+    """Selective search over a batch of images, ``threads`` images at a time.
+
+    OpenCV releases the GIL inside ``process()`` and each call is single-threaded, so a thread pool
+    over the batch uses every core (profiling showed one core busy and the rest idle: 61 % of a
+    maskfree run was this loop). Results are in input order and identical to the sequential loop.
+    """
+
     name = "selective_search"
 
-    def __init__(self, max_boxes: int = 400):
+    def __init__(self, max_boxes: int = 400, threads: int | None = None):
         self.max_boxes = max_boxes
+        self.threads = max(1, threads if threads is not None else len(os.sched_getaffinity(0)))
+        self._pool: ThreadPoolExecutor | None = None
 
     def propose(self, images: Sequence[np.ndarray], names: Sequence[Sequence[str]] | None = None) -> list[np.ndarray]:
-        return [selective_search(im, max_boxes=self.max_boxes) for im in images]
+        if self.threads == 1 or len(images) < 2:
+            return [selective_search(im, max_boxes=self.max_boxes) for im in images]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="selective-search")
+        return list(self._pool.map(lambda im: selective_search(im, max_boxes=self.max_boxes), images))
 
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)

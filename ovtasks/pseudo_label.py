@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import logging
 import os
@@ -38,14 +37,14 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from ovtasks import __version__, history
 from ovtasks.candidates import Candidate, Vocabulary, build_extractor
 from ovtasks.config import Settings
-from ovtasks.dataset import CleanSample, complete_shards, iter_shard
+from ovtasks.dataset import CleanSample, chunks, complete_shards, iter_shard
 from ovtasks.groundtruth import encode_rle, mask_bbox, rle_area, rle_bbox
 from ovtasks.storage import open_store
 
@@ -251,12 +250,6 @@ def run_fingerprint(settings: Settings, generator: str, versions: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _chunks(items: Iterable, n: int) -> Iterator[list]:
-    it = iter(items)
-    while chunk := list(itertools.islice(it, n)):
-        yield chunk
-
-
 def label_guarded(models, samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]],
                   settings: Settings) -> tuple[list[PairResult], dict[int, str]]:
     """``models.label`` on a chunk; if it raises, every image is retried alone and an image that fails
@@ -334,7 +327,7 @@ def pseudo_label_shard(src_uri: str, out_uri: str, shard: str, settings: Setting
     reasons: Counter = Counter()
     with tempfile.TemporaryDirectory(prefix="ovtasks-pseudo-") as tmp:
         spool = _Spool(tmp)
-        for chunk in _chunks(iter_shard(src, shard), models.chunk_size(settings)):
+        for chunk in chunks(iter_shard(src, shard), models.chunk_size(settings)):
             candidates = extractor.extract([s.caption for s in chunk])
             results, quarantined = label_guarded(models, chunk, candidates, settings)
             coco = to_coco(chunk, results, generator, models.versions, quarantined)

@@ -67,3 +67,23 @@ def test_top_proposals_and_checkpoint(tmp_path):
     back, extra = load_wspn(tmp_path / "w.pt")
     assert extra == {"note": 1} and back.cfg == m.cfg
     torch.testing.assert_close(back(torch.ones(1, 3, 32, 32), [boxes])[0]["W"], m(torch.ones(1, 3, 32, 32), [boxes])[0]["W"])
+
+
+def test_selective_search_thread_pool_matches_the_loop_in_order():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ovtasks.proposals import SelectiveSearch
+    from ovtasks.synth import SynthSpec, make_sample
+
+    spec = SynthSpec(seed=2, shards=1, images_per_shard=6, failure_rate=0.0)
+    images = [np.array(Image.open(io.BytesIO(make_sample(spec, 0, i)["jpeg"])).convert("RGB")) for i in range(6)]
+    images.append(np.zeros((40, 70, 3), np.uint8))  # blank: few or no boxes, must not shift the order
+    loop = SelectiveSearch(threads=1).propose(images)
+    pooled = SelectiveSearch(threads=3).propose(images)
+    assert len(pooled) == len(images)
+    assert sum(len(b) for b in loop) > 0
+    for a, b in zip(loop, pooled):
+        assert a.dtype == b.dtype == np.float32 and np.array_equal(a, b)
