@@ -77,7 +77,11 @@ class SamSegmenter:
 
     @torch.inference_mode()
     def segment(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[BoxMasks]:
-        """Masks for ``boxes[i]`` (``(N_i, 4)`` pixel xyxy) in ``images[i]``."""
+        """Masks for ``boxes[i]`` (``(N_i, 4)`` pixel xyxy) in ``images[i]``.
+
+        The mask decoder runs on all boxes of a micro-batch of images together, ``box_batch`` boxes per call:
+        each box is its own decoder batch row paired with its image's embedding (what SAM does inside for one
+        image's boxes), so no box is padded and the masks equal decoding image by image."""
         if len(images) != len(boxes):
             raise ValueError(f"{len(images)} images but {len(boxes)} box arrays")
         out: list[BoxMasks] = [BoxMasks.empty() for _ in images]
@@ -85,33 +89,69 @@ class SamSegmenter:
         for b0 in range(0, len(todo), self.batch_size):
             idx = todo[b0: b0 + self.batch_size]
             emb = self.embed([images[i] for i in idx])
-            for k, i in enumerate(idx):
-                out[i] = self._decode(emb[k: k + 1], images[i].shape[:2], np.asarray(boxes[i], np.float32))
+            owner = np.concatenate([np.full(len(boxes[i]), k) for k, i in enumerate(idx)])
+            scaled = np.concatenate([self._scaled(images[i].shape[:2], np.asarray(boxes[i], np.float32)) for i in idx])
+            chosen, ious = [], []
+            for c0 in range(0, len(scaled), self.box_batch):
+                sel = torch.from_numpy(owner[c0: c0 + self.box_batch]).to(emb.device)
+                c, iou = self._best_masks(emb[sel], scaled[c0: c0 + self.box_batch, None])
+                chosen.append(c[:, 0])
+                ious.append(iou[:, 0])
+            chosen, ious = torch.cat(chosen), torch.cat(ious)
+            start = 0
+            for i in idx:
+                end = start + len(boxes[i])
+                out[i] = self._to_box_masks(chosen[start:end], ious[start:end], images[i].shape[:2])
+                start = end
         return out
 
-    def _decode(self, emb: torch.Tensor, hw: tuple[int, int], boxes: np.ndarray) -> BoxMasks:
-        h, w = hw
-        rh, rw, scale = self._resized(h, w)
+    def _scaled(self, hw: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
+        return boxes * self._resized(*hw)[2]
+
+    def _best_masks(self, emb: torch.Tensor, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits of the highest-IoU mask per box ``(B, n, mh, mw)`` and that IoU ``(B, n)`` for
+        ``boxes`` ``(B, n, 4)`` already in the encoder's input frame."""
+        bx = torch.from_numpy(np.ascontiguousarray(boxes)).to(self.device, self.dtype)
+        sparse, dense = self.model.prompt_encoder(input_points=None, input_labels=None, input_boxes=bx, input_masks=None)
+        low, iou = self.model.mask_decoder(image_embeddings=emb, image_positional_embeddings=self._pos(len(emb)),
+                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+        low, iou = low.float(), iou.float()  # (B, n, 3, mh, mw), (B, n, 3)
+        best = iou.argmax(dim=2, keepdim=True)
+        chosen = torch.take_along_dim(low, best[..., None, None], dim=2)[:, :, 0]
+        return chosen, torch.take_along_dim(iou, best, dim=2)[..., 0]
+
+    def _pos(self, batch: int) -> torch.Tensor:
         pos = self.model.get_image_wide_positional_embeddings()
+        return pos.expand(batch, *pos.shape[1:]) if pos.shape[0] != batch else pos
+
+    def _to_box_masks(self, chosen: torch.Tensor, ious: torch.Tensor, hw: tuple[int, int]) -> BoxMasks:
+        rles, areas = self._rles(chosen, hw)
+        return BoxMasks(rles, np.asarray(areas, np.int64), ious.cpu().numpy().astype(np.float32))
+
+    def _rles(self, chosen: torch.Tensor, hw: tuple[int, int]) -> tuple[list[dict], list[int]]:
+        """Low-res logits ``(n, mh, mw)`` → COCO RLEs and areas at the image size, a bounded number at a time."""
+        h, w = hw
+        rh, rw, _ = self._resized(h, w)
+        rles, areas = [], []
+        per = max(1, int(self.pixel_budget // max(self.size * self.size, h * w)))
+        for m0 in range(0, len(chosen), per):  # full-size masks a bounded number at a time
+            up = F.interpolate(chosen[m0: m0 + per, None], size=(self.size, self.size), mode="bilinear", align_corners=False)
+            up = F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+            masks = up > self.mask_threshold
+            areas += masks.sum(dim=(1, 2)).cpu().tolist()
+            # (n, w, h) C order read as (h, w, n) is the Fortran layout pycocotools wants: no copy
+            rles += encode_rles(masks.transpose(1, 2).to(torch.uint8).contiguous().cpu().numpy().transpose(2, 1, 0))
+        return rles, areas
+
+    def _decode(self, emb: torch.Tensor, hw: tuple[int, int], boxes: np.ndarray) -> BoxMasks:
+        """One image's boxes, ``box_batch`` at a time (the per-image path)."""
         rles, areas, ious = [], [], []
         for b0 in range(0, len(boxes), self.box_batch):
-            bx = torch.from_numpy(boxes[b0: b0 + self.box_batch] * scale).to(self.device, self.dtype)[None]
-            sparse, dense = self.model.prompt_encoder(input_points=None, input_labels=None, input_boxes=bx, input_masks=None)
-            low, iou = self.model.mask_decoder(image_embeddings=emb, image_positional_embeddings=pos, sparse_prompt_embeddings=sparse,
-                                               dense_prompt_embeddings=dense, multimask_output=True)
-            low, iou = low[0].float(), iou[0].float()  # (n, 3, mh, mw), (n, 3)
-            best = iou.argmax(dim=1)
-            rows = torch.arange(len(best), device=best.device)
-            chosen = low[rows, best]  # (n, mh, mw)
-            ious += iou[rows, best].cpu().tolist()
-            per = max(1, int(self.pixel_budget // max(self.size * self.size, h * w)))
-            for m0 in range(0, len(chosen), per):  # full-size masks a bounded number at a time
-                up = F.interpolate(chosen[m0: m0 + per, None], size=(self.size, self.size), mode="bilinear", align_corners=False)
-                up = F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-                masks = up > self.mask_threshold
-                areas += masks.sum(dim=(1, 2)).cpu().tolist()
-                # (n, w, h) C order read as (h, w, n) is the Fortran layout pycocotools wants: no copy
-                rles += encode_rles(masks.transpose(1, 2).to(torch.uint8).contiguous().cpu().numpy().transpose(2, 1, 0))
+            chosen, iou = self._best_masks(emb, self._scaled(hw, boxes[b0: b0 + self.box_batch])[None])
+            ious += iou[0].cpu().tolist()
+            r, a = self._rles(chosen[0], hw)
+            rles += r
+            areas += a
         return BoxMasks(rles, np.asarray(areas, np.int64), np.asarray(ious, np.float32))
 
 

@@ -103,6 +103,24 @@ def test_batch_equals_per_image(gdino, sam):
             assert (a ^ b).sum() <= max(2, 0.001 * a.size)
 
 
+def test_sam_cross_image_decode_equals_per_image_decode(tiny_grounded):
+    """One mask-decoder call for a micro-batch (boxes padded to the largest count) gives each image the masks
+    that decoding it alone gives."""
+    s = SamSegmenter.load(tiny_grounded[1], batch_size=4, box_batch=64)
+    ims = [_img(80, 100, 21), _img(64, 64, 22), _img(120, 90, 23)]
+    boxes = [np.array([[5, 5, 60, 70], [20, 10, 90, 50], [0, 0, 100, 80]], np.float32),
+             np.array([[10, 10, 40, 40]], np.float32), np.array([[3, 8, 80, 100], [30, 30, 60, 90]], np.float32)]
+    together = s.segment(ims, boxes)
+    for im, bx, m in zip(ims, boxes, together):
+        emb = s.embed([im])
+        alone = s._decode(emb, im.shape[:2], bx)
+        assert len(m.rles) == len(bx) and m.iou.shape == (len(bx),)
+        np.testing.assert_allclose(alone.iou, m.iou, atol=1e-5)
+        for r1, r2 in zip(alone.rles, m.rles):
+            a, b = decode_rle(r1), decode_rle(r2)
+            assert a.shape == im.shape[:2] and (a ^ b).sum() <= max(2, 0.001 * a.size)
+
+
 def test_sam_masks_are_rles_at_image_size(sam):
     im = _img(80, 100, 9)
     boxes = np.array([[10, 10, 50, 60], [0, 0, 100, 80], [30, 5, 31, 6]], np.float32)
