@@ -43,8 +43,9 @@ test-slow: $(STAMP)
 reliability: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/reliability.py $(RELIABILITY_ARGS)
 
+# every performance benchmark side by side -> benchmarks/results.{json,md} and the README table (~25 min on 2 cores)
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ingest.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 lock: $(BIN)/python
 	{ echo "# Tested set, Python 3.11 / x86_64 (pip freeze of the make-test venv). Regenerate: make lock"; \

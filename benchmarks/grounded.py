@@ -108,6 +108,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each side; the fastest counts")
     ap.add_argument("--max-detections", type=int, default=100,
                     help="boxes kept per image; random weights fill the cap, a trained model at 0.35 keeps ~5-15")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/grounded[_cuda].json")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     settings = load_settings(env={})
@@ -158,9 +159,10 @@ def main() -> int:
            "images": args.images, "image_size": args.image_size, "size": args.size, "device": args.device, "dtype": args.dtype,
            "batch_size": args.batch_size, "repeats": args.repeats, "max_detections": args.max_detections, "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                                                       "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = "grounded.json" if args.device == "cpu" else f"grounded_{args.device.split(':')[0]}.json"
-    (RESULTS / name).write_text(json.dumps(out, indent=2))
+    path = Path(args.out) if args.out else RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
     print("\n| workload | names/image | loop img/s | batched img/s | speedup |\n|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['workload']} | {r['names_per_image']} | {r['loop_img_s']} | {r['batched_img_s']} | {r['speedup']}x |")

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from ovtasks import __version__
@@ -226,6 +227,32 @@ def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
     return main_trigger(settings, args.dag, args.conf, not args.no_wait, args.timeout)
 
 
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    import yaml
+
+    from ovtasks.capacity import helm_values, measured, plan, render
+
+    m = None
+    gpu, ingest = args.gpu_images_per_s, args.ingest_images_per_core_s
+    if gpu is None or ingest is None:
+        try:
+            m = measured(generator=args.generator)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        gpu, ingest = gpu or m.gpu_images_per_s, ingest or m.ingest_images_per_core_s
+    try:
+        p = plan(args.images_per_week, gpu, ingest, args.window_hours, args.efficiency, args.shard_size, args.image_kb,
+                 max_map_length=settings.pipeline.max_map_length)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.values_out:
+        Path(args.values_out).write_text(yaml.safe_dump(helm_values(p), sort_keys=False))
+    print(json.dumps(p.as_dict(), indent=2) if args.json else render(p, m))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
     return 0
@@ -366,6 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--who", default=None)
     pr.add_argument("--reason", default=None)
     pr.set_defaults(func=cmd_promote)
+
+    pn = sub.add_parser("plan", help="GPU workers, pool slots, mapped tasks and helm values for N images a week (from measured throughput)")
+    pn.add_argument("--images-per-week", type=float, required=True, help="e.g. 10e6")
+    pn.add_argument("--generator", default="grounded", choices=("maskfree", "grounded"))
+    pn.add_argument("--gpu-images-per-s", type=float, default=None, help="default: the last GPU benchmark (grounded)")
+    pn.add_argument("--ingest-images-per-core-s", type=float, default=None, help="default: benchmarks/results/ingest.json")
+    pn.add_argument("--window-hours", type=float, default=72.0, help="pseudo-labelling must finish within (default 72)")
+    pn.add_argument("--efficiency", type=float, default=0.7, help="fraction of the measured rate sustained (default 0.7)")
+    pn.add_argument("--shard-size", type=int, default=10_000, help="images per source shard (img2dataset default 10000)")
+    pn.add_argument("--image-kb", type=float, default=50.0, help="mean JPEG size")
+    pn.add_argument("--values-out", default=None, help="write the helm overrides to this file")
+    pn.add_argument("--json", action="store_true")
+    pn.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     c.set_defaults(func=cmd_config)
