@@ -31,6 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hostinfo import cpu_model  # noqa: E402
 from ovtasks.config import load_settings  # noqa: E402
 from ovtasks.ingest import ingest  # noqa: E402
 from ovtasks.shards import IMAGE_EXTS, iter_tar_samples  # noqa: E402
@@ -57,12 +58,7 @@ def decode_limit(src: Path, workers: int) -> tuple[float, int]:
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "pillow": Image.__version__, "platform": platform.platform()}
 
 

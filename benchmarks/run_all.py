@@ -37,6 +37,9 @@ RESULTS = BENCH / "results"
 README = ROOT / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
+sys.path.insert(0, str(BENCH))
+from hostinfo import cpu_model, memory_gib  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Bench:
@@ -97,19 +100,9 @@ GPU_RESULTS = {"grounded_cuda.json": ("grounded generator, images/s (lexicon cap
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = 0
-    try:
-        mem = round(int(next(x for x in open("/proc/meminfo") if x.startswith("MemTotal")).split()[1]) / 2**20)
-    except (OSError, StopIteration):
-        pass
     import torch
 
-    return {"cpu": cpu or platform.processor(), "cores": len(os.sched_getaffinity(0)), "memory_gib": mem,
+    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "memory_gib": memory_gib(),
             "python": platform.python_version(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "platform": platform.platform()}
 

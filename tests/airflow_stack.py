@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -47,10 +48,18 @@ def celery_env(tmp_path: Path, port: int, pg_db: str, broker_url: str, s3_env: d
 
 
 class Stack:
-    """Airflow components as subprocesses, each in its own process group (stopped by pid)."""
+    """Airflow components as subprocesses, each in its own process group (stopped by pid).
+
+    Like their Deployments (helm) and ``restart: unless-stopped`` (compose), a component that exits on
+    its own is started again (the scheduler exits its loop when its DB connection drops mid-query);
+    ``restarts`` counts them. A component killed on purpose (:meth:`kill`) stays down."""
 
     def __init__(self, env: dict, logs: Path):
-        self.env, self.logs, self.procs = env, logs, {}
+        self.env, self.logs, self.procs, self.args = env, logs, {}, {}
+        self.restarts: dict[str, int] = {}
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watch = threading.Thread(target=self._supervise, daemon=True)
         logs.mkdir(parents=True, exist_ok=True)
 
     def run(self, *args):
@@ -59,11 +68,28 @@ class Stack:
 
     def start(self, name: str, *args):
         log = open(self.logs / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        with self._lock:
+            self.args[name] = args
+            self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env=self.env, cwd=ROOT, stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+        if not self._watch.is_alive() and not self._stopping.is_set():
+            self._watch.start()
+
+    def _supervise(self):
+        while not self._stopping.wait(1.0):
+            with self._lock:
+                exited = [n for n, p in self.procs.items() if p.poll() is not None]
+            for name in exited:
+                if self._stopping.is_set():
+                    return
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                with open(self.logs / f"{name}.log", "ab") as log:
+                    log.write(f"\n=== exited; restarted by the test's supervisor ({self.restarts[name]}) ===\n".encode())
+                self.start(name, *self.args[name])
 
     def kill(self, name: str, sig=signal.SIGKILL):
-        p = self.procs.pop(name)
+        with self._lock:
+            p = self.procs.pop(name)
         try:
             os.killpg(p.pid, sig)
         except ProcessLookupError:
@@ -71,6 +97,9 @@ class Stack:
         p.wait(timeout=60)
 
     def stop(self):
+        self._stopping.set()
+        if self._watch.is_alive():
+            self._watch.join(timeout=10)
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM)
 

@@ -115,7 +115,9 @@ def test_redis_restart_and_dropped_db_connections_during_a_run(synth_small, seaw
                      f"the Redis broker SIGKILLed 2 s into `label`, down 3 s, restarted empty; {dropped} PostgreSQL "
                      "connections of the Airflow DB terminated",
                      f"run {'succeeded' if reruns == 0 else f'failed cleanly, and re-run {reruns} time(s) succeeded'}; "
-                     f"{n} annotations in {len(got)} shards, identical to an undisturbed run, none duplicated or missing", 0)
+                     f"{n} annotations in {len(got)} shards, identical to an undisturbed run, none duplicated or missing"
+                     + (f"; components that exited on the dropped connections and were restarted (as their Deployments "
+                        f"would be): {stack.restarts}" if stack.restarts else ""), 0)
     finally:
         stack.stop()
         if broker.proc and broker.proc.poll() is None:
