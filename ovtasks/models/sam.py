@@ -6,8 +6,8 @@ random model in the same layout for offline tests and CPU benchmarks.
 :meth:`SamSegmenter.segment` resizes each image's long side to the vision encoder's input size and
 pads it to a square (SAM's own preprocessing, done here in torch so that a micro-batch of images is
 one tensor), computes the image embeddings once per image in micro-batches of ``batch_size``, then
-decodes all of that image's boxes together (``box_batch`` at a time) with multi-mask output, keeping
-the mask with the highest predicted IoU. Masks are upsampled and thresholded on the device, as many
+decodes all boxes of the micro-batch together (``box_batch`` at a time, each box paired with its own
+image's embedding) with multi-mask output, keeping the mask with the highest predicted IoU. Masks are upsampled and thresholded on the device, as many
 at a time as ``pixel_budget`` allows (so a 4000x3000 image with many boxes never holds all its
 full-size masks at once), and come back as COCO RLE at the original image size.
 """
