@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-# one process of a stage: W = 1 runs in it, W > 1 starts the workers (ingest: its pool; pseudo-label:
-# W processes of this same script with --part)
+# one process of a stage: W = 1 runs in it, W > 1 starts the workers (ingest: its own pool; pseudo-label:
+# a spawn pool of W processes running `label` on their share of the shards)
 _STAGE = r"""
 import json, os, sys, time
 from concurrent.futures import ProcessPoolExecutor
@@ -213,9 +213,7 @@ def main() -> int:
                     points.append(p)
                     print(json.dumps(p), flush=True)
                 shutil.rmtree(out)
-                if w != args.workers[-1]:
-                    shutil.rmtree(clean)
-            shutil.rmtree(work / f"clean{n}-{args.workers[-1]}")
+                shutil.rmtree(clean)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for p in points:

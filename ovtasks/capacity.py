@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ovtasks.orchestration import shard_groups
+
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 MAX_MAP_LENGTH = 1024  # Airflow's [core] max_map_length default; pipeline.max_map_length mirrors it
 
@@ -76,8 +78,8 @@ def plan(images_per_week: float, gpu_images_per_s: float, ingest_images_per_core
     gpu_seconds = n / gpu_images_per_s
     gpus = max(1, math.ceil(gpu_seconds / (window_hours * 3600 * efficiency)))
     shards = max(1, math.ceil(n / shard_size))
-    per_task = max(1, math.ceil(shards / max_map_length))
-    mapped = math.ceil(shards / per_task)
+    groups = shard_groups(list(range(shards)), 1, max_map_length)  # exactly how the pseudo-label DAG maps them
+    per_task, mapped = len(groups[0]), len(groups)
     cores = max(1, math.ceil(n / (ingest_images_per_core_s * ingest_window_hours * 3600 * efficiency)))
     gb = n * image_kb / 1e6
     # reads: raw once (ingest), clean once per pseudo-label run and once per training epoch; writes: clean

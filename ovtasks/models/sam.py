@@ -143,16 +143,18 @@ class SamSegmenter:
             rles += encode_rles(masks.transpose(1, 2).to(torch.uint8).contiguous().cpu().numpy().transpose(2, 1, 0))
         return rles, areas
 
+    @torch.inference_mode()
     def _decode(self, emb: torch.Tensor, hw: tuple[int, int], boxes: np.ndarray) -> BoxMasks:
-        """One image's boxes, ``box_batch`` at a time (the per-image path)."""
-        rles, areas, ious = [], [], []
+        """One image's boxes against its single embedding, ``box_batch`` at a time (the per-image path, kept
+        as the reference that :meth:`segment` is checked and benchmarked against)."""
+        if not len(boxes):
+            return BoxMasks.empty()
+        chosen, ious = [], []
         for b0 in range(0, len(boxes), self.box_batch):
-            chosen, iou = self._best_masks(emb, self._scaled(hw, boxes[b0: b0 + self.box_batch])[None])
-            ious += iou[0].cpu().tolist()
-            r, a = self._rles(chosen[0], hw)
-            rles += r
-            areas += a
-        return BoxMasks(rles, np.asarray(areas, np.int64), np.asarray(ious, np.float32))
+            c, iou = self._best_masks(emb, self._scaled(hw, boxes[b0: b0 + self.box_batch])[None])
+            chosen.append(c[0])
+            ious.append(iou[0])
+        return self._to_box_masks(torch.cat(chosen), torch.cat(ious), hw)
 
 
 def save_tiny(path: str | os.PathLike, image_size: int = 128, hidden: int = 32, seed: int = 0, full: bool = False) -> str:
