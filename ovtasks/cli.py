@@ -209,9 +209,12 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.registry import promote
 
+    from ovtasks.ops_cli import gate_text
+
     r = promote(settings, args.tolerance, args.who, args.reason or "", architecture=args.model)
     _print_table([("promoted", "yes" if r.promoted else "NO"), ("reason", r.reason), ("challenger", str(r.challenger)),
-                  ("champion before", str(r.champion_before)), ("champion now", str(r.champion_after))], "promotion gate")
+                  ("champion before", str(r.champion_before)), ("champion now", str(r.champion_after)),
+                  ("gate (challenger - champion, CI)", gate_text(r.gate))], "promotion gate")
     return 0 if r.promoted else 4
 
 

@@ -161,7 +161,12 @@ class RegistryConfig(_Frozen):
     experiment: str = "ovtasks"
     model_name: str = Field("ovtasks-ov-maskrcnn", description="registered model of the OV Mask R-CNN")
     semantic_sam_model_name: str = Field("ovtasks-semantic-sam", description="registered model of Semantic-SAM")
-    promotion_tolerance: float = Field(0.5, ge=0.0, description="novel mask AP50 points the challenger may lose to the champion")
+    promotion_tolerance: float = Field(1.0, ge=0.0, description="margin: novel mask AP50 points the challenger may lose to "
+                                       "the champion (lower end of the paired-bootstrap interval of the difference)")
+    promotion_confidence: float = Field(0.95, gt=0.0, lt=1.0, description="confidence of the paired-bootstrap interval")
+    bootstrap_samples: int = Field(1000, ge=10, description="paired bootstrap samples over the evaluation images")
+    bootstrap_seed: int = 0
+    min_novel_ap50: float = Field(5.0, ge=0.0, description="floor: a model below this novel mask AP50 is never champion")
 
 
 class AirflowClientConfig(_Frozen):

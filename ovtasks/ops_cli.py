@@ -74,12 +74,13 @@ def status(settings: Settings, console=None, airflow=None) -> dict:
 
     out["models"] = _aliases(settings)
     t = Table(title="models")
-    for col in ("registered model", "champion", "challenger", "challenger novel mask AP50", "GX"):
+    for col in ("registered model", "champion", "challenger", "challenger novel mask AP50", "GX", "gate (challenger - champion, CI)"):
         t.add_column(col)
     for m in out["models"]:
-        t.add_row(m["name"], m["champion"] or "—", m["challenger"] or "—", str(m["challenger_novel_mask_AP50"] or "—"), m["gx"] or "—")
+        t.add_row(m["name"], m["champion"] or "—", m["challenger"] or "—", str(m["challenger_novel_mask_AP50"] or "—"), m["gx"] or "—",
+                  gate_text(m["gate"]))
     if not out["models"]:
-        t.add_row("(none registered)", "—", "—", "—", "—")
+        t.add_row("(none registered)", "—", "—", "—", "—", "—")
     console.print(t)
     return out
 
@@ -90,12 +91,22 @@ def _aliases(settings: Settings) -> list[dict]:
     by_name: dict[str, dict] = {}
     for v in models(settings):
         m = by_name.setdefault(v["name"], {"name": v["name"], "champion": None, "challenger": None,
-                                           "challenger_novel_mask_AP50": None, "gx": None})
+                                           "challenger_novel_mask_AP50": None, "gx": None, "gate": None})
         for alias in v["aliases"]:
             m[alias] = f"v{v['version']}"
             if alias == "challenger":
-                m["challenger_novel_mask_AP50"], m["gx"] = v["novel_mask_AP50"], v["gx_status"]
+                m["challenger_novel_mask_AP50"], m["gx"], m["gate"] = v["novel_mask_AP50"], v["gx_status"], v.get("promotion_gate")
     return list(by_name.values())
+
+
+def gate_text(gate: dict | None) -> str:
+    """The last gate decision on the challenger: verdict and, against a champion, the difference and its interval."""
+    if not gate:
+        return "not run"
+    c = gate.get("comparison")
+    if not c:
+        return gate["verdict"]
+    return f"{gate['verdict']}: {c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] ({100 * c['confidence']:.0f}%, {c['images']} images)"
 
 
 def trigger(settings: Settings, dag_id: str, conf: dict, wait: bool, timeout: float, console=None, airflow=None,

@@ -5,9 +5,13 @@
   as artifacts; then a new version of the registered model, tagged with the training-data manifest
   hash, GX status, evaluation numbers and code version, and given the alias ``challenger``.
 * :func:`promote` — the gate: ``champion`` moves to the challenger only if the challenger's GX status
-  is ``passed`` and its novel mask AP50 is not below the champion's minus ``tolerance``; otherwise it
-  is refused with the reason and ``champion`` is left untouched. Every alias move is tagged on the
-  new champion (who, when, why, previous version); a refusal is tagged on the challenger.
+  is ``passed``, its novel mask AP50 is at least ``registry.min_novel_ap50`` (the floor), and a paired
+  bootstrap over the evaluation images (:mod:`ovtasks.gate`, both models' predictions on the same
+  images, logged with each run) puts the lower end of the ``registry.promotion_confidence`` interval of
+  challenger - champion above ``-registry.promotion_tolerance`` (better, or not worse beyond the
+  margin). Otherwise it is refused with the reason and ``champion`` is left untouched. The interval
+  and the verdict are tagged on the challenger (``promotion_gate``) either way; every alias move is
+  tagged on the new champion (who, when, why, previous version), a refusal on the challenger.
 * :func:`load_registered` — downloads ``models:/NAME@alias`` and loads it from safetensors (never a
   pickle).
 
@@ -27,6 +31,8 @@ from typing import Sequence
 
 from ovtasks import __version__
 from ovtasks.config import Settings
+
+EVAL_DIR = "evaluation"  # run artifacts the gate pairs: gt.json (the evaluation set) and predictions.json
 
 
 def tracking_uri(settings: Settings) -> str:
@@ -85,6 +91,8 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
     architecture = json.loads(meta_path.read_text()).get("architecture", "ov-maskrcnn") if meta_path.exists() else "ov-maskrcnn"
     name = registered_name(settings, architecture)
     gx_status = "passed" if gx_report.get("failed", 1) == 0 else ("partial" if gx_report.get("passed") else "failed")
+    evaluation = dict(evaluation)
+    eval_gt, eval_preds = evaluation.pop("gt", None), evaluation.pop("predictions", None)
     with mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in params.items()})
         for h in history:
@@ -96,6 +104,9 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
         mlflow.log_dict({k: gx_report.get(k) for k in ("passed", "failed", "training_shards", "excluded", "thresholds")}, "gx_summary.json")
         mlflow.log_text(evaluation.get("table", ""), "evaluation.md")
         mlflow.log_dict(evaluation, "evaluation.json")
+        if eval_gt is not None and eval_preds is not None:  # what the promotion gate compares image by image
+            mlflow.log_dict(eval_gt, f"{EVAL_DIR}/gt.json")
+            mlflow.log_dict(eval_preds, f"{EVAL_DIR}/predictions.json")
         for p in pictures:
             if p and Path(p).exists():
                 mlflow.log_artifact(p, "pictures")
@@ -104,6 +115,10 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
                 "novel_mask_AP50": str(evaluation.get("novel_mask_AP50")), "code_version": __version__,
                 "dag_run": dag_run or "", "architecture": architecture,
                 "eval_prompts": str(evaluation.get("prompts", "detections"))}
+        if eval_gt is not None:
+            from ovtasks.gate import evaluation_set_digest
+
+            tags["eval_set_sha256"] = evaluation_set_digest(eval_gt)
         mlflow.set_tags(tags)
         run_id = run.info.run_id
     try:
@@ -136,44 +151,78 @@ class PromotionResult:
     challenger: str | None
     champion_before: str | None
     champion_after: str | None
+    gate: dict | None = None  # verdict, reason, margin, floor and the paired-bootstrap interval, when the gate ran
+
+
+def _paired_evaluation(mlflow, version) -> tuple[dict, list] | None:
+    """(GT, predictions) a version was evaluated with, from its run's artifacts; None if it has none."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="ovtasks-gate-") as d:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=EVAL_DIR, dst_path=d))
+            return json.loads((local / "gt.json").read_text()), json.loads((local / "predictions.json").read_text())
+    except Exception:  # noqa: BLE001 - MLflow raises its own exceptions for a missing artifact
+        return None
 
 
 def promote(settings: Settings, tolerance: float | None = None, who: str | None = None, why: str = "",
             architecture: str = "ov-maskrcnn") -> PromotionResult:
-    """Move ``champion`` to ``challenger`` when the gate allows it (see module doc)."""
+    """Move ``champion`` to ``challenger`` when the gate allows it (see module doc); ``tolerance``
+    overrides ``registry.promotion_tolerance`` (the margin, in novel mask AP50 points)."""
+    from ovtasks.gate import decide, paired_bootstrap
+
     mlflow, client = _client(settings)
+    cfg = settings.registry
     name = registered_name(settings, architecture)
-    tol = settings.registry.promotion_tolerance if tolerance is None else tolerance
+    margin = cfg.promotion_tolerance if tolerance is None else tolerance
     who = who or getpass.getuser()
     ch = _by_alias(client, name, "challenger")
     champ = _by_alias(client, name, "champion")
     before = str(champ.version) if champ else None
     if ch is None:
         return PromotionResult(False, f"no challenger version of {name!r} to promote", None, before, before)
-    reason = None
+    reason, gate = None, None
+    new = _ap(ch.tags.get("novel_mask_AP50"))
     if ch.tags.get("gx_status") != "passed":
         reason = f"challenger v{ch.version} GX status is {ch.tags.get('gx_status')!r}, not 'passed'"
     elif champ is not None and champ.version == ch.version:
         reason = f"v{ch.version} is already the champion"
+    elif new is None:
+        reason = f"challenger v{ch.version} has no novel mask AP50"
     else:
-        new = _ap(ch.tags.get("novel_mask_AP50"))
-        old = _ap(champ.tags.get("novel_mask_AP50")) if champ else None
-        if new is None:
-            reason = f"challenger v{ch.version} has no novel mask AP50"
-        elif old is not None and new < old - tol:
-            reason = (f"challenger v{ch.version} novel mask AP50 {new:.2f} is below champion v{champ.version}'s "
-                      f"{old:.2f} minus tolerance {tol:.2f}")
+        comparison = None
+        if champ is not None and new >= cfg.min_novel_ap50:
+            a, b = _paired_evaluation(mlflow, ch), _paired_evaluation(mlflow, champ)
+            if a is None or b is None:
+                reason = (f"no paired evaluation to compare with: {'challenger v' + str(ch.version) if a is None else 'champion v' + str(champ.version)}"
+                          " has no evaluation/ predictions logged with its run (register it again with its evaluation)")
+            elif ch.tags.get("eval_set_sha256") != champ.tags.get("eval_set_sha256"):
+                reason = (f"challenger v{ch.version} and champion v{champ.version} were evaluated on different image sets "
+                          f"({ch.tags.get('eval_set_sha256')} vs {champ.tags.get('eval_set_sha256')}): a paired comparison needs the same set")
+            else:
+                from ovtasks.evaluate import split_ids
+
+                novel = split_ids(a[0])["novel"]
+                comparison = paired_bootstrap(a[0], a[1], b[1], novel, cfg.bootstrap_samples, cfg.promotion_confidence,
+                                              cfg.bootstrap_seed)
+        if reason is None:
+            decision = decide(new, comparison, margin, cfg.min_novel_ap50)
+            gate = {"verdict": decision.verdict, "reason": decision.reason, "margin": margin, "floor": cfg.min_novel_ap50,
+                    "champion": before, **({"comparison": comparison.to_json()} if comparison else {})}
+            client.set_model_version_tag(name, ch.version, "promotion_gate", json.dumps(gate))
+            if not decision.promote:
+                reason = f"challenger v{ch.version}: {decision.reason}"
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if reason:
         client.set_model_version_tag(name, ch.version, "promotion_refused", json.dumps({"by": who, "at": now, "reason": reason}))
-        return PromotionResult(False, reason, str(ch.version), before, before)
-    ok = (f"challenger v{ch.version} novel mask AP50 {_ap(ch.tags.get('novel_mask_AP50')):.2f}"
-          + (f" >= champion v{champ.version}'s {_ap(champ.tags.get('novel_mask_AP50')):.2f} - {tol:.2f}" if champ else " (no champion yet)"))
+        return PromotionResult(False, reason, str(ch.version), before, before, gate)
+    ok = f"challenger v{ch.version} novel mask AP50 {new:.2f}: {gate['reason']}"
     client.set_registered_model_alias(name, "champion", ch.version)
     for k, v in {"promoted_by": who, "promoted_at": now, "promotion_reason": why or ok,
                  "previous_champion": before or ""}.items():
         client.set_model_version_tag(name, ch.version, k, v)
-    return PromotionResult(True, ok, str(ch.version), before, str(ch.version))
+    return PromotionResult(True, ok, str(ch.version), before, str(ch.version), gate)
 
 
 def load_registered(settings: Settings, alias: str = "champion", device: str = "cpu", architecture: str = "ov-maskrcnn"):

@@ -51,6 +51,7 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    optimizer: str = "sgd"  # "sgd" (torchvision's reference recipe) or "adamw" (faster from scratch on small data)
     backbone: str = "small"
     min_size: int = 192
     max_size: int = 320
@@ -239,7 +240,7 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
     model.set_vocabulary(torch.from_numpy(emb))
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg, lr or cfg.lr)
     warm = min(50, max(1, steps // 4))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))))
     start, history = 0, []
@@ -274,6 +275,14 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(done))
     ckpt.unlink(missing_ok=True)
     return history
+
+
+def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adamw")
 
 
 def optimizer_step(losses: dict, opt, sched, params, clip: float, where: str, t0: float, lr_digits: int = 6) -> dict:
@@ -404,7 +413,8 @@ def evaluation_inputs(gt_uri: str, clean_uri: str, settings: Settings, limit: in
 
 def evaluate_model(model, gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None) -> dict:
     """Evaluation table on COCO GT for the clean images that have GT: generalized (all categories) and
-    constrained (novel-only and base-only vocabularies)."""
+    constrained (novel-only and base-only vocabularies). ``gt`` (the evaluation set) and ``predictions``
+    (generalized) are returned too: the promotion gate pairs two models' predictions image by image."""
     from ovtasks.evaluate import evaluation_table, format_eval_table
 
     gt, ids, by_id, doc, cats, emb, splits = evaluation_inputs(gt_uri, clean_uri, settings, limit)
@@ -417,4 +427,5 @@ def evaluate_model(model, gt_uri: str, clean_uri: str, settings: Settings, limit
             constrained[split] = predict(model, images, ids, [cats[i]["id"] for i in keep], emb[keep], settings.device)
     rows = evaluation_table(doc, general, constrained)
     return {"rows": rows, "table": format_eval_table(rows), "images": len(ids),
-            "novel_mask_AP50": next(r["mask_AP50"] for r in rows if r["setting"] == "generalized" and r["split"] == "novel")}
+            "novel_mask_AP50": next(r["mask_AP50"] for r in rows if r["setting"] == "generalized" and r["split"] == "novel"),
+            "gt": doc, "predictions": general}

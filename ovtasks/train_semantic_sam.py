@@ -228,4 +228,5 @@ def evaluate_semantic_sam(model, gt_uri: str, clean_uri: str, settings: Settings
                    if splits[split]}
     rows = evaluation_table(doc, general, constrained)
     return {"rows": rows, "table": format_eval_table(rows), "images": len(ids), "prompts": "gt-boxes",
-            "novel_mask_AP50": next(r["mask_AP50"] for r in rows if r["setting"] == "generalized" and r["split"] == "novel")}
+            "novel_mask_AP50": next(r["mask_AP50"] for r in rows if r["setting"] == "generalized" and r["split"] == "novel"),
+            "gt": doc, "predictions": general}

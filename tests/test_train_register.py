@@ -48,40 +48,59 @@ def test_train_resume_evaluate_register_promote(clean_small, labelled, synth_sma
         assert torch.allclose(va, vb, atol=1e-6), k
     assert meta["data_manifest"]["sha256"] == full.data_manifest["sha256"]
 
-    ev = evaluate_model(a, synth_small[0], clean_small, s, limit=8)
+    ev = evaluate_model(a, synth_small[0], clean_small, s, limit=16)
     assert [(r["setting"], r["split"]) for r in ev["rows"]][:3] == [("generalized", "all"), ("generalized", "base"), ("generalized", "novel")]
     assert ev["novel_mask_AP50"] is not None and "| constrained | novel |" in ev["table"]
 
     from ovtasks.registry import load_registered, log_and_register, promote
 
     gx = json.loads((open_store(labelled).get_bytes("pseudo/maskfree/validation_report.json")))
-    v1 = log_and_register(s, full.model_dir, {"steps": 6}, full.history, gx, dict(ev, novel_mask_AP50=10.0),
+    from ovtasks.evaluate import split_ids
+    from ovtasks.gate import ap50, match_table
+    from tests.test_gate import degraded
+
+    # planted evaluations on the real evaluation set: the gate pairs their predictions image by image
+    def planted(keep, seed):
+        preds = degraded(ev["gt"], keep, seed)
+        return dict(ev, predictions=preds, novel_mask_AP50=ap50(match_table(ev["gt"], preds, split_ids(ev["gt"])["novel"])))
+
+    good, bad = planted(1.0, 1), planted(0.4, 2)
+    # the floor: a 0.0 model is never champion, even with no champion to compare with
+    v0 = log_and_register(s, full.model_dir, {"steps": 6}, full.history, gx, dict(ev, novel_mask_AP50=0.0), (), full.data_manifest)
+    floor = promote(s, who="tester")
+    assert not floor.promoted and "below the floor" in floor.reason and floor.champion_after is None and floor.gate["verdict"] == "below_floor"
+    v1 = log_and_register(s, full.model_dir, {"steps": 6}, full.history, gx, good,
                           [str(tmp_path / "full" / "loss_curve.png")], full.data_manifest)
-    assert v1.version == "1" and v1.tags["gx_status"] == "passed"
+    assert v1.version == "2" and v1.tags["gx_status"] == "passed" and v1.tags["eval_set_sha256"]
     first = promote(s, who="tester")
-    assert first.promoted and first.champion_after == "1" and first.champion_before is None
-    # a worse challenger is refused and the champion stays
-    v2 = log_and_register(s, full.model_dir, {"steps": 6}, full.history, gx, dict(ev, novel_mask_AP50=8.0), (), full.data_manifest)
+    assert first.promoted and first.champion_after == "2" and first.champion_before is None and first.gate["verdict"] == "first"
+    # a worse challenger is refused with its interval and the champion stays
+    v2 = log_and_register(s, full.model_dir, {"steps": 6}, full.history, gx, bad, (), full.data_manifest)
     refused = promote(s, tolerance=1.0, who="tester")
-    assert not refused.promoted and "below champion v1" in refused.reason and refused.champion_after == "1"
-    # within tolerance it moves, tagged with who / why / previous
-    ok = promote(s, tolerance=3.0, who="tester", why="weekly retrain")
-    assert ok.promoted and ok.champion_before == "1" and ok.champion_after == v2.version
+    assert not refused.promoted and "worse than the champion" in refused.reason and refused.champion_after == "2"
+    assert refused.gate["comparison"]["high"] < -1.0 and refused.gate["comparison"]["images"] == 16
+    # the same predictions again: not worse beyond the margin, so it moves, tagged with who / why / previous
+    v3 = log_and_register(s, full.model_dir, {"steps": 6}, full.history, gx, good, (), full.data_manifest)
+    ok = promote(s, tolerance=1.0, who="tester", why="weekly retrain")
+    assert ok.promoted and ok.champion_before == "2" and ok.champion_after == v3.version and ok.gate["verdict"] == "not_worse"
+    assert ok.gate["comparison"]["difference"] == 0.0 and v0.version == "1" and v2.version == "3"
     from mlflow import MlflowClient
 
     from ovtasks.registry import tracking_uri
 
     c = MlflowClient(tracking_uri(s), registry_uri=tracking_uri(s))
     mv = c.get_model_version_by_alias(s.registry.model_name, "champion")
-    assert mv.tags["promoted_by"] == "tester" and mv.tags["previous_champion"] == "1" and mv.tags["promotion_reason"] == "weekly retrain"
-    assert "below champion v1" in c.get_model_version(s.registry.model_name, "2").tags["promotion_refused"]
+    assert mv.tags["promoted_by"] == "tester" and mv.tags["previous_champion"] == "2" and mv.tags["promotion_reason"] == "weekly retrain"
+    assert json.loads(mv.tags["promotion_gate"])["verdict"] == "not_worse"
+    refused_tags = c.get_model_version(s.registry.model_name, "3").tags
+    assert "worse than the champion" in refused_tags["promotion_refused"] and json.loads(refused_tags["promotion_gate"])["verdict"] == "worse"
     # a failed GX status is refused
-    bad = dict(gx, failed=1, passed=0)
-    log_and_register(s, full.model_dir, {"steps": 6}, full.history, bad, dict(ev, novel_mask_AP50=99.0), (), full.data_manifest)
+    bad_gx = dict(gx, failed=1, passed=0)
+    log_and_register(s, full.model_dir, {"steps": 6}, full.history, bad_gx, dict(good, novel_mask_AP50=99.0), (), full.data_manifest)
     r = promote(s)
-    assert not r.promoted and "GX status" in r.reason and r.champion_after == v2.version
+    assert not r.promoted and "GX status" in r.reason and r.champion_after == v3.version
     model, meta, version = load_registered(s, "champion")
-    assert version == v2.version and meta["architecture"] == "ov-maskrcnn"
+    assert version == v3.version and meta["architecture"] == "ov-maskrcnn"
 
 
 def test_base_gt_finetune_holds_out_eval_images_and_novel_gt(clean_small, labelled, synth_small, tmp_path):
@@ -114,6 +133,7 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
     from ovtasks.cli import main
 
     monkeypatch.setenv("OVTASKS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("OVTASKS_REGISTRY__MIN_NOVEL_AP50", "0")  # the CLI's mechanics, with 2-step models
     assert main(["promote"]) == 4 and "no challenger" in capsys.readouterr().out
     assert main(["train", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "x"), "--finetune-steps", "2"]) == 2
     rc = main(["train", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "m"), "--steps", "2",
@@ -133,7 +153,7 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
     from ovtasks.config import load_settings
     from ovtasks.registry import load_registered
 
-    s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data")})
+    s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data"), "OVTASKS_REGISTRY__MIN_NOVEL_AP50": "0"})
     model, meta, version = load_registered(s, "champion", architecture="semantic-sam")
     assert meta["architecture"] == "semantic-sam" and version == "1" and model.embed_dim == 384
     assert load_registered(s, "champion")[1]["architecture"] == "ov-maskrcnn"
@@ -182,17 +202,21 @@ def mlflow_server(tmp_path_factory):
             log.close()
 
 
-def test_registry_on_a_real_mlflow_server_with_postgresql(clean_small, labelled, tmp_path, mlflow_server):
+def test_registry_on_a_real_mlflow_server_with_postgresql(synth_small, clean_small, labelled, tmp_path, mlflow_server):
     from ovtasks.registry import load_registered, log_and_register, promote
 
     s = load_settings(env={"OVTASKS_REGISTRY__TRACKING_URI": mlflow_server, "OVTASKS_DATA_DIR": str(tmp_path)})
     trained = train_ov_maskrcnn(clean_small, labelled, str(tmp_path / "m"), s, TrainConfig(steps=2, batch_size=2, min_size=128, max_size=160))
     gx = json.loads(open_store(labelled).get_bytes("pseudo/maskfree/validation_report.json"))
-    ev = {"rows": [], "table": "", "novel_mask_AP50": 12.0}
+    from tests.test_gate import degraded
+
+    doc = GroundTruth.load(synth_small[0], s).subset(sorted(GroundTruth.load(synth_small[0], s).images)[:20])
+    ev = {"rows": [], "table": "", "novel_mask_AP50": 12.0, "gt": doc, "predictions": degraded(doc, 0.9, 1)}
     v1 = log_and_register(s, trained.model_dir, {"steps": 2}, trained.history, gx, ev, (), trained.data_manifest)
     assert promote(s, who="server-test").promoted
-    log_and_register(s, trained.model_dir, {"steps": 2}, trained.history, gx, dict(ev, novel_mask_AP50=5.0), (), trained.data_manifest)
-    refused = promote(s, tolerance=1.0)
-    assert not refused.promoted and refused.champion_after == v1.version
+    log_and_register(s, trained.model_dir, {"steps": 2}, trained.history, gx, dict(ev, novel_mask_AP50=5.0, predictions=[]), (),
+                     trained.data_manifest)
+    refused = promote(s, tolerance=1.0)  # the gate read both runs' evaluations back from the server's artifact store
+    assert not refused.promoted and refused.champion_after == v1.version and refused.gate["verdict"] == "worse"
     model, meta, version = load_registered(s, "champion")
     assert version == v1.version and meta["data_manifest"]["sha256"] == trained.data_manifest["sha256"]

@@ -68,6 +68,9 @@ class AgnosticMaskPredictor(nn.Module):
         super().__init__()
         self.conv5_mask = nn.ConvTranspose2d(in_channels, hidden, 2, 2)
         self.mask_fcn_logits = nn.Conv2d(hidden, 1, 1)
+        for layer in (self.conv5_mask, self.mask_fcn_logits):  # torchvision's MaskRCNNPredictor init
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
         self._predictor = [predictor]  # not a submodule: only to read the vocabulary size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

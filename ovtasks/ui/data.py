@@ -290,7 +290,7 @@ def models(settings: Settings) -> list[dict]:
             except MlflowException:
                 run = None
             tags = dict(mv.tags or {})
-            refused = tags.get("promotion_refused")
+            refused, gate = tags.get("promotion_refused"), tags.get("promotion_gate")
             out.append({"name": name, "architecture": arch, "version": str(mv.version), "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
                         "created": mv.creation_timestamp, "gx_status": tags.get("gx_status"),
                         "novel_mask_AP50": tags.get("novel_mask_AP50"), "eval_prompts": tags.get("eval_prompts"),
@@ -298,5 +298,6 @@ def models(settings: Settings) -> list[dict]:
                                     "mlflow_run": mv.run_id, "code_version": tags.get("code_version")},
                         "promotion": {k: tags[k] for k in ("promoted_by", "promoted_at", "promotion_reason", "previous_champion") if k in tags},
                         "promotion_refused": json.loads(refused) if refused else None,
+                        "promotion_gate": json.loads(gate) if gate else None,
                         "evaluation": _eval_rows(run.data.metrics) if run else []})
     return out

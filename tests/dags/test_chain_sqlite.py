@@ -16,7 +16,8 @@ def _env(tmp: Path, data: Path, source: str) -> dict:
     return airflow_env(tmp / "home", {"OVTASKS_DATA_DIR": str(data), "OVTASKS_PIPELINE__SOURCE_URI": source,
                                       "OVTASKS_MASKFREE__ITM_MODEL": str(ROOT / "models" / "itm-synth"),
                                       "OVTASKS_MASKFREE__PROPOSALS": "selective_search", "OVTASKS_MASKFREE__WSS_ITERATIONS": "10",
-                                      "OVDAGS_RETRY_DELAY_S": "1"})
+                                      "OVDAGS_RETRY_DELAY_S": "1",
+                                      "OVTASKS_REGISTRY__MIN_NOVEL_AP50": "0"})  # a 3-step model: the chain's mechanics
 
 
 def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path):
