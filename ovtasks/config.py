@@ -120,6 +120,12 @@ class MaskFreeConfig(_Frozen):
     wss_lr: float = Field(0.25, gt=0.0)
     wss_crop: int = Field(64, ge=8, le=512, description="side of the box crop fed to the WSS network")
     wss_hidden: int = Field(16, ge=1)
+    wss_fg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="foreground points come from this most activated "
+                                   "fraction of the box's pixels")
+    wss_bg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="background points from this least activated fraction")
+    wss_box_margin: float = Field(0.0, ge=0.0, le=2.0, description="grow the eq. 6 box by this fraction of its side on every "
+                                  "side before WSS (0: the patent's crop; > 0 lets the mask reach past a box that fell inside "
+                                  "the object; the annotation's bbox is then the mask's)")
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="drop candidates whose ITM score is below")
     batch_size: int = Field(8, ge=1, description="images per GradCAM batch")
     seed: int = 0

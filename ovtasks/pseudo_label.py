@@ -161,7 +161,7 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
     """Run stages 2-5 for already-extracted candidates; one :class:`PairResult` per (image, candidate)."""
     from ovtasks.activation import activation_maps
     from ovtasks.pseudo_box import pseudo_box
-    from ovtasks.wss import WssJob, segment_boxes
+    from ovtasks.wss import WssJob, grow_box, segment_boxes
 
     cfg = settings.maskfree
     pairs = [PairResult(i, c) for i, cands in enumerate(candidates) for c in cands]
@@ -189,11 +189,12 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
             continue
         p.box = box
         sample = samples[p.image_index]
-        jobs.append(WssJob(sample.image, tuple(float(v) for v in box), amap.soft, cfg.seed * 1_000_003 + sample.image_id * 31 + k))
+        jobs.append(WssJob(sample.image, grow_box(box, cfg.wss_box_margin, sample.image.shape[:2]), amap.soft,
+                           cfg.seed * 1_000_003 + sample.image_id * 31 + k))
         job_pairs.append(p)
     for j0 in range(0, len(jobs), 256):  # bounded memory; each chunk is trained at once
         masks = segment_boxes(jobs[j0:j0 + 256], cfg.wss_crop, cfg.wss_points, cfg.wss_iterations, cfg.wss_lr,
-                              cfg.wss_hidden, settings.device)
+                              cfg.wss_hidden, settings.device, cfg.wss_fg_fraction, cfg.wss_bg_fraction)
         for p, m in zip(job_pairs[j0:j0 + 256], masks):
             if m.any():
                 p.mask = m

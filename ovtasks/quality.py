@@ -15,7 +15,7 @@ from ovtasks.candidates import Vocabulary, build_extractor
 from ovtasks.config import Settings
 from ovtasks.dataset import iter_clean
 from ovtasks.evaluation import box_mask, mask_ap50
-from ovtasks.groundtruth import GroundTruth
+from ovtasks.groundtruth import GroundTruth, decode_rle, mask_bbox
 from ovtasks.pseudo_label import MaskFreeModels, label_images
 
 
@@ -43,6 +43,110 @@ def evaluate_pseudo_labels(clean_uri: str, gt_uri: str, settings: Settings, mode
     table["_meta"] = {"images": len(samples), "candidates": len(results), "masks": len(dets["wss"]),
                       "seconds": round(seconds, 1), "images_per_second": round(len(samples) / max(seconds, 1e-9), 2)}
     return table, samples, results
+
+
+BUDGET_ROWS = (
+    ("chain", "real chain (c): ITM map -> proposals -> eq. 6 -> WSS"),
+    ("selection_bound", "eq. 6 with the GT mask as Phi (selection bound), then WSS"),
+    ("proposal_bound", "best proposal (max IoU with the GT instance) through WSS (proposal bound)"),
+    ("mask_bound", "WSS on the GT box, points from the GT mask (mask-stage bound)"),
+)
+
+
+def _box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """IoU of ``(K, 4)`` xyxy ``boxes`` with one xyxy ``box``."""
+    if len(boxes) == 0:
+        return np.zeros(0)
+    x1, y1 = np.maximum(boxes[:, 0], box[0]), np.maximum(boxes[:, 1], box[1])
+    x2, y2 = np.minimum(boxes[:, 2], box[2]), np.minimum(boxes[:, 3], box[3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return inter / np.maximum(area(boxes) + area(np.asarray(box)) - inter, 1e-9)
+
+
+def _xyxy(mask: np.ndarray) -> np.ndarray:
+    x, y, w, h = mask_bbox(mask)
+    return np.array([x, y, x + w, y + h], np.float32)
+
+
+def error_budget(samples, results, gt: GroundTruth, settings: Settings) -> dict:
+    """Pseudo-mask AP50 with one stage at a time replaced by its ground-truth version (see ``BUDGET_ROWS``),
+    proposal recall@0.5 of the top-K and the ITM's grounding, from :func:`evaluate_pseudo_labels`' results
+    (``keep_maps=True``). A pair whose name has no GT instance in its image keeps the chain's mask in every
+    row (no stage can be "fixed" for it); otherwise each GT instance of the named category gets one mask
+    per bound row. Returns ``{row: {"all", "base", "novel"}, "_grounding": {...}, "_proposals": {...}}``."""
+    from ovtasks.evaluation import mask_ap50
+    from ovtasks.pseudo_box import pseudo_box
+    from ovtasks.wss import WssJob, grow_box, segment_boxes
+
+    cfg = settings.maskfree
+    dets: dict[str, list] = {k: [] for k, _ in BUDGET_ROWS}
+    jobs: dict[str, list] = {k: [] for k, _ in BUDGET_ROWS if k != "chain"}
+    right, ious, grounded_pairs = 0, [], 0
+    recall_hits, recall_total, seen_images = 0, 0, set()
+    for n, r in enumerate(results):
+        s = samples[r.image_index]
+        base = {"image_id": s.image_id, "category_id": r.candidate.category_id, "score": r.score}
+        inst = [a for a in gt.annotations(s.image_id) if a["category_id"] == r.candidate.category_id]
+        props = r.proposals if r.proposals is not None else np.zeros((0, 4), np.float32)
+        if s.image_id not in seen_images:  # recall@0.5 of the top-K over every GT instance of the image
+            seen_images.add(s.image_id)
+            for a in gt.annotations(s.image_id):
+                recall_total += 1
+                recall_hits += bool(len(props) and _box_iou(props, _xyxy(decode_rle(a["segmentation"]))).max() >= 0.5)
+        if not inst:
+            if r.mask is not None:
+                for k in dets:
+                    dets[k].append({**base, "mask": r.mask})
+            continue
+        if r.mask is not None:
+            dets["chain"].append({**base, "mask": r.mask})
+        masks = [decode_rle(a["segmentation"]) for a in inst]
+        union = np.logical_or.reduce(masks)
+        amap = r.activation
+        if amap is not None:
+            grounded_pairs += 1
+            peak = np.unravel_index(int(np.argmax(amap.soft)), amap.soft.shape)
+            right += bool(union[peak])  # the map's peak lies on an instance of the named category
+            phi = amap.binary
+            ious.append(float((phi & union).sum() / max((phi | union).sum(), 1)))
+        soft = amap.soft if amap is not None else np.zeros(s.image.shape[:2], np.float32)
+        seed = cfg.seed * 1_000_003 + s.image_id * 31 + n
+        box, _ = pseudo_box(union.astype(np.float32), props)
+        if box is not None:
+            jobs["selection_bound"].append(({**base}, WssJob(s.image, grow_box(box, cfg.wss_box_margin, union.shape), soft, seed)))
+        for m in masks:
+            g = _xyxy(m)
+            if len(props):
+                best = props[int(np.argmax(_box_iou(props, g)))]
+                jobs["proposal_bound"].append(({**base}, WssJob(s.image, grow_box(best, cfg.wss_box_margin, m.shape), soft, seed)))
+            jobs["mask_bound"].append(({**base}, WssJob(s.image, tuple(map(float, g)), m.astype(np.float32), seed)))
+    for k, items in jobs.items():
+        for j0 in range(0, len(items), 256):
+            chunk = items[j0:j0 + 256]
+            out = segment_boxes([j for _, j in chunk], cfg.wss_crop, cfg.wss_points, cfg.wss_iterations, cfg.wss_lr,
+                                cfg.wss_hidden, settings.device, cfg.wss_fg_fraction, cfg.wss_bg_fraction)
+            dets[k] += [{**d, "mask": m} for (d, _), m in zip(chunk, out) if m.any()]
+    ids = [s.image_id for s in samples]
+    table = {k: mask_ap50(gt, ids, v) for k, v in dets.items()}
+    table["_grounding"] = {"pairs_with_gt": grounded_pairs, "right_object_rate": round(right / max(grounded_pairs, 1), 4),
+                           "phi_iou_mean": round(float(np.mean(ious)) if ious else 0.0, 4), "rounds": cfg.masking_rounds}
+    table["_proposals"] = {"recall_at_0.5": round(recall_hits / max(recall_total, 1), 4), "gt_instances": recall_total,
+                           "top_k": cfg.top_k}
+    return table
+
+
+def format_budget(table: dict) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = ["| pseudo-masks with ... | mask AP50 base | mask AP50 novel | mask AP50 all |", "|---|---:|---:|---:|"]
+    for key, label in BUDGET_ROWS:
+        t = table[key]
+        lines.append(f"| {label} | {fmt(t['base'])} | {fmt(t['novel'])} | {fmt(t['all'])} |")
+    g, p = table["_grounding"], table["_proposals"]
+    lines += ["", f"ITM grounding ({g['pairs_with_gt']} named pairs, G={g['rounds']}): map peak on the named object "
+              f"{100 * g['right_object_rate']:.1f}%, IoU(Phi, GT instances) {g['phi_iou_mean']:.3f}; "
+              f"proposal recall@0.5 of the top-{p['top_k']}: {100 * p['recall_at_0.5']:.1f}% of {p['gt_instances']} GT instances"]
+    return "\n".join(lines)
 
 
 def format_table(table: dict) -> str:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ovtasks.models.wss import PAD, BatchedWSS, gather_patches, init_params
 
-TOP_FRACTION = 0.2  # foreground points come from the top 20% of activation inside the box, background from the bottom 20%
+TOP_FRACTION = 0.2  # default: foreground points come from the top 20% of activation inside the box, background from the bottom 20%
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,16 @@ class WssInputs:
     boxes: list[tuple[int, int, int, int]]  # integer xyxy actually cropped
 
 
+def grow_box(box, margin: float, hw: tuple[int, int]) -> tuple[float, float, float, float]:
+    """xyxy ``box`` grown by ``margin`` x its width / height on each side, clipped to the ``(H, W)`` image."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if margin <= 0:
+        return x1, y1, x2, y2
+    h, w = hw
+    dx, dy = margin * (x2 - x1), margin * (y2 - y1)
+    return max(0.0, x1 - dx), max(0.0, y1 - dy), min(float(w), x2 + dx), min(float(h), y2 + dy)
+
+
 def int_box(box, h: int, w: int) -> tuple[int, int, int, int]:
     """Pixel-aligned box inside the image, at least 1 px wide and tall."""
     x1, y1, x2, y2 = box
@@ -48,7 +58,8 @@ def int_box(box, h: int, w: int) -> tuple[int, int, int, int]:
     return x1, y1, x2, y2
 
 
-def prepare(jobs: Sequence[WssJob], size: int, points: int, device: str = "cpu") -> WssInputs:
+def prepare(jobs: Sequence[WssJob], size: int, points: int, device: str = "cpu", fg_fraction: float = TOP_FRACTION,
+            bg_fraction: float = TOP_FRACTION) -> WssInputs:
     crops, pts, tgts, boxes = [], [], [], []
     for job in jobs:
         h, w = job.image.shape[:2]
@@ -62,9 +73,9 @@ def prepare(jobs: Sequence[WssJob], size: int, points: int, device: str = "cpu")
         act = F.interpolate(act, size=(size, size), mode="bilinear", align_corners=False)[0, 0].flatten()
         g = torch.Generator().manual_seed(int(job.seed))
         order = torch.argsort(act + torch.rand(act.shape, generator=g) * 1e-6, descending=True)  # random tie-break
-        k = max(1, int(len(order) * TOP_FRACTION))
-        fg = order[:k][torch.randint(k, (points,), generator=g)]
-        bg = order[-k:][torch.randint(k, (points,), generator=g)]
+        kf, kb = max(1, int(len(order) * fg_fraction)), max(1, int(len(order) * bg_fraction))
+        fg = order[:kf][torch.randint(kf, (points,), generator=g)]
+        bg = order[-kb:][torch.randint(kb, (points,), generator=g)]
         idx = torch.cat([fg, bg])
         pts.append(torch.stack([idx // size, idx % size], 1))
         tgts.append(torch.cat([torch.ones(points), torch.zeros(points)]))
@@ -80,11 +91,13 @@ def _paste(prob: torch.Tensor, box, h: int, w: int) -> np.ndarray:
 
 
 def segment_boxes(jobs: Sequence[WssJob], size: int = 64, points: int = 32, iterations: int = 100, lr: float = 0.25,
-                  hidden: int = 16, device: str = "cpu") -> list[np.ndarray]:
-    """Masks ``(H, W)`` bool for every job, all boxes trained together on their sampled neighbourhoods."""
+                  hidden: int = 16, device: str = "cpu", fg_fraction: float = TOP_FRACTION,
+                  bg_fraction: float = TOP_FRACTION) -> list[np.ndarray]:
+    """Masks ``(H, W)`` bool for every job, all boxes trained together on their sampled neighbourhoods;
+    foreground / background points from the ``fg_fraction`` most / ``bg_fraction`` least activated pixels."""
     if not jobs:
         return []
-    inp = prepare(jobs, size, points, device)
+    inp = prepare(jobs, size, points, device, fg_fraction, bg_fraction)
     net = BatchedWSS(init_params(len(jobs), 3, hidden, [j.seed for j in jobs], device))
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     windows = BatchedWSS.point_windows(gather_patches(inp.crops, inp.points))  # fixed: the points do not move
