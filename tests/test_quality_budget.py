@@ -1,0 +1,47 @@
+"""The pseudo-mask error budget: with a perfect activation map and the GT box among the proposals every bound
+reaches the GT; a name without a GT instance keeps the chain's mask in every row; grounding and recall numbers."""
+
+import numpy as np
+import pytest
+
+from ovtasks.activation import ActivationMap
+from ovtasks.candidates import Candidate
+from ovtasks.config import load_settings
+from ovtasks.dataset import iter_clean
+from ovtasks.groundtruth import GroundTruth, decode_rle
+from ovtasks.pseudo_label import PairResult
+from ovtasks.quality import error_budget, format_budget
+
+
+def test_error_budget_on_planted_pairs(synth_small, clean_small):
+    s = load_settings(env={})
+    gt = GroundTruth.load(synth_small[0], s)
+    samples = [x for x in iter_clean(clean_small, s) if len(gt.annotations(x.image_id)) == 1][:12]  # every GT instance planted
+    names = {c["id"]: c["name"] for c in gt.coco["categories"]}
+    results = []
+    for i, smp in enumerate(samples):
+        a = gt.annotations(smp.image_id)[0]
+        m = decode_rle(a["segmentation"])
+        x, y, w, h = a["bbox"]
+        props = np.array([[x, y, x + w, y + h], [0, 0, 8, 8]], np.float32)
+        perfect = ActivationMap(m, m.astype(np.float32), 0.9, ())
+        # the chain's own mask: the left half of the box (a poor one), so the bounds must beat it
+        half = np.zeros_like(m)
+        half[int(y):int(y + h), int(x):int(x + w / 2)] = True
+        cand = Candidate(names[a["category_id"]], a["category_id"], True, names[a["category_id"]], "lexicon")
+        results.append(PairResult(i, cand, 0.9, perfect, props[0], half & m, proposals=props))
+    # a name that is not in the image: its (wrong) mask stays in every row
+    absent = next(c for c in gt.coco["categories"] if c["id"] not in {a["category_id"] for a in gt.annotations(samples[0].image_id)})
+    junk = np.zeros(samples[0].image.shape[:2], bool)
+    junk[:10, :10] = True
+    results.append(PairResult(0, Candidate(absent["name"], absent["id"], True, absent["name"], "lexicon"), 0.5, None, None, junk))
+
+    table = error_budget(samples, results, gt, s)
+    for row in ("selection_bound", "proposal_bound", "mask_bound"):
+        assert table[row]["all"] >= 80, (row, table[row])
+        assert table[row]["all"] > table["chain"]["all"], (row, table)
+    assert table["_grounding"] == {"pairs_with_gt": 12, "right_object_rate": 1.0, "phi_iou_mean": 1.0,
+                                   "rounds": s.maskfree.masking_rounds}
+    assert table["_proposals"] == {"recall_at_0.5": 1.0, "gt_instances": 12, "top_k": s.maskfree.top_k}
+    text = format_budget(table)
+    assert "mask-stage bound" in text and "recall@0.5" in text
