@@ -176,12 +176,14 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         if args.finetune_steps:
             print("ovtasks: --finetune-steps is for --model ov-maskrcnn", file=sys.stderr)
             return 2
-        cfg = SemanticSamConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, generator=args.generator,
+        cfg = SemanticSamConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or SemanticSamConfig.lr, seed=args.seed,
+                                generator=args.generator,
                                 sam_model=args.sam_model, freeze_image_encoder=args.freeze_image_encoder)
         trained = train_semantic_sam(args.src, args.pseudo, args.sa1b, args.out, settings, cfg, progress=progress)
         evaluate = evaluate_semantic_sam
     else:
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, backbone=args.backbone, seed=args.seed,
+        lr = args.lr or (TrainConfig.lr if args.optimizer == "adamw" else 0.01)
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer, backbone=args.backbone, seed=args.seed,
                           generator=args.generator, finetune_steps=args.finetune_steps, checkpoint_every=args.checkpoint_every,
                           min_size=args.min_size, max_size=args.max_size)
         held_out = eval_image_ids(args.gt, args.src, settings, args.eval_images) if args.finetune_steps else ()
@@ -373,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--generator", default="maskfree", choices=("maskfree", "grounded"))
     t.add_argument("--steps", type=int, default=300)
     t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--lr", type=float, default=0.01)
+    t.add_argument("--lr", type=float, default=None, help="default: the model's (ov-maskrcnn 1e-3 with adamw, 0.01 with sgd; semantic-sam 1e-3)")
+    t.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="ov-maskrcnn optimizer")
     t.add_argument("--backbone", default="small", choices=("small", "resnet50_fpn"), help="ov-maskrcnn backbone")
     t.add_argument("--sa1b", default=None, help="semantic-sam: SA-1B-format tars (masks without names), mixed 1:4 with the pseudo-labels")
     t.add_argument("--sam-model", default=None, help="semantic-sam: pretrained SAM (HF id, directory, model-store URI); default a tiny random one")

@@ -185,7 +185,8 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes
             text_embeddings: np.ndarray, device: str = "cpu", mask_threshold: float = 0.0) -> list[dict]:
     """COCO predictions for box prompts ``boxes[i]`` ((n, 4) pixel xyxy) in ``images[i]``: SAM's single-output
     mask (box prompts are unambiguous), named by its semantic token's nearest text embedding; score =
-    softmax probability of that name x predicted IoU."""
+    softmax probability of that name x predicted IoU; ``prompt``: the box's index in ``boxes[i]`` (a prompt
+    whose mask is empty gives no prediction)."""
     from ovtasks.groundtruth import encode_rles, mask_bbox
 
     model.eval()
@@ -204,10 +205,10 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes
         up = F.interpolate(d.masks[:, :1].float(), size=(model.image_size, model.image_size), mode="bilinear", align_corners=False)
         masks = (F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[:, 0] > mask_threshold).cpu().numpy()
         rles = encode_rles(masks.transpose(1, 2, 0).astype(np.uint8))
-        for m, rle, lab, sc in zip(masks, rles, label.tolist(), score.tolist()):
+        for k, (m, rle, lab, sc) in enumerate(zip(masks, rles, label.tolist(), score.tolist())):
             if m.any():
                 preds.append({"image_id": int(image_id), "category_id": int(category_ids[lab]), "score": float(sc),
-                              "bbox": mask_bbox(m), "segmentation": rle})
+                              "bbox": mask_bbox(m), "segmentation": rle, "prompt": k})
     return preds
 
 
@@ -227,6 +228,13 @@ def evaluate_semantic_sam(model, gt_uri: str, clean_uri: str, settings: Settings
     constrained = {split: run([i for i, c in enumerate(cats) if c["id"] in set(splits[split])]) for split in ("novel", "base")
                    if splits[split]}
     rows = evaluation_table(doc, general, constrained)
-    return {"rows": rows, "table": format_eval_table(rows), "images": len(ids), "prompts": "gt-boxes",
+    # names: the share of GT-box prompts whose predicted name (over the whole vocabulary) is the GT category
+    named = {(p["image_id"], p["prompt"]): p["category_id"] for p in general}
+    truth = [((i, k), a["category_id"], gt.categories[a["category_id"]].get("split")) for i in ids for k, a in enumerate(gt.annotations(i))]
+    acc = {split: (sum(named.get(key) == c for key, c, sp in truth if split in ("all", sp))
+                   / max(1, sum(1 for *_, sp in truth if split in ("all", sp)))) for split in ("all", "base", "novel")}
+    return {"rows": rows, "table": format_eval_table(rows) + "\n\nnames right for GT-box prompts: "
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()),
+            "name_accuracy": {k: round(100 * v, 2) for k, v in acc.items()}, "images": len(ids), "prompts": "gt-boxes",
             "novel_mask_AP50": next(r["mask_AP50"] for r in rows if r["setting"] == "generalized" and r["split"] == "novel"),
             "gt": doc, "predictions": general}

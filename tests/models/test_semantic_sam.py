@@ -140,6 +140,8 @@ def test_train_mixes_1_to_4_resumes_and_evaluates(clean_small, labelled, synth_s
     ev = evaluate_semantic_sam(a, synth_small[0], clean_small, s, limit=6)
     assert ev["prompts"] == "gt-boxes" and ev["images"] == 6
     assert ("constrained", "novel") in {(r["setting"], r["split"]) for r in ev["rows"]}
+    assert set(ev["name_accuracy"]) == {"all", "base", "novel"} and all(0 <= v <= 100 for v in ev["name_accuracy"].values())
+    assert "names right for GT-box prompts" in ev["table"] and ev["gt"]["images"] and isinstance(ev["predictions"], list)
 
 
 def test_predict_with_no_boxes_and_any_vocabulary(tiny):
@@ -150,3 +152,4 @@ def test_predict_with_no_boxes_and_any_vocabulary(tiny):
     preds = predict(tiny, [img, img], [1, 2], [np.array([[0, 0, 100, 80]]), np.array([[10, 10, 50, 40], [0, 0, 20, 20]])],
                     [7, 9], np.random.default_rng(0).normal(size=(2, 384)))
     assert all(p["category_id"] in (7, 9) and 0 <= p["score"] <= 1 and p["segmentation"]["size"] == [80, 100] for p in preds)
+    assert {(p["image_id"], p["prompt"]) for p in preds} <= {(1, 0), (2, 0), (2, 1)}
