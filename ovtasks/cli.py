@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the pipeline end to end on embedded defaults and print where results are")
     d.add_argument("--out", default=None, help="default: <data_dir>/demo")
-    d.add_argument("--shards", type=int, default=4)
+    d.add_argument("--shards", type=int, default=8)
     d.add_argument("--images-per-shard", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=None)

@@ -120,6 +120,8 @@ class MaskFreeConfig(_Frozen):
     wss_lr: float = Field(0.25, gt=0.0)
     wss_crop: int = Field(64, ge=8, le=512, description="side of the box crop fed to the WSS network")
     wss_hidden: int = Field(16, ge=1)
+    box_map: str = Field("binary", pattern="^(binary|soft)$", description="Phi in eq. 6: the binary union of eq. 4 (the "
+                         "patent's) or the soft map (max over rounds of the normalised maps)")
     wss_fg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="foreground points come from this most activated "
                                    "fraction of the box's pixels")
     wss_bg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="background points from this least activated fraction")

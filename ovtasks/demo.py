@@ -150,8 +150,9 @@ def _airflow_chain(root: Path, settings: Settings, synth_uri: str, ingest_uri: s
 
         c = MlflowClient(tracking_uri(settings), registry_uri=tracking_uri(settings))
         name = registered_name(settings, "ov-maskrcnn")
-        ch, champ = c.get_model_version_by_alias(name, "challenger"), c.get_model_version_by_alias(name, "champion")
-        outcome = (f"{name} v{ch.version} promoted to champion" if ch.version == champ.version else
+        ch = c.get_model_version_by_alias(name, "challenger")
+        champ = c.get_registered_model(name).aliases.get("champion")
+        outcome = (f"{name} v{ch.version} promoted to champion" if str(ch.version) == str(champ) else
                    f"{name} v{ch.version} not promoted: {json.loads(ch.tags.get('promotion_refused', '{}')).get('reason', '?')}")
     return chain, outcome, write_ui_script(root / "airflow" / "airflow-ui.sh", env)
 
@@ -163,17 +164,21 @@ ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard
               "--pretrain-steps 4000 --steps 3000 --lr 1e-3")
 
 
-def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: int = 64, seed: int = 0, workers: int | None = None,
-             train_itm_steps: int | None = None, wspn_steps: int = 100, eval_images: int = 64, train_steps: int = 150,
-             semantic_sam_steps: int = 150, airflow: bool = True) -> int:
+def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: int = 64, seed: int = 0, workers: int | None = None,
+             train_itm_steps: int | None = None, wspn_steps: int = 100, eval_images: int = 64, train_steps: int = 600,
+             semantic_sam_steps: int = 300, airflow: bool = True, airflow_train_steps: int = 150) -> int:
+    """The whole pipeline on synthetic data. The first ``eval_images`` images with GT are held out of every
+    training (they are what the models are scored on). Step 10's weekly retrain trains a second, shorter
+    model (``airflow_train_steps``), so its promotion shows the gate comparing two models on the same images."""
     from ovtasks.ingest import ingest
     from ovtasks.pseudo_label import load_maskfree, pseudo_label
-    from ovtasks.quality import evaluate_pseudo_labels, format_table, overlay_grid
+    from ovtasks.groundtruth import GroundTruth
+    from ovtasks.quality import error_budget, evaluate_pseudo_labels, format_budget, format_table, overlay_grid
     from ovtasks.synth import SynthSpec, generate
     from ovtasks.train_itm import ItmTrainConfig, train_itm
     from ovtasks.train_wspn import WspnTrainConfig, train_wspn
     from ovtasks.registry import log_and_register, promote, tracking_uri
-    from ovtasks.train import TrainConfig, evaluate_model, load_model, train_ov_maskrcnn
+    from ovtasks.train import TrainConfig, eval_image_ids, evaluate_model, load_model, train_ov_maskrcnn
     from ovtasks.validate import validate
 
     root = Path(out).absolute()
@@ -210,7 +215,8 @@ def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: in
     gate = validate(str(root), settings, "maskfree").report
     model_dir = str(root / "models" / "ov-maskrcnn")
     print(f"[7/10] train ov-maskrcnn: {train_steps} steps on the validated pseudo-labels -> {model_dir}", flush=True)
-    trained = train_ov_maskrcnn(ingest_uri, str(root), model_dir, settings, TrainConfig(steps=train_steps, batch_size=4))
+    held = eval_image_ids(synth_uri, ingest_uri, settings, eval_images)
+    trained = train_ov_maskrcnn(ingest_uri, str(root), model_dir, settings, TrainConfig(steps=train_steps, batch_size=4), exclude_ids=held)
     print(f"[8/10] evaluate on the synthetic GT, register in MLflow ({tracking_uri(settings)}), promote", flush=True)
     ov_model, _ = load_model(model_dir, settings.device)
     ev = evaluate_model(ov_model, synth_uri, ingest_uri, settings, limit=eval_images)
@@ -224,16 +230,18 @@ def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: in
     from ovtasks.train_semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
 
     write_synthetic(sa1b_uri, settings, images=128, image_size=settings.synth.image_size)
-    ssam = train_semantic_sam(ingest_uri, str(root), sa1b_uri, ssam_dir, settings, SemanticSamConfig(steps=semantic_sam_steps))
+    ssam = train_semantic_sam(ingest_uri, str(root), sa1b_uri, ssam_dir, settings, SemanticSamConfig(steps=semantic_sam_steps),
+                              exclude_ids=held)
     ssam_ev = evaluate_semantic_sam(load_model(ssam_dir, settings.device)[0], synth_uri, ingest_uri, settings, limit=eval_images)
     ssam_reg = log_and_register(settings, ssam_dir, {"steps": semantic_sam_steps}, ssam.history, gate, ssam_ev,
                                 [f"{ssam_dir}/loss_curve.png"], ssam.data_manifest)
     table, samples, results = evaluate_pseudo_labels(ingest_uri, synth_uri, settings, models, limit=eval_images)
+    budget = error_budget(samples, results, GroundTruth.load(synth_uri, settings), settings)
     overlays = overlay_grid(samples, results, root / "report" / "pseudo_label_overlays.png")
-    (root / "report" / "pseudo_label_quality.json").write_text(json.dumps(table, indent=2))
+    (root / "report" / "pseudo_label_quality.json").write_text(json.dumps({**table, "error_budget": budget}, indent=2))
     chain, af_outcome, ui_script = [], "", None
     if airflow:
-        chain, af_outcome, ui_script = _airflow_chain(root, settings, synth_uri, ingest_uri, train_steps, eval_images)
+        chain, af_outcome, ui_script = _airflow_chain(root, settings, synth_uri, ingest_uri, airflow_train_steps, eval_images)
     else:
         print("[10/10] Airflow: skipped (--no-airflow)", flush=True)
     rep = result.report
@@ -261,6 +269,8 @@ def run_demo(out: str, settings: Settings, shards: int = 4, images_per_shard: in
               + (f"; {af_outcome}" if af_outcome else ""))
     print(f"\npseudo-label quality on {table['_meta']['images']} images (mask AP50 %, synthetic GT):")
     print(format_table(table))
+    print("\nerror budget: one stage at a time replaced by its ground-truth version (mask AP50 %):")
+    print(format_budget(budget))
     print(f"\nOV Mask R-CNN trained on the pseudo-labels, evaluated on {ev['images']} images (%):")
     print(ev["table"])
     print(f"\nSemantic-SAM, GT boxes as prompts (names and masks, not detection), {ssam_ev['images']} images (%):")

@@ -183,7 +183,8 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
         if p.score < cfg.min_score:
             p.reason = "low_itm_score"
             continue
-        box, reason = pseudo_box(amap.binary.astype(np.float32), boxes[p.image_index])
+        phi = amap.binary.astype(np.float32) if cfg.box_map == "binary" else amap.soft
+        box, reason = pseudo_box(phi, boxes[p.image_index])
         if box is None:
             p.reason = reason
             continue

@@ -55,6 +55,7 @@ class SemanticSamConfig:
     sam_model: str | None = None  # None: a tiny random SAM (image_size, hidden)
     image_size: int = 128
     hidden: int = 32
+    patch_size: int = 16  # the tiny SAM's patch: image_size / patch_size embedding grid, masks at 4x that
     freeze_image_encoder: bool = False
     box_jitter: float = 0.1  # SAM: noise with std 10% of the box side, at most 20 px
     seed: int = 0
@@ -109,7 +110,7 @@ def train_semantic_sam(clean_uri: str, pseudo_uri: str, sa1b_uri: str | None, ou
     out.mkdir(parents=True, exist_ok=True)
     device = settings.device
     torch.manual_seed(cfg.seed)
-    model = build(emb.shape[1], cfg.sam_model, cfg.image_size, cfg.hidden, settings.s3).to(device)
+    model = build(emb.shape[1], cfg.sam_model, cfg.image_size, cfg.hidden, settings.s3, cfg.patch_size).to(device)
     if cfg.freeze_image_encoder:
         model.sam.vision_encoder.requires_grad_(False)
     text = torch.from_numpy(np.asarray(emb, np.float32)).to(device)
@@ -182,11 +183,12 @@ def train_semantic_sam(clean_uri: str, pseudo_uri: str, sa1b_uri: str | None, ou
 
 @torch.no_grad()
 def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes: Sequence[np.ndarray], category_ids: Sequence[int],
-            text_embeddings: np.ndarray, device: str = "cpu", mask_threshold: float = 0.0) -> list[dict]:
+            text_embeddings: np.ndarray, device: str = "cpu", mask_threshold: float = 0.0, names: dict | None = None) -> list[dict]:
     """COCO predictions for box prompts ``boxes[i]`` ((n, 4) pixel xyxy) in ``images[i]``: SAM's single-output
     mask (box prompts are unambiguous), named by its semantic token's nearest text embedding; score =
     softmax probability of that name x predicted IoU; ``prompt``: the box's index in ``boxes[i]`` (a prompt
-    whose mask is empty gives no prediction)."""
+    whose mask is empty gives no prediction). ``names``, when given, receives ``{(image_id, prompt): category_id}``
+    for every prompt, empty mask or not."""
     from ovtasks.groundtruth import encode_rles, mask_bbox
 
     model.eval()
@@ -206,6 +208,8 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes
         masks = (F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[:, 0] > mask_threshold).cpu().numpy()
         rles = encode_rles(masks.transpose(1, 2, 0).astype(np.uint8))
         for k, (m, rle, lab, sc) in enumerate(zip(masks, rles, label.tolist(), score.tolist())):
+            if names is not None:
+                names[(int(image_id), k)] = int(category_ids[lab])
             if m.any():
                 preds.append({"image_id": int(image_id), "category_id": int(category_ids[lab]), "score": float(sc),
                               "bbox": mask_bbox(m), "segmentation": rle, "prompt": k})
@@ -219,17 +223,18 @@ def evaluate_semantic_sam(model, gt_uri: str, clean_uri: str, settings: Settings
 
     gt, ids, images, doc, cats, emb, splits = evaluation_inputs(gt_uri, clean_uri, settings, limit)
 
-    def run(keep: list[int]) -> list[dict]:
+    def run(keep: list[int], names: dict | None = None) -> list[dict]:
         kept = {cats[i]["id"] for i in keep}
         boxes = [_boxes_xyxy([a for a in gt.annotations(i) if a["category_id"] in kept]) for i in ids]
-        return predict(model, [images[i] for i in ids], ids, boxes, [cats[i]["id"] for i in keep], emb[keep], settings.device)
+        return predict(model, [images[i] for i in ids], ids, boxes, [cats[i]["id"] for i in keep], emb[keep], settings.device,
+                       names=names)
 
-    general = run(list(range(len(cats))))
+    named: dict = {}
+    general = run(list(range(len(cats))), named)
     constrained = {split: run([i for i, c in enumerate(cats) if c["id"] in set(splits[split])]) for split in ("novel", "base")
                    if splits[split]}
     rows = evaluation_table(doc, general, constrained)
     # names: the share of GT-box prompts whose predicted name (over the whole vocabulary) is the GT category
-    named = {(p["image_id"], p["prompt"]): p["category_id"] for p in general}
     truth = [((i, k), a["category_id"], gt.categories[a["category_id"]].get("split")) for i in ids for k, a in enumerate(gt.annotations(i))]
     acc = {split: (sum(named.get(key) == c for key, c, sp in truth if split in ("all", sp))
                    / max(1, sum(1 for *_, sp in truth if split in ("all", sp)))) for split in ("all", "base", "novel")}

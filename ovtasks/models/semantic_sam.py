@@ -119,24 +119,26 @@ class SemanticSam(nn.Module):
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
 
 
-def sam_config(image_size: int = 128, hidden: int = 32):
-    """A tiny SAM config (ViT encoder with 2 layers) for CPU training and tests."""
+def sam_config(image_size: int = 128, hidden: int = 32, patch_size: int = 16):
+    """A tiny SAM config (ViT encoder with 2 layers, ``image_size / patch_size`` embedding grid) for CPU
+    training and tests."""
     from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
     vision = SamVisionConfig(hidden_size=hidden, output_channels=hidden, num_hidden_layers=2, num_attention_heads=2,
-                             image_size=image_size, patch_size=16, window_size=4, global_attn_indexes=[1],
+                             image_size=image_size, patch_size=patch_size, window_size=4, global_attn_indexes=[1],
                              mlp_dim=2 * hidden, initializer_range=0.02, num_pos_feats=hidden // 2)
-    prompt = SamPromptEncoderConfig(hidden_size=hidden, image_size=image_size, patch_size=16)
+    prompt = SamPromptEncoderConfig(hidden_size=hidden, image_size=image_size, patch_size=patch_size)
     decoder = SamMaskDecoderConfig(hidden_size=hidden, mlp_dim=2 * hidden, num_attention_heads=2, iou_head_hidden_dim=hidden)
     return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
 
 
-def build(embed_dim: int, sam_model: str | None = None, image_size: int = 128, hidden: int = 32, s3=None) -> SemanticSam:
+def build(embed_dim: int, sam_model: str | None = None, image_size: int = 128, hidden: int = 32, s3=None,
+          patch_size: int = 16) -> SemanticSam:
     """From a pretrained SAM (HF id, directory, model-store URI) or, with ``sam_model=None``, a tiny random one."""
     from transformers import SamModel
 
     if sam_model is None:
-        return SemanticSam(SamModel(sam_config(image_size, hidden)), embed_dim)
+        return SemanticSam(SamModel(sam_config(image_size, hidden, patch_size)), embed_dim)
     from ovtasks.models.hub import image_processor_config, resolve_model
 
     path = resolve_model(sam_model, s3)
