@@ -1,6 +1,7 @@
 """ovtasks_promote: manual. Moves ``champion`` to ``challenger`` when the gate allows it (GX passed, novel
-mask AP50 not below the champion's minus the tolerance); a refusal is a result with its reason, tagged
-on the challenger, not a failure."""
+mask AP50 at least ``registry.min_novel_ap50``, and a paired bootstrap over the evaluation images puts the
+challenger - champion interval's lower end above -tolerance); a refusal is a result with its reason and
+interval, tagged on the challenger, not a failure."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ovtasks.airflow_support import TAGS, default_args, settings
 @dag(dag_id="ovtasks_promote", schedule=None, start_date=datetime(2026, 1, 1), catchup=False, tags=TAGS + ["mlflow", "promote"],
      default_args=default_args(10), doc_md=__doc__,
      params={"model": Param("ov-maskrcnn", enum=["ov-maskrcnn", "semantic-sam"]),
-             "tolerance": Param(None, type=["null", "number"], description="novel mask AP50 points; empty: registry.promotion_tolerance"),
+             "tolerance": Param(None, type=["null", "number"], description="margin in novel mask AP50 points; empty: registry.promotion_tolerance"),
              "who": Param("airflow", type="string"), "reason": Param("", type="string")})
 def ovtasks_promote():
     @task(doc_md="The promotion gate; returns promoted, reason, challenger and champion before/after.")

@@ -57,6 +57,7 @@ class SemanticSamConfig:
     hidden: int = 32
     patch_size: int = 16  # the tiny SAM's patch: image_size / patch_size embedding grid, masks at 4x that
     freeze_image_encoder: bool = False
+    pixel_loss: str = "focal"  # SA-1B masks: "focal" (x20, SAM's) or "bce"; + dice either way
     box_jitter: float = 0.1  # SAM: noise with std 10% of the box side, at most 20 px
     seed: int = 0
     checkpoint_every: int = 50
@@ -147,7 +148,7 @@ def train_semantic_sam(clean_uri: str, pseudo_uri: str, sa1b_uri: str | None, ou
             scale = model.resized(*image.shape[:2])[2]
             d = model.decode(embeddings[k: k + 1], torch.from_numpy(boxes * scale).to(device))
             if kind == "sa1b":
-                sa_losses.append(mask_losses(d, _lowres_targets(model, masks_of(anns), d.masks.shape[-1], device)))
+                sa_losses.append(mask_losses(d, _lowres_targets(model, masks_of(anns), d.masks.shape[-1], device), pixel_loss=cfg.pixel_loss))
             else:
                 sem.append(d.semantic)
                 score.append(d.score)

@@ -193,13 +193,21 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     return 1 - (2 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)
 
 
-def mask_losses(d: Decoded, target: torch.Tensor, focal_weight: float = 20.0) -> dict[str, torch.Tensor]:
+def mask_losses(d: Decoded, target: torch.Tensor, focal_weight: float = 20.0, pixel_loss: str = "focal") -> dict[str, torch.Tensor]:
     """SAM's supervision for ``n`` prompts with GT masks ``target`` (n, h, w): focal x20 + dice on the
     single-output mask and on the best of the 3 multimask outputs (SAM's ambiguity-aware minimum), and MSE
-    between the predicted IoU and the IoU the masks actually have, for all 4."""
+    between the predicted IoU and the IoU the masks actually have, for all 4. ``pixel_loss="bce"`` puts
+    plain per-pixel BCE (weight 1) in place of the focal term: a small SAM trained from scratch collapsed
+    to empty masks under focal x20 (objects cover ~2 % of the frame), see docs/model-quality.md."""
     t = target[:, None].expand_as(d.masks).float()
-    focal, dice = focal_loss(d.masks.float(), t), dice_loss(d.masks.float(), t)
-    per = focal_weight * focal + dice  # (n, 4)
+    dice = dice_loss(d.masks.float(), t)
+    if pixel_loss == "focal":
+        focal = focal_weight * focal_loss(d.masks.float(), t)
+    elif pixel_loss == "bce":
+        focal = F.binary_cross_entropy_with_logits(d.masks.float(), t, reduction="none").flatten(-2).mean(-1)
+    else:
+        raise ValueError(f"unknown pixel loss {pixel_loss!r}; use focal or bce")
+    per = focal + dice  # (n, 4)
     best = per[:, 1:].argmin(dim=1)
     rows = torch.arange(len(per), device=per.device)
     with torch.no_grad():
@@ -207,7 +215,7 @@ def mask_losses(d: Decoded, target: torch.Tensor, focal_weight: float = 20.0) ->
         inter = (pred & t.bool()).flatten(-2).sum(-1).float()
         union = (pred | t.bool()).flatten(-2).sum(-1).float()
         actual = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    return {"loss_focal": focal_weight * (focal[:, 0] + focal[rows, best + 1]).mean(),
+    return {f"loss_{pixel_loss}": (focal[:, 0] + focal[rows, best + 1]).mean(),
             "loss_dice": (dice[:, 0] + dice[rows, best + 1]).mean(),
             "loss_iou": F.mse_loss(d.iou.float(), actual)}
 

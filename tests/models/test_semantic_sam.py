@@ -61,6 +61,12 @@ def test_losses_reward_the_right_answer():
     # the IoU head is pushed to the IoU the masks really have: 1 for the good ones, 0 for the bad ones
     exact = mask_losses(Decoded(masks, torch.tensor([[1.0, 0, 1, 0]] * 2), None, None), target)
     assert exact["loss_iou"] < 1e-6 < loss["loss_iou"]
+    # the BCE option (the demo's tiny SAM): same minimum over the multimask outputs, its own loss name
+    bce = mask_losses(Decoded(masks, torch.ones(2, 4), None, None), target, pixel_loss="bce")
+    bce_worse = mask_losses(Decoded(torch.stack([good, bad, bad, bad], dim=1), torch.ones(2, 4), None, None), target, pixel_loss="bce")
+    assert set(bce) == {"loss_bce", "loss_dice", "loss_iou"} and bce["loss_bce"] < bce_worse["loss_bce"]
+    with pytest.raises(ValueError, match="unknown pixel loss"):
+        mask_losses(Decoded(masks, torch.ones(2, 4), None, None), target, pixel_loss="l2")
 
     text = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
     labels = torch.tensor([0, 3, 3, 1])
@@ -109,7 +115,7 @@ def test_train_mixes_1_to_4_resumes_and_evaluates(clean_small, labelled, synth_s
     import ovtasks.models.semantic_sam as ssm
 
     real_mask, real_con = ssm.mask_losses, ssm.contrastive_losses
-    monkeypatch.setattr(ssm, "mask_losses", lambda d, t: seen.append(("sa1b", len(t))) or real_mask(d, t))
+    monkeypatch.setattr(ssm, "mask_losses", lambda d, t, **kw: seen.append(("sa1b", len(t))) or real_mask(d, t, **kw))
     monkeypatch.setattr(ssm, "contrastive_losses", lambda *a: seen.append(("gen", len(a[2]))) or real_con(*a))
     full = train_semantic_sam(clean_small, labelled, sa, str(tmp_path / "full"), s, cfg)
     assert len(full.history) == 4 and all(np.isfinite(h["loss"]) for h in full.history)

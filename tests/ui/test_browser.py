@@ -59,6 +59,7 @@ def test_page_in_headless_chromium(api_server, tmp_path):
         chrome.click(chrome.find("#promote"))
         chrome.wait_for("return getComputedStyle(document.querySelector('#promote-result')).display !== 'none'")
         assert chrome.text(chrome.find("#promote-result")).split(":")[0] in ("Promoted", "Not promoted")
+        chrome.wait_for("return document.querySelector('#m-list').innerText.includes('gate vs champion')")  # the gate's verdict
         chrome.screenshot(OUT / "models.png")
 
         # Airflow's own UI shows the page from its navigation (an external view in an iframe)

@@ -155,6 +155,7 @@ def test_promote_needs_admin_and_runs_the_gate(world):
     m = c.get("/ovtasks/api/models", headers=h["viewer"]).json()["models"]
     assert sorted(m[0]["aliases"]) == ["challenger", "champion"] and m[0]["promotion"]["promoted_by"] == "admin"
     assert m[0]["promotion"]["promotion_reason"] == "from the test"
+    assert m[0]["promotion_gate"]["verdict"] == "first" and m[0]["promotion_gate"]["floor"] == 1.0  # the gate's record, for the page
 
 
 def test_plugin_declares_the_app_and_the_nav_entry():
