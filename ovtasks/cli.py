@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -115,8 +116,9 @@ def cmd_train_itm(args: argparse.Namespace, settings: Settings) -> int:
 
     cfg = ItmTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          image_size=args.image_size, max_images=args.max_images, pretrain_steps=args.pretrain_steps)
+    command = " ".join(["ovtasks", *(shlex.quote(a) for a in sys.argv[1:])])  # recorded in the checkpoint's JSON
     return _report_trained(train_itm(args.src, args.out, _on_device(args, settings), cfg, gt_uri=args.gt,
-                                     progress=_print_progress), "train-itm metrics")
+                                     progress=_print_progress, command=command), "train-itm metrics")
 
 
 def cmd_train_wspn(args: argparse.Namespace, settings: Settings) -> int:

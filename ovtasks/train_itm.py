@@ -139,8 +139,10 @@ def _batch_texts(rng: np.random.Generator, idx: np.ndarray, captions, names, voc
 
 
 def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfig = ItmTrainConfig(),
-              gt_uri: str | None = None, progress: Callable[[int, dict], None] | None = None) -> TrainedItm:
-    """Train on every complete clean shard under ``src_uri``; save to ``out_uri`` (dir or store URI)."""
+              gt_uri: str | None = None, progress: Callable[[int, dict], None] | None = None,
+              command: str | None = None) -> TrainedItm:
+    """Train on every complete clean shard under ``src_uri``; save to ``out_uri`` (dir or store URI).
+    ``command``, when given, is recorded in ``ovtasks_itm.json`` (how to reproduce the checkpoint)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     vocab = Vocabulary.load(settings.candidates.vocabulary)
@@ -227,7 +229,7 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
                    train_seconds=round(time.perf_counter() - t0, 1))
     itm.layer = layer
     meta = {"conv_stem": cfg.conv_stem, "gradcam_layer": layer, "trained_by": f"ovtasks {__version__} train-itm", "config": asdict(cfg), "metrics": metrics,
-            "source": src_uri, "prompt": template}
+            "source": src_uri, "prompt": template, **({"command": command} if command else {})}
     with tempfile.TemporaryDirectory(prefix="ovtasks-itm-out-") as d:
         itm.save(d, meta)
         (Path(d) / "history.json").write_text(json.dumps(history))
