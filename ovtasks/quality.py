@@ -54,14 +54,13 @@ BUDGET_ROWS = (
 
 
 def _box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """IoU of ``(K, 4)`` xyxy ``boxes`` with one xyxy ``box``."""
+    """IoU of ``(K, 4)`` xyxy ``boxes`` with one xyxy ``box`` (torchvision's ``box_iou``)."""
+    import torch
+    from torchvision.ops import box_iou
+
     if len(boxes) == 0:
         return np.zeros(0)
-    x1, y1 = np.maximum(boxes[:, 0], box[0]), np.maximum(boxes[:, 1], box[1])
-    x2, y2 = np.minimum(boxes[:, 2], box[2]), np.minimum(boxes[:, 3], box[3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / np.maximum(area(boxes) + area(np.asarray(box)) - inter, 1e-9)
+    return box_iou(torch.as_tensor(np.asarray(boxes, np.float32)), torch.as_tensor(np.asarray(box, np.float32))[None])[:, 0].numpy()
 
 
 def _xyxy(mask: np.ndarray) -> np.ndarray:
