@@ -166,7 +166,7 @@ ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard
 
 def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: int = 64, seed: int = 0, workers: int | None = None,
              train_itm_steps: int | None = None, wspn_steps: int = 100, eval_images: int = 64, train_steps: int = 600,
-             semantic_sam_steps: int = 1000, airflow: bool = True, airflow_train_steps: int = 150) -> int:
+             semantic_sam_steps: int = 500, airflow: bool = True, airflow_train_steps: int = 150) -> int:
     """The whole pipeline on synthetic data. The first ``eval_images`` images with GT are held out of every
     training (they are what the models are scored on). Step 10's weekly retrain trains a second, shorter
     model (``airflow_train_steps``), so its promotion shows the gate comparing two models on the same images."""
@@ -229,7 +229,7 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     from ovtasks.sa1b import write_synthetic
     from ovtasks.train_semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
 
-    write_synthetic(sa1b_uri, settings, images=1024, image_size=settings.synth.image_size)
+    write_synthetic(sa1b_uri, settings, images=512, image_size=settings.synth.image_size)
     ssam = train_semantic_sam(ingest_uri, str(root), sa1b_uri, ssam_dir, settings, SemanticSamConfig(steps=semantic_sam_steps),
                               exclude_ids=held)
     ssam_ev = evaluate_semantic_sam(load_model(ssam_dir, settings.device)[0], synth_uri, ingest_uri, settings, limit=eval_images)
