@@ -119,7 +119,7 @@ def test_train_mixes_1_to_4_resumes_and_evaluates(clean_small, labelled, synth_s
     monkeypatch.setattr(ssm, "contrastive_losses", lambda *a: seen.append(("gen", len(a[2]))) or real_con(*a))
     full = train_semantic_sam(clean_small, labelled, sa, str(tmp_path / "full"), s, cfg)
     assert len(full.history) == 4 and all(np.isfinite(h["loss"]) for h in full.history)
-    assert {"loss_focal", "loss_dice", "loss_iou", "loss_contrastive", "loss_score"} <= set(full.history[0])
+    assert {"loss_bce", "loss_dice", "loss_iou", "loss_contrastive", "loss_score"} <= set(full.history[0])
     # 1 SA-1B image (a mask_losses call) and one contrastive call over 4 generated images per step
     assert [k for k, _ in seen].count("sa1b") == 4 and [k for k, _ in seen].count("gen") == 4
     assert full.metrics["sa1b_images"] == 8 and (tmp_path / "full" / "loss_curve.png").exists()
