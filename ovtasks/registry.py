@@ -203,9 +203,11 @@ def promote(settings: Settings, tolerance: float | None = None, who: str | None 
             else:
                 from ovtasks.evaluate import split_ids
 
-                novel = split_ids(a[0])["novel"]
-                comparison = paired_bootstrap(a[0], a[1], b[1], novel, cfg.bootstrap_samples, cfg.promotion_confidence,
-                                              cfg.bootstrap_seed)
+                try:
+                    comparison = paired_bootstrap(a[0], a[1], b[1], split_ids(a[0])["novel"], cfg.bootstrap_samples,
+                                                  cfg.promotion_confidence, cfg.bootstrap_seed)
+                except ValueError as exc:  # e.g. an evaluation set without any novel-category instance
+                    reason = f"challenger v{ch.version} cannot be compared with champion v{champ.version}: {exc}"
         if reason is None:
             decision = decide(new, comparison, margin, cfg.min_novel_ap50)
             gate = {"verdict": decision.verdict, "reason": decision.reason, "margin": margin, "floor": cfg.min_novel_ap50,
