@@ -26,11 +26,11 @@ RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 @dataclass(frozen=True)
 class MatchTable:
-    """What AP50 needs from one model's predictions, per category: every kept detection's score, whether
-    it matched a GT instance (IoU >= 0.5) and the index of its image; and the GT count per image."""
+    """What AP50 needs from one model's predictions, per category, in descending score order: whether
+    each kept detection matched a GT instance (IoU >= 0.5) and the index of its image; and the GT count
+    per image."""
 
     image_ids: tuple[int, ...]
-    scores: Mapping[int, np.ndarray]  # category id -> (D,) float, sorted descending
     matched: Mapping[int, np.ndarray]  # category id -> (D,) bool
     image_index: Mapping[int, np.ndarray]  # category id -> (D,) int into image_ids
     gt_counts: Mapping[int, np.ndarray]  # category id -> (I,) int
@@ -39,16 +39,13 @@ class MatchTable:
 def _iou(dets: Sequence[dict], gts: Sequence[dict], iou_type: str) -> np.ndarray:
     from pycocotools import mask as mask_utils
 
+    from ovtasks.groundtruth import to_pycoco
+
     if iou_type == "segm":
-        d = [{"size": list(x["segmentation"]["size"]), "counts": _counts(x["segmentation"]["counts"])} for x in dets]
-        g = [{"size": list(x["segmentation"]["size"]), "counts": _counts(x["segmentation"]["counts"])} for x in gts]
+        d, g = [to_pycoco(x["segmentation"]) for x in dets], [to_pycoco(x["segmentation"]) for x in gts]
     else:
         d, g = [list(x["bbox"]) for x in dets], [list(x["bbox"]) for x in gts]
     return np.asarray(mask_utils.iou(d, g, [int(x.get("iscrowd", 0)) for x in gts]), np.float64).reshape(len(dets), len(gts))
-
-
-def _counts(c):
-    return c.encode() if isinstance(c, str) else c
 
 
 def match_table(gt: Mapping, predictions: Sequence[dict], cat_ids: Sequence[int], iou_type: str = "segm",
@@ -66,7 +63,7 @@ def match_table(gt: Mapping, predictions: Sequence[dict], cat_ids: Sequence[int]
     for p in predictions:
         if p["category_id"] in cats and p["image_id"] in where:
             dts.setdefault((p["image_id"], p["category_id"]), []).append(p)
-    scores, matched, index, counts = {}, {}, {}, {}
+    matched, index, counts = {}, {}, {}
     for c in cats:
         counts[c] = np.array([len(gts.get((i, c), ())) for i in image_ids], np.int64)
         s_all, m_all, i_all = [], [], []
@@ -92,10 +89,9 @@ def match_table(gt: Mapping, predictions: Sequence[dict], cat_ids: Sequence[int]
             i_all.append(np.full(len(d), where[i]))
         s = np.concatenate(s_all) if s_all else np.zeros(0)
         order = np.argsort(-s, kind="mergesort")
-        scores[c] = s[order]
         matched[c] = (np.concatenate(m_all) if m_all else np.zeros(0, bool))[order]
         index[c] = (np.concatenate(i_all) if i_all else np.zeros(0, np.int64))[order]
-    return MatchTable(image_ids, scores, matched, index, counts)
+    return MatchTable(image_ids, matched, index, counts)
 
 
 def ap50(table: MatchTable, weights: np.ndarray | None = None) -> float | None:

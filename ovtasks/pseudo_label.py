@@ -161,7 +161,7 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
     """Run stages 2-5 for already-extracted candidates; one :class:`PairResult` per (image, candidate)."""
     from ovtasks.activation import activation_maps
     from ovtasks.pseudo_box import pseudo_box
-    from ovtasks.wss import WssJob, grow_box, segment_boxes
+    from ovtasks.wss import WssJob, grow_box
 
     cfg = settings.maskfree
     pairs = [PairResult(i, c) for i, cands in enumerate(candidates) for c in cands]
@@ -193,18 +193,26 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
         jobs.append(WssJob(sample.image, grow_box(box, cfg.wss_box_margin, sample.image.shape[:2]), amap.soft,
                            cfg.seed * 1_000_003 + sample.image_id * 31 + k))
         job_pairs.append(p)
-    for j0 in range(0, len(jobs), 256):  # bounded memory; each chunk is trained at once
-        masks = segment_boxes(jobs[j0:j0 + 256], cfg.wss_crop, cfg.wss_points, cfg.wss_iterations, cfg.wss_lr,
-                              cfg.wss_hidden, settings.device, cfg.wss_fg_fraction, cfg.wss_bg_fraction)
-        for p, m in zip(job_pairs[j0:j0 + 256], masks):
-            if m.any():
-                p.mask = m
-            else:
-                p.reason = "empty_mask"
+    for p, m in zip(job_pairs, wss_masks(jobs, settings)):
+        if m.any():
+            p.mask = m
+        else:
+            p.reason = "empty_mask"
     if not keep_maps:
         for p in pairs:
             p.activation = None
     return pairs
+
+
+def wss_masks(jobs: Sequence, settings: Settings) -> list[np.ndarray]:
+    """Eq. 7 masks for ``WssJob``s with the ``maskfree.wss_*`` settings, 256 boxes trained at once (bounded memory)."""
+    from ovtasks.wss import segment_boxes
+
+    cfg, out = settings.maskfree, []
+    for j0 in range(0, len(jobs), 256):
+        out += segment_boxes(jobs[j0:j0 + 256], cfg.wss_crop, cfg.wss_points, cfg.wss_iterations, cfg.wss_lr,
+                             cfg.wss_hidden, settings.device, cfg.wss_fg_fraction, cfg.wss_bg_fraction)
+    return out
 
 
 def to_coco(samples: Sequence[CleanSample], results: Sequence[PairResult], generator: str, versions: dict,

@@ -15,8 +15,8 @@ from ovtasks.candidates import Vocabulary, build_extractor
 from ovtasks.config import Settings
 from ovtasks.dataset import iter_clean
 from ovtasks.evaluation import box_mask, mask_ap50
-from ovtasks.groundtruth import GroundTruth, decode_rle, mask_bbox
-from ovtasks.pseudo_label import MaskFreeModels, label_images
+from ovtasks.groundtruth import GroundTruth, decode_rle
+from ovtasks.pseudo_label import MaskFreeModels, label_images, wss_masks
 
 
 def evaluate_pseudo_labels(clean_uri: str, gt_uri: str, settings: Settings, models: MaskFreeModels,
@@ -63,8 +63,9 @@ def _box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
     return box_iou(torch.as_tensor(np.asarray(boxes, np.float32)), torch.as_tensor(np.asarray(box, np.float32))[None])[:, 0].numpy()
 
 
-def _xyxy(mask: np.ndarray) -> np.ndarray:
-    x, y, w, h = mask_bbox(mask)
+def _xyxy(ann: dict) -> np.ndarray:
+    """A COCO annotation's xywh ``bbox`` as xyxy."""
+    x, y, w, h = ann["bbox"]
     return np.array([x, y, x + w, y + h], np.float32)
 
 
@@ -76,7 +77,7 @@ def error_budget(samples, results, gt: GroundTruth, settings: Settings) -> dict:
     per bound row. Returns ``{row: {"all", "base", "novel"}, "_grounding": {...}, "_proposals": {...}}``."""
     from ovtasks.evaluation import mask_ap50
     from ovtasks.pseudo_box import pseudo_box
-    from ovtasks.wss import WssJob, grow_box, segment_boxes
+    from ovtasks.wss import WssJob, grow_box
 
     cfg = settings.maskfree
     dets: dict[str, list] = {k: [] for k, _ in BUDGET_ROWS}
@@ -92,7 +93,7 @@ def error_budget(samples, results, gt: GroundTruth, settings: Settings) -> dict:
             seen_images.add(s.image_id)
             for a in gt.annotations(s.image_id):
                 recall_total += 1
-                recall_hits += bool(len(props) and _box_iou(props, _xyxy(decode_rle(a["segmentation"]))).max() >= 0.5)
+                recall_hits += bool(len(props) and _box_iou(props, _xyxy(a)).max() >= 0.5)
         if not inst:
             if r.mask is not None:
                 for k in dets:
@@ -114,18 +115,14 @@ def error_budget(samples, results, gt: GroundTruth, settings: Settings) -> dict:
         box, _ = pseudo_box(union.astype(np.float32), props)
         if box is not None:
             jobs["selection_bound"].append(({**base}, WssJob(s.image, grow_box(box, cfg.wss_box_margin, union.shape), soft, seed)))
-        for m in masks:
-            g = _xyxy(m)
+        for a, m in zip(inst, masks):
+            g = _xyxy(a)
             if len(props):
                 best = props[int(np.argmax(_box_iou(props, g)))]
                 jobs["proposal_bound"].append(({**base}, WssJob(s.image, grow_box(best, cfg.wss_box_margin, m.shape), soft, seed)))
             jobs["mask_bound"].append(({**base}, WssJob(s.image, tuple(map(float, g)), m.astype(np.float32), seed)))
     for k, items in jobs.items():
-        for j0 in range(0, len(items), 256):
-            chunk = items[j0:j0 + 256]
-            out = segment_boxes([j for _, j in chunk], cfg.wss_crop, cfg.wss_points, cfg.wss_iterations, cfg.wss_lr,
-                                cfg.wss_hidden, settings.device, cfg.wss_fg_fraction, cfg.wss_bg_fraction)
-            dets[k] += [{**d, "mask": m} for (d, _), m in zip(chunk, out) if m.any()]
+        dets[k] += [{**d, "mask": m} for (d, _), m in zip(items, wss_masks([j for _, j in items], settings)) if m.any()]
     ids = [s.image_id for s in samples]
     table = {k: mask_ap50(gt, ids, v) for k, v in dets.items()}
     table["_grounding"] = {"pairs_with_gt": grounded_pairs, "right_object_rate": round(right / max(grounded_pairs, 1), 4),
