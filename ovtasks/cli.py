@@ -115,7 +115,8 @@ def cmd_train_itm(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.train_itm import ItmTrainConfig, train_itm
 
     cfg = ItmTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         image_size=args.image_size, max_images=args.max_images, pretrain_steps=args.pretrain_steps)
+                         image_size=args.image_size, max_images=args.max_images, pretrain_steps=args.pretrain_steps,
+                         grounding_weight=args.grounding_weight)
     command = " ".join(["ovtasks", *(shlex.quote(a) for a in sys.argv[1:])])  # recorded in the checkpoint's JSON
     return _report_trained(train_itm(args.src, args.out, _on_device(args, settings), cfg, gt_uri=args.gt,
                                      progress=_print_progress, command=command), "train-itm metrics")
@@ -311,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=int, default=96)
     t.add_argument("--pretrain-steps", type=int, default=3000,
                    help="stage 1: steps of caption-name classification by the conv stem before ITM (0 skips)")
+    t.add_argument("--grounding-weight", type=float, default=0.0,
+                   help="weight of the word-grounding loss (attention-pooled local features classify the word; 0 = off)")
     t.add_argument("--max-images", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None, help="cpu | cuda (default from config)")

@@ -71,6 +71,10 @@ class ItmTrainConfig:
     curriculum: float = 0.3  # fraction of steps on single-object captions
     caption_fraction: float = 0.25  # rows that use whole captions instead of prompts
     itc_weight: float = 1.0  # image-text contrastive loss on the unimodal [CLS] projections (0 disables)
+    # word-grounding loss (0 disables): the GradCAM layer's cross-attention of a present name's word pools
+    # the stem's local patch features, which must classify as that name (attention-based multiple-instance
+    # learning; rewards attending to the named object rather than to whatever answers "match")
+    grounding_weight: float = 0.0
     temperature: float = 0.07
     holdout: int = 200  # images kept out of training for the metrics
     seed: int = 0
@@ -179,6 +183,10 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     groups = [{"params": [p for p in model.parameters() if id(p) not in stem_params], "lr": cfg.lr}]
     if stem_params:
         groups.append({"params": list(stem.parameters()), "lr": cfg.lr * cfg.stem_lr_scale})
+    grounder = None
+    if cfg.grounding_weight > 0:
+        grounder = _Grounder(itm, vocab_names, template, min(cfg.gradcam_layer, cfg.text_layers - 1))
+        groups.append({"params": list(grounder.head.parameters()), "lr": cfg.lr})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup, cfg.steps))
     model.train()
@@ -195,6 +203,8 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
         loss = F.cross_entropy(logits, labels)
         if cfg.itc_weight > 0:
             loss = loss + cfg.itc_weight * _itc_loss(itm, embeds, idx, names, vocab_names, template, cfg.temperature)
+        if grounder is not None:
+            loss = loss + cfg.grounding_weight * grounder.loss(embeds, [names[i] for i in idx], rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -209,6 +219,8 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
             log.info("train-itm", extra=rec)
             if progress:
                 progress(step, rec)
+    if grounder is not None:
+        grounder.close()
     model.eval()
     hold_idx = list(range(n - hold, n))
     metrics = caption_metrics(itm, images[hold_idx], [names[i] for i in hold_idx], vocab_names, template)
@@ -306,6 +318,50 @@ def _pretrain_stem(itm: ItmModel, stem: ConvStem, images: torch.Tensor, names, v
             if progress:
                 progress(step, rec)
     return {"pretrain_holdout_top1": top1, "pretrain_steps": steps}
+
+
+class _Grounder:
+    """The word-grounding loss (``ItmTrainConfig.grounding_weight``).
+
+    For one present name per image, the prompt runs through the text encoder with cross-attention to
+    the image; the word tokens' attention over the patch grid in ``layer`` (the GradCAM layer, mean over
+    heads, [CLS] column dropped and renormalised) pools the patch embedding's *local* features (the conv
+    stem's output, captured by a forward hook, before any transformer layer mixes the patches). A linear
+    head must classify the pooled feature as the name. Attending to patches of another object, or to
+    background, pools features of something else, so only attention on the named object lowers the
+    loss: multiple-instance learning with the attention as the instance weights (Ilse et al., 2018)."""
+
+    def __init__(self, itm: ItmModel, vocab_names: list[str], template: str, layer: int):
+        self.itm, self.template, self.layer = itm, template, layer
+        self.col = {n: j for j, n in enumerate(vocab_names)}
+        stem = itm.model.vision_model.embeddings.patch_embedding
+        self.head = torch.nn.Linear(itm.model.config.vision_config.hidden_size, len(vocab_names)).to(itm.device)
+        self._local: list[torch.Tensor] = []
+        self._hook = stem.register_forward_hook(lambda _m, _i, out: self._local.append(out))
+
+    def close(self) -> None:
+        self._hook.remove()
+
+    def loss(self, embeds: torch.Tensor, present: list[list[str]], rng: np.random.Generator) -> torch.Tensor:
+        local = self._local[-1].flatten(2).transpose(1, 2)  # (B, N, D): the stem output of this step's images
+        self._local.clear()
+        chosen = [ns[int(rng.integers(len(ns)))] for ns in present]
+        prompts, spans = zip(*[prompt_span(self.template, n) for n in chosen])
+        ids_, am, wm = self.itm.tokenize(prompts, spans)
+        module = self.itm.model.text_encoder.encoder.layer[self.layer].crossattention.self
+        captured: list[torch.Tensor] = []
+        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out[1]))
+        try:
+            self.itm.itm_logits(embeds, ids_, am)
+        finally:
+            handle.remove()
+        attn = captured[-1].mean(1)  # (B, L, 1 + N)
+        w = wm.to(attn.dtype)[..., None]
+        a = ((attn * w).sum(1) / w.sum(1).clamp(min=1))[:, 1:]  # (B, N)
+        a = a / a.sum(1, keepdim=True).clamp(min=1e-6)
+        pooled = torch.einsum("bn,bnd->bd", a, local)
+        target = torch.tensor([self.col[n] for n in chosen], device=pooled.device)
+        return F.cross_entropy(self.head(pooled), target)
 
 
 def _itc_loss(itm: ItmModel, embeds: torch.Tensor, idx: np.ndarray, names, vocab_names, template: str, temperature: float) -> torch.Tensor:
