@@ -97,13 +97,21 @@ def plan(images_per_week: float, gpu_images_per_s: float, ingest_images_per_core
                 round((gb * 2) * 1000 / (window_hours * 3600), 2), tuple(notes))
 
 
+GPU_WORKER_IMAGE = {"repository": "ovtasks-gpu-worker", "tag": "0.1.0"}  # as helm/ovtasks/values.yaml
+
+
 def helm_values(p: Plan) -> dict:
-    """Helm overrides for the plan: the gpu worker set's KEDA ceiling, the GPU pool, the default set."""
+    """Helm overrides for the plan: the gpu worker set's KEDA ceiling, the GPU pool, the default set.
+
+    Helm replaces lists whole, so both worker sets are written out in full (image, resources, env): a
+    partial set would drop the gpu set's image and ``OVTASKS_DEVICE=cuda`` from the chart's values."""
     return {
         "ovtasks": {"gpuPoolSlots": p.gpu_workers},
         "airflow": {"workers": {"celery": {"sets": [
-            {"name": "default", "queue": "default", "replicas": p.default_workers},
-            {"name": "gpu", "queue": "gpu", "replicas": 1,
+            {"name": "default", "queue": "default", "replicas": p.default_workers,
+             "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
+             "keda": {"enabled": False}},
+            {"name": "gpu", "queue": "gpu", "replicas": 1, "image": dict(GPU_WORKER_IMAGE),
              "resources": {"requests": {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": 1},
                            "limits": {"memory": "96Gi", "nvidia.com/gpu": 1}},
              "nodeSelector": {"nvidia.com/gpu.present": "true"},

@@ -122,6 +122,25 @@ def cmd_train_itm(args: argparse.Namespace, settings: Settings) -> int:
                                      progress=_print_progress, command=command), "train-itm metrics")
 
 
+def cmd_models_upload(args: argparse.Namespace, settings: Settings) -> int:
+    """Put a model directory (or one file, e.g. an evaluation set) in the store where the pipeline loads it.
+    A directory gets its completion marker last (with each file's size and sha256), so a loader never
+    reads a half-uploaded model."""
+    from ovtasks.models.hub import COMPLETE_MARKER, is_store_uri, publish_model
+
+    src = Path(args.src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    if not is_store_uri(args.uri):
+        raise ValueError(f"{args.uri!r} is not a store URI (s3://bucket/prefix)")
+    if src.is_dir() and not any(p.is_file() for p in src.rglob("*")):
+        raise ValueError(f"{src} holds no files")
+    uri = publish_model(src, args.uri, settings.s3)
+    n = sum(1 for p in src.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER) if src.is_dir() else 1
+    print(f"uploaded {n} file(s) to {uri}" + (f" (marker {COMPLETE_MARKER} written last)" if src.is_dir() else ""))
+    return 0
+
+
 def cmd_train_wspn(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.train_wspn import WspnTrainConfig, train_wspn
 
@@ -417,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--values-out", default=None, help="write the helm overrides to this file")
     pn.add_argument("--json", action="store_true")
     pn.set_defaults(func=cmd_plan)
+
+    mo = sub.add_parser("models", help="model store: upload a model directory (or an evaluation set) for the pipeline")
+    mo_sub = mo.add_subparsers(dest="models_command", required=True)
+    up = mo_sub.add_parser("upload", help="upload SRC (a model directory or one file) to a store URI, completion marker last")
+    up.add_argument("src", help="local model directory (e.g. models/itm-synth) or file (e.g. instances.json)")
+    up.add_argument("uri", help="s3://bucket/prefix, e.g. s3://ovtasks/models/itm (the URI the config names)")
+    up.set_defaults(func=cmd_models_upload)
 
     c = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     c.set_defaults(func=cmd_config)

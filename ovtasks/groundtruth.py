@@ -73,10 +73,18 @@ class GroundTruth:
     @classmethod
     def load(cls, uri: str, settings: Settings) -> "GroundTruth":
         """``uri`` is the synthetic data root (holding ``gt/instances.json``) or the JSON file itself."""
-        if uri.endswith(".json"):
-            parent, _, name = uri.rpartition("/")
-            return cls(json.loads(open_store(parent or ".", settings.s3).get_bytes(name)))
-        return cls(json.loads(open_store(uri, settings.s3).get_bytes("gt/instances.json")))
+        store, key = _locate(uri, settings)
+        return cls(json.loads(store.get_bytes(key)))
+
+    @staticmethod
+    def require(uri: str, settings: Settings) -> None:
+        """Refuse, with what to do, when there is no evaluation set at ``uri``."""
+        store, key = _locate(uri, settings)
+        if not store.exists(key):
+            raise FileNotFoundError(
+                f"no evaluation set at {store.uri_for(key)}: set pipeline.eval_gt_uri (env OVTASKS_PIPELINE__EVAL_GT_URI) to a "
+                "COCO instances JSON of images the models are not trained on, put in the store with "
+                "`ovtasks models upload instances.json s3://BUCKET/eval/instances.json` (README: Evaluation set)")
 
     def annotations(self, image_id: int) -> list[dict]:
         """The raw COCO annotations of one image (empty when it has none)."""
@@ -95,3 +103,10 @@ class GroundTruth:
         return {"images": [self.images[i] for i in sorted(ids) if i in self.images],
                 "annotations": [a for i in sorted(ids) for a in self._anns.get(i, [])],
                 "categories": list(self.categories.values())}
+
+
+def _locate(uri: str, settings: Settings):
+    if uri.endswith(".json"):
+        parent, _, name = uri.rpartition("/")
+        return open_store(parent or ".", settings.s3), name
+    return open_store(uri, settings.s3), "gt/instances.json"

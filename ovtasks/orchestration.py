@@ -235,9 +235,11 @@ def train_model(model: str, clean_uri: str, pseudo_uri: str, out_dir: str, setti
 
 def evaluate_and_register(model_dir: str, gt_uri: str, clean_uri: str, pseudo_uri: str, settings: Settings, generator: str,
                           eval_images: int = 64, dag_run: str | None = None) -> dict:
+    from ovtasks.groundtruth import GroundTruth
     from ovtasks.registry import log_and_register
     from ovtasks.train import load_model
 
+    GroundTruth.require(gt_uri, settings)
     model, meta = load_model(model_dir, settings.device)
     if meta["architecture"] == "semantic-sam":
         from ovtasks.train_semantic_sam import evaluate_semantic_sam as evaluate

@@ -127,7 +127,7 @@ def _errors(values):
 
 def test_helm_values_need_existing_secrets():
     errors = _errors(_values("values.yaml"))
-    for path in ("ovtasks/existingSecret", "mlflow/existingSecret", "minio/existingSecret", "airflow/data/metadataSecretName",
+    for path in ("mlflow/existingSecret", "minio/existingSecret", "airflow/data/metadataSecretName",
                  "airflow/fernetKeySecretName", "airflow/jwtSecretName", "airflow/ovtasksSecret", "airflow/redis/passwordSecretName"):
         assert any(e.startswith(path + ":") for e in errors), (path, errors)
 
@@ -171,3 +171,97 @@ def test_helm_templates_only_read_values_that_exist():
         for part in ref.split("."):
             assert isinstance(node, dict) and part in node, f"templates read .Values.{ref}, missing from values.yaml"
             node = node[part]
+
+
+# ---------------------------------------------------------------------------------------------
+# the weekly loop's configuration: models, evaluation set, pool, worker sets
+
+PIPELINE_KEYS = {"OVTASKS_MASKFREE__ITM_MODEL", "OVTASKS_MASKFREE__WSPN_MODEL", "OVTASKS_GROUNDED__GDINO_MODEL",
+                 "OVTASKS_GROUNDED__SAM_MODEL", "OVTASKS_PIPELINE__EVAL_GT_URI", "OVTASKS_PIPELINE__SOURCE_URI",
+                 "OVTASKS_PIPELINE__CLEAN_URI", "OVTASKS_PIPELINE__PSEUDO_URI", "OVTASKS_S3__ENDPOINT",
+                 "OVTASKS_REGISTRY__TRACKING_URI"}
+
+
+def test_compose_sets_every_model_and_the_evaluation_set_in_the_store():
+    from ovtasks.config import load_settings
+
+    for svc in ("airflow-scheduler", "worker-cpu", "worker-gpu"):
+        env = _compose()["services"][svc]["environment"]
+        assert PIPELINE_KEYS <= set(env), (svc, PIPELINE_KEYS - set(env))
+    env = {k: str(v).replace("${OVTASKS_BUCKET:-ovtasks}", "ovtasks") for k, v in env.items() if k.startswith("OVTASKS_")}
+    s = load_settings(env={k: v for k, v in env.items() if "${" not in v})
+    assert s.maskfree.itm_model == "s3://ovtasks/models/itm" and s.maskfree.wspn_model == "s3://ovtasks/models/wspn"
+    assert s.grounded.gdino_model.startswith("s3://ovtasks/") and s.grounded.sam_model.startswith("s3://ovtasks/")
+    assert s.pipeline.eval_gt_uri == "s3://ovtasks/eval/instances.json" and s.device == "cuda"
+
+
+def test_helm_config_map_sets_what_compose_sets_and_only_real_settings():
+    import re
+
+    from ovtasks.config import load_settings
+
+    tpl = (CHART / "templates" / "ovtasks-env.yaml").read_text()
+    keys = set(re.findall(r"^  ([A-Z0-9_]+):", tpl, re.M))
+    assert PIPELINE_KEYS <= keys, PIPELINE_KEYS - keys
+    load_settings(env={k: "s3://b/x" if "URI" in k or "MODEL" in k else ("h:1" if k.endswith("ENDPOINT") else "false")
+                       for k in keys if k.startswith("OVTASKS_")})
+    values = _values("values.yaml")
+    # the Airflow chart reads the ConfigMap and the credentials Secret; no hard-coded store location is left in its env
+    assert "{{ .Release.Name }}-ovtasks-env" in values["airflow"]["extraEnvFrom"] and "ovtasksSecret" in values["airflow"]["extraEnvFrom"]
+    assert "s3://" not in yaml_dump(values["airflow"])
+    assert "name: {{ .Release.Name }}-ovtasks-env" in tpl
+
+
+def yaml_dump(obj) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj)
+
+
+def test_every_ovtasks_value_is_read_by_a_template():
+    """The schema's ovtasks keys are wired (the ConfigMap and the pool Job), not decoration."""
+    import re
+
+    text = "".join(t.read_text() for t in (CHART / "templates").iterdir())
+    ovt = _values("values.yaml")["ovtasks"]
+    leaves = [k for k, v in ovt.items() if not isinstance(v, dict)] + list(ovt["models"])
+    for key in leaves:
+        assert re.search(rf"\.{key}\b", text), f"no template reads ovtasks.{key}"
+    job = (CHART / "templates" / "gpu-pool-job.yaml").read_text()
+    assert '"pools", "set", "ovtasks_gpu", {{ .Values.ovtasks.gpuPoolSlots | quote }}' in job and "post-install" in job
+
+
+def _plan_values():
+    from ovtasks.capacity import Plan, helm_values
+
+    p = Plan(10_000_000, 72.0, 0.7, 30.0, 3, 40.0, 1000, 4, 250, 20, 10, 500.0, 600.0, 5.0, ())
+    return helm_values(p)
+
+
+@pytest.mark.parametrize("overrides", ["values-production.example.yaml", "plan"])
+def test_worker_sets_survive_helm_list_replacement(overrides, tmp_path):
+    """Helm replaces lists: each override of the worker sets must still give the gpu set its image and
+    OVTASKS_DEVICE=cuda (the schema refuses one that does not)."""
+    import yaml
+
+    if overrides == "plan":  # `ovtasks plan --values-out` is applied after the production example
+        v = _values("values.yaml", "values-production.example.yaml")
+        plan = yaml.safe_load(yaml.safe_dump(_plan_values()))  # through YAML, as helm reads the file
+        v["ovtasks"]["gpuPoolSlots"] = plan["ovtasks"]["gpuPoolSlots"]
+        v["airflow"]["workers"]["celery"]["sets"] = plan["airflow"]["workers"]["celery"]["sets"]  # replaced whole, as helm does
+    else:
+        v = _values("values.yaml", overrides)
+    assert _errors(v) == []
+    gpu = {s["name"]: s for s in v["airflow"]["workers"]["celery"]["sets"]}["gpu"]
+    assert gpu["image"] == _values("values.yaml")["airflow"]["workers"]["celery"]["sets"][1]["image"]
+    assert {"name": "OVTASKS_DEVICE", "value": "cuda"} in gpu["env"]
+
+
+def test_schema_refuses_a_partial_gpu_set():
+    v = _values("values.yaml", "values-production.example.yaml")
+    gpu = v["airflow"]["workers"]["celery"]["sets"][1]
+    del gpu["image"]
+    gpu["env"] = [{"name": "OTHER", "value": "x"}]
+    errors = _errors(v)
+    assert any("'image' is a required property" in e for e in errors), errors
+    assert any(e.startswith("airflow/workers/celery/sets/1/env") for e in errors), errors

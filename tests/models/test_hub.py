@@ -52,3 +52,35 @@ def test_image_processor_config_of_a_local_directory(tmp_path):
     assert image_processor_config(str(tmp_path)) == {}  # no processor file: the model class's defaults apply
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5], "size": {"longest_edge": 64}}))
     assert image_processor_config(str(tmp_path))["size"] == {"longest_edge": 64}
+
+
+def test_models_upload_command_then_the_pipeline_loads_from_the_store(tmp_path, monkeypatch, capsys, seaweed, s3_settings):
+    """`ovtasks models upload` puts a model directory (marker last) and an evaluation set where the compose /
+    helm config points; the loader and the evaluation-set check find them; a missing set is refused with
+    what to do."""
+    import json
+
+    import pytest
+
+    from ovtasks.cli import main
+    from ovtasks.groundtruth import GroundTruth
+
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    model = tmp_path / "itm"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "weights.bin").write_bytes(b"\x00\x01" * 100)
+    assert main(["models", "upload", str(model), "s3://models/itm"]) == 0
+    assert "uploaded 2 file(s) to s3://models/itm" in capsys.readouterr().out
+    gt = tmp_path / "instances.json"
+    gt.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    assert main(["models", "upload", str(gt), "s3://models/eval/instances.json"]) == 0
+    assert main(["models", "upload", str(tmp_path / "nope"), "s3://models/x"]) == 2
+    assert main(["models", "upload", str(model), str(tmp_path / "local")]) == 2  # a store URI is required
+    monkeypatch.setenv("OVTASKS_MODEL_CACHE", str(tmp_path / "cache"))
+    local = resolve_model("s3://models/itm", s3_settings.s3)
+    assert open(f"{local}/sub/weights.bin", "rb").read() == b"\x00\x01" * 100
+    GroundTruth.require("s3://models/eval/instances.json", s3_settings)
+    with pytest.raises(FileNotFoundError, match="OVTASKS_PIPELINE__EVAL_GT_URI"):
+        GroundTruth.require("s3://models/eval/missing.json", s3_settings)
