@@ -29,7 +29,8 @@ def ovtasks_retrain():
         s = settings()
         return validate_pseudo(uris(s)["pseudo"], s, get_current_context()["params"]["generator"] or s.pipeline.generator)
 
-    @task(queue=GPU_QUEUE, pool=GPU_POOL, doc_md="Trains on the validated shards; a retried try resumes from the checkpoint.")
+    @task(queue=GPU_QUEUE, pool=GPU_POOL, doc_md="Trains on the validated shards, never on the evaluation images (held out, recorded "
+          "in the model's data manifest); a retried try resumes from the checkpoint.")
     def train(gate: dict) -> dict:
         from ovtasks.orchestration import local_model_dir, train_model, uris
 
@@ -37,16 +38,17 @@ def ovtasks_retrain():
         p, u = ctx["params"], uris(s)
         out = local_model_dir(s, p["model"], run_key(ctx["run_id"]))
         return train_model(p["model"], u["clean"], u["pseudo"], out, s, p["generator"] or s.pipeline.generator, p["steps"],
-                           p["window_shards"], u["sa1b"])
+                           p["window_shards"], u["sa1b"], eval_gt_uri=u["eval_gt"], eval_images=p["eval_images"])
 
-    @task(queue=GPU_QUEUE, pool=GPU_POOL, doc_md="Evaluates (base/novel, generalized/constrained), logs to MLflow, registers the challenger.")
+    @task(queue=GPU_QUEUE, pool=GPU_POOL, doc_md="Evaluates on the held-out images only (refuses otherwise; base/novel, "
+          "generalized/constrained), logs to MLflow, registers the challenger.")
     def register(trained: dict) -> dict:
         from ovtasks.orchestration import evaluate_and_register, uris
 
         s, ctx = settings(), get_current_context()
         p, u = ctx["params"], uris(s)
         return evaluate_and_register(trained["model_dir"], u["eval_gt"], u["clean"], u["pseudo"], s, p["generator"] or s.pipeline.generator,
-                                     p["eval_images"], dag_run=f"{ctx['dag'].dag_id}/{ctx['run_id']}")
+                                     p["eval_images"], dag_run=f"{ctx['dag'].dag_id}/{ctx['run_id']}", require_held_out=True)
 
     register(train(validate()))
 

@@ -215,26 +215,52 @@ def local_model_dir(settings: Settings, model: str, run: str) -> str:
 
 
 def train_model(model: str, clean_uri: str, pseudo_uri: str, out_dir: str, settings: Settings, generator: str, steps: int,
-                window_shards: int = 0, sa1b_uri: str | None = None) -> dict:
-    """Train into ``out_dir`` (resumes from its checkpoint when a killed task is retried)."""
+                window_shards: int = 0, sa1b_uri: str | None = None, eval_gt_uri: str | None = None,
+                eval_images: int = 64) -> dict:
+    """Train into ``out_dir`` (resumes from its checkpoint when a killed task is retried). With ``eval_gt_uri``,
+    the evaluation split (the first ``eval_images`` clean images that have GT, what ``evaluate_and_register``
+    scores) is held out of training and recorded in the model's data manifest."""
+    from ovtasks.train import eval_image_ids
+
+    held: list[int] = []
+    if eval_gt_uri:
+        from ovtasks.groundtruth import GroundTruth
+
+        GroundTruth.require(eval_gt_uri, settings)
+        held = eval_image_ids(eval_gt_uri, clean_uri, settings, eval_images)
     if model == "semantic-sam":
         from ovtasks.train_semantic_sam import SemanticSamConfig, train_semantic_sam
 
         t = train_semantic_sam(clean_uri, pseudo_uri, sa1b_uri or None, out_dir, settings,
-                               SemanticSamConfig(steps=steps, generator=generator, window_shards=window_shards))
+                               SemanticSamConfig(steps=steps, generator=generator, window_shards=window_shards), exclude_ids=held)
     elif model == "ov-maskrcnn":
         from ovtasks.train import TrainConfig, train_ov_maskrcnn
 
         t = train_ov_maskrcnn(clean_uri, pseudo_uri, out_dir, settings, TrainConfig(steps=steps, generator=generator,
-                                                                                    window_shards=window_shards))
+                                                                                    window_shards=window_shards), exclude_ids=held)
     else:
         raise ValueError(f"unknown model {model!r}")
     return {"model_dir": t.model_dir, "final_loss": t.metrics["final_loss"], "images": t.metrics["images"],
-            "data_sha256": t.data_manifest["sha256"]}
+            "data_sha256": t.data_manifest["sha256"], "held_out_images": len(held)}
+
+
+def check_held_out(data_manifest: dict, eval_gt: dict) -> None:
+    """Refuse to score a model on images it may have trained on: the evaluated image ids must be exactly
+    the split its training run held out (``data_manifest["held_out"]``)."""
+    from ovtasks.train import held_out_record
+
+    held = data_manifest.get("held_out") or {}
+    evaluated = held_out_record(img["id"] for img in eval_gt.get("images", []))
+    if not held.get("images"):
+        raise ValueError("the model was trained without a held-out evaluation split; its evaluation would include "
+                         "training images (train it through the retrain DAG, which holds the evaluation images out)")
+    if held["ids_sha256"] != evaluated["ids_sha256"]:
+        raise ValueError(f"the {evaluated['images']} evaluation images are not the {held['images']} images the model's "
+                         "training held out (the evaluation set or eval_images changed since training): retrain")
 
 
 def evaluate_and_register(model_dir: str, gt_uri: str, clean_uri: str, pseudo_uri: str, settings: Settings, generator: str,
-                          eval_images: int = 64, dag_run: str | None = None) -> dict:
+                          eval_images: int = 64, dag_run: str | None = None, require_held_out: bool = False) -> dict:
     from ovtasks.groundtruth import GroundTruth
     from ovtasks.registry import log_and_register
     from ovtasks.train import load_model
@@ -246,6 +272,8 @@ def evaluate_and_register(model_dir: str, gt_uri: str, clean_uri: str, pseudo_ur
     else:
         from ovtasks.train import evaluate_model as evaluate
     ev = evaluate(model, gt_uri, clean_uri, settings, limit=eval_images)
+    if require_held_out:
+        check_held_out(meta.get("data_manifest") or {}, ev["gt"])
     gx = json.loads(open_store(pseudo_uri, settings.s3).get_bytes(f"pseudo/{generator}/validation_report.json"))
     history = json.loads((open(os.path.join(model_dir, "history.json"))).read())
     reg = log_and_register(settings, model_dir, meta["config"], history, gx, ev, [os.path.join(model_dir, "loss_curve.png")],

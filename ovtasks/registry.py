@@ -119,6 +119,10 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
             from ovtasks.gate import evaluation_set_digest
 
             tags["eval_set_sha256"] = evaluation_set_digest(eval_gt)
+        held = (data_manifest or {}).get("held_out") or {}
+        tags["eval_held_out_images"] = str(held.get("images", 0))  # 0: the training run held nothing out
+        if held.get("images"):
+            tags["eval_held_out_ids_sha256"] = held["ids_sha256"]
         mlflow.set_tags(tags)
         run_id = run.info.run_id
     try:

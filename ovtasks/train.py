@@ -112,6 +112,7 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
         digest.update(json.dumps(sorted(exclude)).encode())
     manifest = {"source": "pseudo", "shards": shards, "excluded": report.get("excluded", {}), "generator": generator,
                 "images": len(samples), "annotations": sum(len(a) for _, a in samples), "sha256": digest.hexdigest(),
+                "held_out": held_out_record(exclude),
                 "dropped_annotations": dropped, "categories_without_embedding": sorted(no_embedding.values())}
     if dropped:
         log.warning("annotations left out of training", extra={"dropped": dropped, "categories": sorted(no_embedding.values())})
@@ -149,6 +150,12 @@ def eval_image_ids(gt_uri: str, clean_uri: str, settings: Settings, limit: int |
     return ids
 
 
+def held_out_record(ids) -> dict:
+    """What a training run recorded of the images it never trained on (the evaluation split)."""
+    ids = sorted(int(i) for i in ids)
+    return {"images": len(ids), "ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}
+
+
 def gt_training_data(gt_uri: str, clean_uri: str, settings: Settings, split: str | None = None, exclude_ids=()):
     """Like :func:`training_data` but with the synthetic benchmark's GT masks: only for the GT oracle of
     ``benchmarks/model_quality.py`` and the optional base-category fine-tune (``split="base"``); the held-out
@@ -172,7 +179,7 @@ def gt_training_data(gt_uri: str, clean_uri: str, settings: Settings, split: str
         raise ValueError(f"no training image with {split or 'any'} GT outside the {len(exclude)} held-out images")
     emb = TextEncoder(settings.candidates.text_encoder, settings.device, s3=settings.s3).encode([c["name"] for c in cats])
     manifest = {"source": "gt", "split": split, "images": len(samples), "annotations": sum(len(a) for _, a in samples),
-                "held_out": len(exclude), "sha256": digest.hexdigest()}
+                "held_out": held_out_record(exclude), "sha256": digest.hexdigest()}
     return samples, [{"id": c["id"], "name": c["name"], "split": c.get("split")} for c in cats], np.asarray(emb, np.float32), manifest
 
 

@@ -114,7 +114,7 @@ def test_base_gt_finetune_holds_out_eval_images_and_novel_gt(clean_small, labell
     base = {c["id"] for c in gt.coco["categories"] if c["split"] == "base"}
     assert {c["id"] for c in cats} == base and emb.shape == (len(cats), 384)
     assert all(a["category_id"] in base for _, anns in samples for a in anns)
-    assert manifest["held_out"] == 6 and manifest["images"] == len(samples)
+    assert manifest["held_out"]["images"] == 6 and manifest["images"] == len(samples)
     held_images = {x.image_id: x.image for sh in complete_shards(open_store(clean_small)) for x in iter_shard(open_store(clean_small), sh)
                    if x.image_id in set(held)}
     assert not any(any(np.array_equal(im, h) for h in held_images.values()) for im, _ in samples)
@@ -220,3 +220,18 @@ def test_registry_on_a_real_mlflow_server_with_postgresql(synth_small, clean_sma
     assert not refused.promoted and refused.champion_after == v1.version and refused.gate["verdict"] == "worse"
     model, meta, version = load_registered(s, "champion")
     assert version == v1.version and meta["data_manifest"]["sha256"] == trained.data_manifest["sha256"]
+
+
+def test_evaluation_must_be_the_held_out_split():
+    """The retrain DAG's register step scores a model only on the images its training held out."""
+    from ovtasks.orchestration import check_held_out
+    from ovtasks.train import held_out_record
+
+    gt = {"images": [{"id": 3}, {"id": 1}, {"id": 2}]}
+    check_held_out({"held_out": held_out_record([1, 2, 3])}, gt)  # same ids, any order
+    with pytest.raises(ValueError, match="not the 2 images"):
+        check_held_out({"held_out": held_out_record([1, 2])}, gt)
+    with pytest.raises(ValueError, match="without a held-out evaluation split"):
+        check_held_out({"held_out": held_out_record([])}, gt)
+    with pytest.raises(ValueError, match="without a held-out evaluation split"):
+        check_held_out({}, gt)

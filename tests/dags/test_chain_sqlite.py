@@ -48,6 +48,11 @@ def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path):
     c = MlflowClient(tracking_uri(s), registry_uri=tracking_uri(s))
     mv = c.get_model_version_by_alias(s.registry.model_name, "champion")
     assert str(mv.version) == "1" and mv.tags["promoted_by"] == "ci" and mv.tags["dag_run"].startswith("ovtasks_retrain/")
+    assert mv.tags["eval_held_out_images"] == "6"  # the 6 evaluated images were held out of training, recorded
+    # no evaluation set: the retrain run fails with what to do, before training
+    no_eval = dict(env, OVTASKS_PIPELINE__EVAL_GT_URI=str(tmp_path / "nowhere" / "instances.json"), OVDAGS_RETRY_DELAY_S="0")
+    refused = dags_test("ovtasks_retrain", no_eval, {"steps": 3, "eval_images": 6})
+    assert refused.state == "failed" and "no evaluation set at" in refused.log and "OVTASKS_PIPELINE__EVAL_GT_URI" in refused.log
 
     # a second ingest run finds nothing new and changes nothing; a failing run reads as failed
     before = {p: p.read_bytes() for p in (data / "clean" / "shards").iterdir()}
