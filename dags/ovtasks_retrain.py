@@ -30,15 +30,16 @@ def ovtasks_retrain():
         return validate_pseudo(uris(s)["pseudo"], s, get_current_context()["params"]["generator"] or s.pipeline.generator)
 
     @task(queue=GPU_QUEUE, pool=GPU_POOL, doc_md="Trains on the validated shards, never on the evaluation images (held out, recorded "
-          "in the model's data manifest); a retried try resumes from the checkpoint.")
+          "in the model's data manifest). Checkpoints and the model go to pipeline.models_uri (the store in a deployment), "
+          "so a retry on any worker resumes and the register task on any worker finds the model.")
     def train(gate: dict) -> dict:
-        from ovtasks.orchestration import local_model_dir, train_model, uris
+        from ovtasks.orchestration import model_run_uri, train_run, uris
 
         s, ctx = settings(), get_current_context()
         p, u = ctx["params"], uris(s)
-        out = local_model_dir(s, p["model"], run_key(ctx["run_id"]))
-        return train_model(p["model"], u["clean"], u["pseudo"], out, s, p["generator"] or s.pipeline.generator, p["steps"],
-                           p["window_shards"], u["sa1b"], eval_gt_uri=u["eval_gt"], eval_images=p["eval_images"])
+        out = model_run_uri(s, p["model"], run_key(ctx["run_id"]))
+        return train_run(p["model"], u["clean"], u["pseudo"], out, s, p["generator"] or s.pipeline.generator, p["steps"],
+                         p["window_shards"], u["sa1b"], eval_gt_uri=u["eval_gt"], eval_images=p["eval_images"])
 
     @task(queue=GPU_QUEUE, pool=GPU_POOL, doc_md="Evaluates on the held-out images only (refuses otherwise; base/novel, "
           "generalized/constrained), logs to MLflow, registers the challenger.")

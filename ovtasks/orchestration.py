@@ -16,6 +16,7 @@ writes the run report and vocabulary from the manifests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,8 @@ import os
 import shutil
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
 
 from ovtasks import history
 from ovtasks.config import Settings
@@ -206,12 +209,101 @@ def validate_pseudo(pseudo_uri: str, settings: Settings, generator: str) -> dict
     return {"passed": r["passed"], "failed": r["failed"], "training_shards": len(r["training_shards"]), "excluded": r["excluded"]}
 
 
-def local_model_dir(settings: Settings, model: str, run: str) -> str:
-    """Where a run trains (a local directory: MLflow then holds the artifacts in its store)."""
-    base = uris(settings)["models"]
-    if "://" in base and not base.startswith("file://"):
-        base = str(settings.data_dir.absolute() / "models")
-    return f"{base.removeprefix('file://')}/{model}/{run}"
+def model_run_uri(settings: Settings, model: str, run: str) -> str:
+    """Where a retrain run's model lives: ``<pipeline.models_uri>/<model>/<run>``. In a deployment that is a store
+    URI, so a retried train task, or the register task on another worker, finds the checkpoints and the model."""
+    base = uris(settings)["models"].removeprefix("file://")
+    return f"{base.rstrip('/')}/{model}/{run}"
+
+
+@contextlib.contextmanager
+def store_workdir(uri: str, settings: Settings, every_s: float = 10.0) -> Iterator[Path]:
+    """A local directory mirrored to the store prefix ``uri`` while training runs in it.
+
+    On entry every object already there (checkpoints of a killed try) is downloaded, so training resumes on
+    whichever worker retries it; then a thread uploads each file that changed every ``every_s`` seconds
+    (checkpoints are renamed into place, so only whole files are seen; ``*.tmp`` are skipped). The caller
+    publishes the finished model (:func:`publish_model`, marker last); the directory is removed on exit."""
+    import tempfile
+    import threading
+
+    from ovtasks.models.hub import COMPLETE_MARKER
+
+    store = open_store(uri, settings.s3)
+    local = Path(tempfile.mkdtemp(prefix="ovtasks-train-"))
+    sent: dict[str, tuple[int, int]] = {}
+    for key in store.list():
+        if key != COMPLETE_MARKER:
+            store.get_file(key, local / key)
+            st = (local / key).stat()
+            sent[key] = (st.st_mtime_ns, st.st_size)
+
+    def sync() -> None:
+        for p in sorted(local.rglob("*")):
+            key = p.relative_to(local).as_posix()
+            try:
+                if not p.is_file() or p.name.endswith(".tmp"):
+                    continue
+                st = p.stat()
+                if sent.get(key) != (st.st_mtime_ns, st.st_size):
+                    store.put_file(key, p)
+                    sent[key] = (st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:  # replaced or removed by the trainer meanwhile: the next pass sees it
+                continue
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            try:
+                sync()
+            except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill training; the next pass retries
+                log.warning("checkpoint upload failed", extra={"uri": uri, "error": str(exc)})
+
+    thread = threading.Thread(target=loop, name="ovtasks-checkpoint-sync", daemon=True)
+    thread.start()
+    try:
+        yield local
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            sync()  # what the last interval wrote (after a failed try too: the retry resumes from it)
+        except Exception as exc:  # noqa: BLE001 - the original error, if any, is the one to report
+            log.warning("final checkpoint upload failed", extra={"uri": uri, "error": str(exc)})
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _trained_summary(meta: dict, model_dir: str) -> dict:
+    m, manifest = meta.get("metrics", {}), meta.get("data_manifest", {})
+    return {"model_dir": model_dir, "final_loss": m.get("final_loss"), "images": m.get("images"),
+            "data_sha256": manifest.get("sha256"), "held_out_images": (manifest.get("held_out") or {}).get("images", 0)}
+
+
+def train_run(model: str, clean_uri: str, pseudo_uri: str, run_uri: str, settings: Settings, generator: str, steps: int,
+              window_shards: int = 0, sa1b_uri: str | None = None, eval_gt_uri: str | None = None, eval_images: int = 64,
+              sync_every_s: float = 10.0) -> dict:
+    """:func:`train_model` for the retrain DAG: into ``run_uri`` directly when it is a local path, else through a
+    :func:`store_workdir` (checkpoints mirrored to the store, the finished model published there with its
+    completion marker). A try that finds the model already complete returns it without training again."""
+    from ovtasks.models.hub import COMPLETE_MARKER, is_store_uri, publish_model
+
+    if not is_store_uri(run_uri):
+        return train_model(model, clean_uri, pseudo_uri, run_uri, settings, generator, steps, window_shards, sa1b_uri,
+                           eval_gt_uri, eval_images)
+    store = open_store(run_uri, settings.s3)
+    if store.exists(COMPLETE_MARKER):
+        log.info("model already complete in the store; not training again", extra={"uri": run_uri})
+        return _trained_summary(json.loads(store.get_bytes("ovtasks_model.json")), store.uri)
+    with store_workdir(run_uri, settings, sync_every_s) as local:
+        out = train_model(model, clean_uri, pseudo_uri, str(local), settings, generator, steps, window_shards, sa1b_uri,
+                          eval_gt_uri, eval_images)
+        uri = publish_model(local, run_uri, settings.s3)
+        keep = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()} | {COMPLETE_MARKER}
+        for key in store.list():  # checkpoints of the finished phases
+            if key not in keep:
+                store.delete(key)
+    return {**out, "model_dir": uri}
 
 
 def train_model(model: str, clean_uri: str, pseudo_uri: str, out_dir: str, settings: Settings, generator: str, steps: int,
@@ -266,6 +358,9 @@ def evaluate_and_register(model_dir: str, gt_uri: str, clean_uri: str, pseudo_ur
     from ovtasks.train import load_model
 
     GroundTruth.require(gt_uri, settings)
+    from ovtasks.models.hub import resolve_model
+
+    model_dir = resolve_model(model_dir, settings.s3)  # a store URI (the retrain DAG's) is fetched once, complete
     model, meta = load_model(model_dir, settings.device)
     if meta["architecture"] == "semantic-sam":
         from ovtasks.train_semantic_sam import evaluate_semantic_sam as evaluate

@@ -235,3 +235,40 @@ def test_evaluation_must_be_the_held_out_split():
         check_held_out({"held_out": held_out_record([])}, gt)
     with pytest.raises(ValueError, match="without a held-out evaluation split"):
         check_held_out({}, gt)
+
+
+def test_retrain_checkpoints_and_model_live_in_the_store(clean_small, labelled, tmp_path, monkeypatch, s3_settings):
+    """The retrain DAG's train step on a store URI: a try that dies after its training phase leaves the phase's
+    result in the store; the retry (in a fresh local directory, as on another worker) resumes from it without
+    a training step, publishes the model with its marker and removes the checkpoints; a third try finds the
+    model complete; the register step loads it by URI."""
+    import ovtasks.train as train_mod
+    from ovtasks.models.hub import COMPLETE_MARKER, resolve_model
+    from ovtasks.orchestration import model_run_uri, train_run
+
+    monkeypatch.setenv("OVTASKS_MODEL_CACHE", str(tmp_path / "cache"))
+    s = s3_settings.model_copy(update={"pipeline": s3_settings.pipeline.model_copy(update={"models_uri": "s3://models/retrain"})})
+    run_uri = model_run_uri(s, "ov-maskrcnn", "run-1")
+    assert run_uri == "s3://models/retrain/ov-maskrcnn/run-1"
+    store = open_store(run_uri, s.s3)
+    real_curve = train_mod.loss_curve
+
+    def dies(*a, **k):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(train_mod, "loss_curve", dies)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        train_run("ov-maskrcnn", clean_small, labelled, run_uri, s, "maskfree", 3, sync_every_s=0.05)
+    assert {"done-train.safetensors", "history-train.json"} <= set(store.list()) and not store.exists(COMPLETE_MARKER)
+
+    monkeypatch.setattr(train_mod, "loss_curve", real_curve)
+    monkeypatch.setattr(train_mod, "optimizer_step", lambda *a, **k: pytest.fail("the retry trained again"))
+    out = train_run("ov-maskrcnn", clean_small, labelled, run_uri, s, "maskfree", 3, sync_every_s=0.05)
+    keys = set(store.list())
+    assert out["model_dir"] == run_uri and COMPLETE_MARKER in keys and "model.safetensors" in keys
+    assert not [k for k in keys if k.startswith(("done-", "checkpoint-", "history-"))], keys
+    monkeypatch.setattr(train_mod, "fit_ov_maskrcnn", lambda *a, **k: pytest.fail("a complete model was trained again"))
+    again = train_run("ov-maskrcnn", clean_small, labelled, run_uri, s, "maskfree", 3)
+    assert again["model_dir"] == store.uri and again["images"] == out["images"] and again["data_sha256"] == out["data_sha256"]
+    _model, meta = load_model(resolve_model(run_uri, s.s3))
+    assert meta["architecture"] == "ov-maskrcnn"
