@@ -179,7 +179,7 @@ def test_helm_templates_only_read_values_that_exist():
 PIPELINE_KEYS = {"OVTASKS_MASKFREE__ITM_MODEL", "OVTASKS_MASKFREE__WSPN_MODEL", "OVTASKS_GROUNDED__GDINO_MODEL",
                  "OVTASKS_GROUNDED__SAM_MODEL", "OVTASKS_PIPELINE__EVAL_GT_URI", "OVTASKS_PIPELINE__SOURCE_URI",
                  "OVTASKS_PIPELINE__CLEAN_URI", "OVTASKS_PIPELINE__PSEUDO_URI", "OVTASKS_S3__ENDPOINT",
-                 "OVTASKS_REGISTRY__TRACKING_URI"}
+                 "OVTASKS_REGISTRY__TRACKING_URI", "OVTASKS_PIPELINE__MODELS_URI"}
 
 
 def test_compose_sets_every_model_and_the_evaluation_set_in_the_store():
@@ -193,6 +193,7 @@ def test_compose_sets_every_model_and_the_evaluation_set_in_the_store():
     assert s.maskfree.itm_model == "s3://ovtasks/models/itm" and s.maskfree.wspn_model == "s3://ovtasks/models/wspn"
     assert s.grounded.gdino_model.startswith("s3://ovtasks/") and s.grounded.sam_model.startswith("s3://ovtasks/")
     assert s.pipeline.eval_gt_uri == "s3://ovtasks/eval/instances.json" and s.device == "cuda"
+    assert s.pipeline.models_uri == "s3://ovtasks/runs"  # checkpoints and models in the store, not on a worker
 
 
 def test_helm_config_map_sets_what_compose_sets_and_only_real_settings():
