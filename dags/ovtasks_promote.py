@@ -18,12 +18,16 @@ from ovtasks.airflow_support import TAGS, default_args, settings
              "tolerance": Param(None, type=["null", "number"], description="margin in novel mask AP50 points; empty: registry.promotion_tolerance"),
              "who": Param("airflow", type="string"), "reason": Param("", type="string")})
 def ovtasks_promote():
-    @task(doc_md="The promotion gate; returns promoted, reason, challenger and champion before/after.")
+    @task(doc_md="The promotion gate; returns promoted, reason, challenger and champion before/after, and sends the "
+          "decision as an alert (mail / Slack where configured).")
     def promote() -> dict:
+        from ovtasks.alerts import promotion_text, send_alert
         from ovtasks.orchestration import promote_model
 
         p = get_current_context()["params"]
-        return promote_model(settings(), p["model"], p["tolerance"], p["who"], p["reason"])
+        result = promote_model(settings(), p["model"], p["tolerance"], p["who"], p["reason"])
+        send_alert(*promotion_text(p["model"], result))  # promotions and refusals both reach the operators
+        return result
 
     promote()
 

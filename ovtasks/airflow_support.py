@@ -21,12 +21,16 @@ TAGS = ["ovtasks"]
 
 
 def on_failure(context) -> None:
-    """One readable line per failed try: which DAG run / task / try, and the exception."""
+    """One readable line for a failed task (which DAG run / task / try, and the exception), and an alert
+    (:mod:`ovtasks.alerts`: mail and Slack, where configured)."""
     ti = context.get("task_instance") or context.get("ti")
     exc = context.get("exception")
     log.error("ovtasks task failed: dag=%s run=%s task=%s map_index=%s try=%s error=%s: %s",
               getattr(ti, "dag_id", "?"), context.get("run_id"), getattr(ti, "task_id", "?"), getattr(ti, "map_index", -1),
               getattr(ti, "try_number", "?"), type(exc).__name__ if exc else "?", exc)
+    from ovtasks.alerts import failure_text, send_alert  # Airflow calls this once the task has no retry left
+
+    send_alert(*failure_text(context))
 
 
 def default_args(timeout_minutes: int = 60) -> dict:

@@ -140,3 +140,36 @@ def record_fault(request):
         (out / f"{request.node.name}.json").write_text(json.dumps(entry, indent=2))
 
     return record
+
+
+def smtp_env(port: int) -> dict:
+    """Airflow's SMTP connection (env form) to a plain loopback server, and two alert recipients."""
+    import json
+
+    conn = {"conn_type": "smtp", "host": "127.0.0.1", "port": port,
+            "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "ovtasks@localhost", "timeout": 10}}
+    return {"AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(conn), "OVDAGS_ALERT_EMAILS": "ops@example.org,ml@example.org"}
+
+
+@pytest.fixture
+def smtp_server():
+    """A real SMTP server on loopback (aiosmtpd): ``.env`` configures alerts to it, ``.messages`` is what arrived."""
+    import socket
+    from types import SimpleNamespace
+
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.handlers import Message
+
+    got = []
+
+    class Keep(Message):
+        def handle_message(self, message):
+            got.append(message)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    controller = Controller(Keep(), hostname="127.0.0.1", port=port)
+    controller.start()
+    yield SimpleNamespace(port=port, env=smtp_env(port), messages=got)
+    controller.stop()

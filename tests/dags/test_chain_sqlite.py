@@ -20,11 +20,11 @@ def _env(tmp: Path, data: Path, source: str) -> dict:
                                       "OVTASKS_REGISTRY__MIN_NOVEL_AP50": "0"})  # a 3-step model: the chain's mechanics
 
 
-def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path):
+def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path, smtp_server):
     from ovtasks.embedded_airflow import dags_test, prepare, run_chain, write_ui_script
 
     data = tmp_path / "data"
-    env = _env(tmp_path, data, synth_small[0])
+    env = {**_env(tmp_path, data, synth_small[0]), **smtp_server.env}  # alerts go to a real SMTP server on loopback
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == f"sqlite:///{tmp_path / 'home' / 'airflow.db'}"
     prepare(env)
     chain = run_chain(env, [("ovtasks_ingest", None), ("ovtasks_pseudo_label", None),
@@ -60,6 +60,10 @@ def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path):
     assert {p: p.read_bytes() for p in (data / "clean" / "shards").iterdir()} == before
     bad = dict(env, OVTASKS_PIPELINE__SOURCE_URI="s3x://nowhere", OVDAGS_RETRY_DELAY_S="0")
     assert dags_test("ovtasks_ingest", bad).state == "failed"
+    subjects = [m["Subject"] for m in smtp_server.messages]
+    assert subjects[0] == "[ovtasks] ov-maskrcnn challenger v1: promoted", subjects  # the promote DAG's decision
+    assert any(x.startswith("[ovtasks] FAILED ovtasks_retrain.") for x in subjects), subjects  # the run without an eval set
+    assert any(x.startswith("[ovtasks] FAILED ovtasks_ingest.") for x in subjects), subjects
 
     ui = write_ui_script(tmp_path / "ui.sh", env).read_text()
     assert "airflow standalone" in ui.splitlines()[-1] and f"AIRFLOW_HOME={tmp_path / 'home'}" in ui and "OVTASKS_DATA_DIR=" in ui

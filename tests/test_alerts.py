@@ -1,0 +1,74 @@
+"""Alerts (ovtasks.alerts) to a real local SMTP server (aiosmtpd) and a local Slack-style webhook, configured
+through Airflow connections in the environment, as a deployment would."""
+
+import http.server
+import json
+import socket
+import threading
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def webhook():
+    """(url, received JSON bodies) of an HTTP endpoint standing in for a Slack incoming webhook."""
+    got = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}/services/T0/B0/x", got
+    srv.shutdown()
+
+
+def test_failure_and_promotion_alerts_reach_mail_and_slack(smtp_server, webhook, monkeypatch):
+    from ovtasks.alerts import failure_text, promotion_text, send_alert
+
+    url, posts = webhook
+    mails = smtp_server.messages
+    for k, v in {**smtp_server.env, "AIRFLOW_CONN_OVTASKS_SLACK": json.dumps({"conn_type": "http", "host": url})}.items():
+        monkeypatch.setenv(k, v)
+
+    class TI:
+        dag_id, task_id, map_index, try_number = "ovtasks_ingest", "ingest_shard", 3, 3
+
+    subject, body = failure_text({"ti": TI(), "run_id": "manual__1", "exception": OSError("disk <full>")})
+    assert send_alert(subject, body) == ["smtp", "slack"]
+    refused = {"promoted": False, "reason": "challenger v2: novel mask AP50 0.00 is below the floor 5.00", "challenger": "2",
+               "champion_before": "1", "champion_after": "1", "gate": {"verdict": "below_floor"}}
+    assert send_alert(*promotion_text("ov-maskrcnn", refused)) == ["smtp", "slack"]
+
+    assert [m["Subject"] for m in mails] == ["[ovtasks] FAILED ovtasks_ingest.ingest_shard",
+                                             "[ovtasks] ov-maskrcnn challenger v2: promotion REFUSED"]
+    assert mails[0]["To"] == "ops@example.org, ml@example.org" and mails[0]["From"] == "ovtasks@localhost"
+    text = mails[0].get_payload()[0].get_payload(decode=True).decode()
+    assert "manual__1" in text and "disk &lt;full&gt;" in text  # escaped in the HTML body
+    assert "below the floor" in posts[1]["text"] and posts[0]["text"].startswith("*[ovtasks] FAILED")
+
+
+def test_unconfigured_or_unreachable_channels_never_raise(monkeypatch):
+    from ovtasks.alerts import send_alert
+
+    monkeypatch.delenv("OVDAGS_ALERT_EMAILS", raising=False)
+    assert send_alert("s", "b") == []  # nothing configured: nothing sent, no error
+    from conftest import smtp_env
+
+    for k, v in smtp_env(_free_port()).items():  # a port nobody listens on
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AIRFLOW_CONN_OVTASKS_SLACK", json.dumps({"conn_type": "http", "host": f"http://127.0.0.1:{_free_port()}/x"}))
+    assert send_alert("s", "b") == []
