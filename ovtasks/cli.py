@@ -235,6 +235,16 @@ def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
 
     from ovtasks.ops_cli import gate_text
 
+    if args.version is not None:
+        from ovtasks.registry import rollback
+
+        try:
+            r = rollback(settings, args.version, args.who, args.reason or "", architecture=args.model)
+        except LookupError as exc:
+            raise ValueError(str(exc)) from exc
+        _print_table([("champion set", "yes" if r.promoted else "NO"), ("reason", r.reason), ("champion before", str(r.champion_before)),
+                      ("champion now", str(r.champion_after))], "rollback (no gate)")
+        return 0 if r.promoted else 4
     r = promote(settings, args.tolerance, args.who, args.reason or "", architecture=args.model)
     _print_table([("promoted", "yes" if r.promoted else "NO"), ("reason", r.reason), ("challenger", str(r.challenger)),
                   ("champion before", str(r.champion_before)), ("champion now", str(r.champion_after)),
@@ -422,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tolerance", type=float, default=None, help="novel mask AP50 points (default registry.promotion_tolerance)")
     pr.add_argument("--who", default=None)
     pr.add_argument("--reason", default=None)
+    pr.add_argument("--version", default=None,
+                    help="roll back: make this existing version the champion, without the gate (audited on the version)")
     pr.set_defaults(func=cmd_promote)
 
     pn = sub.add_parser("plan", help="GPU workers, pool slots, mapped tasks and helm values for N images a week (from measured throughput)")

@@ -231,6 +231,34 @@ def promote(settings: Settings, tolerance: float | None = None, who: str | None 
     return PromotionResult(True, ok, str(ch.version), before, str(ch.version), gate)
 
 
+def rollback(settings: Settings, version: str | int, who: str | None = None, why: str = "",
+             architecture: str = "ov-maskrcnn") -> PromotionResult:
+    """Point ``champion`` at an earlier (or any existing) version, without the gate: the operator's way back
+    when a promoted model misbehaves in use. Audited like a promotion (who, when, why, the champion it
+    replaced) on the version, and appended to its ``rollbacks`` history."""
+    _mlflow, client = _client(settings)
+    name = registered_name(settings, architecture)
+    champ = _by_alias(client, name, "champion")
+    before = str(champ.version) if champ else None
+    try:
+        mv = client.get_model_version(name, str(version))
+    except Exception as exc:  # noqa: BLE001 - MLflow's RestException / MlflowException for "no such version"
+        raise LookupError(f"{name!r} has no version {version}") from exc
+    if before == str(mv.version):
+        return PromotionResult(False, f"v{mv.version} is already the champion", None, before, before)
+    who = who or getpass.getuser()
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    why = why or f"rollback from v{before}"
+    client.set_registered_model_alias(name, "champion", mv.version)
+    history = json.loads(mv.tags.get("rollbacks", "[]"))
+    history.append({"by": who, "at": now, "reason": why, "replaced": before})
+    for k, v in {"promoted_by": who, "promoted_at": now, "promotion_reason": why, "previous_champion": before or "",
+                 "rollbacks": json.dumps(history)}.items():
+        client.set_model_version_tag(name, mv.version, k, v)
+    return PromotionResult(True, f"champion set to v{mv.version} by {who} (was v{before}): {why}", str(mv.version), before,
+                           str(mv.version))
+
+
 def load_registered(settings: Settings, alias: str = "champion", device: str = "cpu", architecture: str = "ov-maskrcnn"):
     """(model, meta, version) of ``models:/NAME@alias``, loaded from safetensors."""
     mlflow, client = _client(settings)

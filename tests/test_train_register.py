@@ -141,6 +141,25 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
     out = capsys.readouterr().out
     assert rc == 0 and "ovtasks-ov-maskrcnn v1 (alias challenger)" in out and "| generalized | novel |" in out
     assert main(["promote", "--who", "cli"]) == 0 and "yes" in capsys.readouterr().out
+    # rollback: any existing version becomes the champion without the gate, audited on the version
+    rc = main(["train", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "m2"), "--steps", "2",
+               "--batch-size", "2", "--gt", synth_small[0], "--eval-images", "4", "--register"])
+    assert rc == 0 and "v2 (alias challenger)" in capsys.readouterr().out
+    assert main(["promote", "--version", "2", "--who", "ops", "--reason", "canary"]) == 0
+    assert main(["promote", "--version", "1", "--who", "ops", "--reason", "v2 misbehaves"]) == 0
+    assert "champion set to v1 by ops (was v2): v2 misbehaves" in capsys.readouterr().out
+    assert main(["promote", "--version", "1"]) == 4 and "already the champion" in capsys.readouterr().out
+    assert main(["promote", "--version", "9"]) == 2 and "has no version 9" in capsys.readouterr().err
+    from mlflow import MlflowClient
+
+    from ovtasks.config import load_settings
+    from ovtasks.registry import tracking_uri
+
+    s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data")})
+    c = MlflowClient(tracking_uri(s), registry_uri=tracking_uri(s))
+    v1 = c.get_model_version_by_alias(s.registry.model_name, "champion")
+    assert str(v1.version) == "1" and v1.tags["previous_champion"] == "2" and v1.tags["promoted_by"] == "ops"
+    assert [r["replaced"] for r in json.loads(v1.tags["rollbacks"])] == ["2"]
 
     # Semantic-SAM: SA-1B-format data, training, box-prompted evaluation, its own registered model and champion
     assert main(["synth-sa1b", "--out", str(tmp_path / "sa"), "--images", "6"]) == 0
@@ -150,7 +169,6 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
     out = capsys.readouterr().out
     assert rc == 0 and "ovtasks-semantic-sam v1 (alias challenger)" in out and "sa1b_images" in out
     assert main(["promote", "--model", "semantic-sam"]) == 0
-    from ovtasks.config import load_settings
     from ovtasks.registry import load_registered
 
     s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data"), "OVTASKS_REGISTRY__MIN_NOVEL_AP50": "0"})
