@@ -1,4 +1,5 @@
-"""ovtasks_retrain: weekly (and on demand) validate → train → evaluate → register a challenger.
+"""ovtasks_retrain: validate → train → evaluate → register a challenger, weekly or when new pseudo-labels
+land (the pseudo-label Asset), whichever comes first, and on demand. Registering updates the model Asset.
 
 The GX gate decides which pseudo-label shards are trained on (failing ones are excluded with their
 reasons in the run report). The new MLflow model version gets the alias ``challenger``; promotion is
@@ -9,12 +10,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from ovtasks.airflow_support import GPU_POOL, GPU_QUEUE, TAGS, default_args, run_key, settings
+from ovtasks.airflow_support import (GPU_POOL, GPU_QUEUE, MODEL_ASSET_URI, PSEUDO_ASSET_URI, RETRAIN_CRON, TAGS, default_args,
+                                     run_key, settings)
+
+PSEUDO, MODEL = Asset(PSEUDO_ASSET_URI), Asset(MODEL_ASSET_URI)
 
 
-@dag(dag_id="ovtasks_retrain", schedule="@weekly", start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
+@dag(dag_id="ovtasks_retrain", schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(RETRAIN_CRON, timezone="UTC"), assets=[PSEUDO]), start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
      tags=TAGS + ["train", "mlflow"], default_args=default_args(240), doc_md=__doc__,
      params={"model": Param("ov-maskrcnn", enum=["ov-maskrcnn", "semantic-sam"]),
              "steps": Param(300, type="integer", minimum=1),
@@ -41,8 +45,8 @@ def ovtasks_retrain():
         return train_run(p["model"], u["clean"], u["pseudo"], out, s, p["generator"] or s.pipeline.generator, p["steps"],
                          p["window_shards"], u["sa1b"], eval_gt_uri=u["eval_gt"], eval_images=p["eval_images"])
 
-    @task(queue=GPU_QUEUE, pool=GPU_POOL, doc_md="Evaluates on the held-out images only (refuses otherwise; base/novel, "
-          "generalized/constrained), logs to MLflow, registers the challenger.")
+    @task(queue=GPU_QUEUE, pool=GPU_POOL, outlets=[MODEL], doc_md="Evaluates on the held-out images only (refuses otherwise; base/novel, "
+          "generalized/constrained), logs to MLflow, registers the challenger (updates the model Asset).")
     def register(trained: dict) -> dict:
         from ovtasks.orchestration import evaluate_and_register, uris
 

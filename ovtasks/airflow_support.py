@@ -15,8 +15,23 @@ log = logging.getLogger("ovtasks.dags")
 
 GPU_QUEUE = os.environ.get("OVDAGS_GPU_QUEUE", "gpu")
 GPU_POOL = os.environ.get("OVDAGS_GPU_POOL", "ovtasks_gpu")
-CLEAN_ASSET_URI = os.environ.get("OVDAGS_CLEAN_ASSET", "ovtasks://clean-shards")
-PSEUDO_ASSET_URI = os.environ.get("OVDAGS_PSEUDO_ASSET", "ovtasks://pseudo-labels")
+
+
+def _store_asset(override: str, setting: str, suffix: str, fallback: str) -> str:
+    """An Asset URI: ``OVDAGS_*`` when set, else the real store location the pipeline setting names (what
+    compose / helm set, e.g. ``s3://ovtasks/clean``), else a logical URI (the embedded default's local paths)."""
+    if os.environ.get(override):
+        return os.environ[override]
+    where = os.environ.get(setting, "")
+    if "://" in where and not where.startswith("file://"):
+        return where.rstrip("/") + suffix
+    return fallback
+
+
+CLEAN_ASSET_URI = _store_asset("OVDAGS_CLEAN_ASSET", "OVTASKS_PIPELINE__CLEAN_URI", "", "ovtasks://clean-shards")
+PSEUDO_ASSET_URI = _store_asset("OVDAGS_PSEUDO_ASSET", "OVTASKS_PIPELINE__PSEUDO_URI", "/pseudo", "ovtasks://pseudo-labels")
+MODEL_ASSET_URI = _store_asset("OVDAGS_MODEL_ASSET", "OVTASKS_PIPELINE__MODELS_URI", "", "ovtasks://models")
+RETRAIN_CRON = os.environ.get("OVDAGS_RETRAIN_CRON", "0 0 * * 0")  # weekly, Sunday 00:00 UTC
 TAGS = ["ovtasks"]
 
 

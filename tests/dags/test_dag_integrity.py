@@ -51,13 +51,15 @@ def test_gpu_work_runs_on_the_gpu_queue_and_pool(dagbag):
 
 
 def test_schedules_and_assets(dagbag):
-    from ovtasks.airflow_support import CLEAN_ASSET_URI, PSEUDO_ASSET_URI
+    from ovtasks.airflow_support import CLEAN_ASSET_URI, MODEL_ASSET_URI, PSEUDO_ASSET_URI
 
     ingest, label = dagbag.dags["ovtasks_ingest"], dagbag.dags["ovtasks_pseudo_label"]
     assert [o.uri.rstrip("/") for o in ingest.get_task("report").outlets] == [CLEAN_ASSET_URI]
     assert [o.uri.rstrip("/") for o in label.get_task("finalize").outlets] == [PSEUDO_ASSET_URI]
     assert CLEAN_ASSET_URI in str(label.timetable.asset_condition)
-    assert "0 0 * * 0" in repr(dagbag.dags["ovtasks_retrain"].timetable)  # @weekly
+    retrain = dagbag.dags["ovtasks_retrain"]
+    assert "0 0 * * 0" in repr(retrain.timetable.timetable) and PSEUDO_ASSET_URI in str(retrain.timetable.asset_condition)
+    assert [o.uri.rstrip("/") for o in retrain.get_task("register").outlets] == [MODEL_ASSET_URI]
     assert not dagbag.dags["ovtasks_promote"].timetable.can_be_scheduled
     assert set(dagbag.dags["ovtasks_retrain"].params) >= {"model", "steps", "window_shards"}
     assert set(dagbag.dags["ovtasks_promote"].params) >= {"model", "tolerance", "who", "reason"}
@@ -82,3 +84,17 @@ def test_parse_is_cheap_and_imports_nothing_heavy(path):
     print(f"{path.name}: parsed in {seconds * 1000:.0f} ms (process {time.perf_counter() - t0:.1f} s)")
     assert heavy == "", f"heavy imports at parse time: {heavy}"
     assert seconds < 1.0
+
+
+def test_asset_uris_are_the_store_locations_compose_and_helm_set():
+    """With the pipeline settings of a deployment in the environment, the Assets are the real store prefixes."""
+    code = ("from ovtasks import airflow_support as a; import json; "
+            "print(json.dumps([a.CLEAN_ASSET_URI, a.PSEUDO_ASSET_URI, a.MODEL_ASSET_URI]))")
+    env = {**os.environ, "OVTASKS_PIPELINE__CLEAN_URI": "s3://ovtasks/clean", "OVTASKS_PIPELINE__PSEUDO_URI": "s3://ovtasks/labelled",
+           "OVTASKS_PIPELINE__MODELS_URI": "s3://ovtasks/runs"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["s3://ovtasks/clean", "s3://ovtasks/labelled/pseudo", "s3://ovtasks/runs"]
+    env["OVDAGS_CLEAN_ASSET"] = "s3://elsewhere/clean"  # an explicit override wins
+    env.pop("OVTASKS_PIPELINE__MODELS_URI")  # not set: a logical URI
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["s3://elsewhere/clean", "s3://ovtasks/labelled/pseudo", "ovtasks://models"]
