@@ -141,6 +141,25 @@ def cmd_models_upload(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.serving import predict_images
+
+    paths: list[Path] = []
+    for p in map(Path, args.images):
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"))
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"{p} does not exist")
+    if not paths:
+        raise ValueError("no images to predict on")
+    r = predict_images(args.model, paths, args.out, _on_device(args, settings), args.names, progress=sys.stderr.isatty() or args.progress)
+    print(f"{r['images']} image(s), {r['instances']} instance(s), {r['skipped']} skipped -> {r['out']}/predictions.json, "
+          f"{r['out']}/overlays/")
+    return 0
+
+
 def cmd_train_wspn(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.train_wspn import WspnTrainConfig, train_wspn
 
@@ -448,6 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--values-out", default=None, help="write the helm overrides to this file")
     pn.add_argument("--json", action="store_true")
     pn.set_defaults(func=cmd_plan)
+
+    pd_ = sub.add_parser("predict", help="run a registered (models:/NAME@champion) or local model on image files; COCO JSON + overlays")
+    pd_.add_argument("images", nargs="+", help="image files or folders")
+    pd_.add_argument("--model", default="models:/ovtasks-ov-maskrcnn@champion", help="models:/NAME@alias, models:/NAME/VERSION or a directory")
+    pd_.add_argument("--out", required=True, help="output folder (predictions.json, overlays/)")
+    pd_.add_argument("--names", default=None, help="comma-separated vocabulary (default: the model's own)")
+    pd_.add_argument("--device", default=None)
+    pd_.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    pd_.set_defaults(func=cmd_predict)
 
     mo = sub.add_parser("models", help="model store: upload a model directory (or an evaluation set) for the pipeline")
     mo_sub = mo.add_subparsers(dest="models_command", required=True)

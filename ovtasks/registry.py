@@ -110,7 +110,13 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
         for p in pictures:
             if p and Path(p).exists():
                 mlflow.log_artifact(p, "pictures")
-        mlflow.log_artifacts(model_dir, "model")
+        source = f"runs:/{run.info.run_id}/model"
+        if architecture == "ov-maskrcnn":  # a pyfunc: `mlflow models serve` and `ovtasks predict` answer images with it
+            from ovtasks.serving import log_pyfunc
+
+            source = log_pyfunc(mlflow, model_dir).model_uri
+        else:  # Semantic-SAM needs box prompts: its directory is logged as plain artifacts
+            mlflow.log_artifacts(model_dir, "model")
         tags = {"data_manifest_sha256": (data_manifest or {}).get("sha256", ""), "gx_status": gx_status,
                 "novel_mask_AP50": str(evaluation.get("novel_mask_AP50")), "code_version": __version__,
                 "dag_run": dag_run or "", "architecture": architecture,
@@ -128,8 +134,17 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - MLflow raises its own RestException / MlflowException for "missing"
-        client.create_registered_model(name, description="Open-vocabulary instance segmentation trained on pseudo-masks")
-    mv = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags)
+        client.create_registered_model(name, description=(
+            "Open-vocabulary instance segmentation trained on pseudo-masks (no human mask annotation) by ovtasks. "
+            "ov-maskrcnn versions are pyfunc models: input a column 'image' (base64 JPEG/PNG) and optionally 'names' "
+            "(comma-separated vocabulary), output 'instances' (JSON: name, score, bbox, COCO RLE segmentation). "
+            "Aliases: champion (in use), challenger (the last registered)."))
+    manifest = data_manifest or {}
+    description = (f"{architecture} trained on {manifest.get('images', '?')} images of {len(manifest.get('shards', []))} validated "
+                   f"pseudo-label shards ({manifest.get('generator', '?')}, data sha256 {str(manifest.get('sha256', ''))[:12]}); "
+                   f"novel mask AP50 {evaluation.get('novel_mask_AP50')} on {tags.get('eval_held_out_images', '0')} held-out images; "
+                   f"code ovtasks {__version__}" + (f"; DAG run {dag_run}" if dag_run else ""))
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
     client.set_registered_model_alias(name, "challenger", mv.version)
     return Registered(name, str(mv.version), run_id, tags)
 
@@ -267,7 +282,8 @@ def load_registered(settings: Settings, alias: str = "champion", device: str = "
     if mv is None:
         raise LookupError(f"registered model {name!r} has no {alias!r} alias")
     local = mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}")
+    from ovtasks.serving import trained_dir
     from ovtasks.train import load_model
 
-    model, meta = load_model(local, device)
+    model, meta = load_model(trained_dir(local), device)
     return model, meta, str(mv.version)

@@ -141,6 +141,7 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
     out = capsys.readouterr().out
     assert rc == 0 and "ovtasks-ov-maskrcnn v1 (alias challenger)" in out and "| generalized | novel |" in out
     assert main(["promote", "--who", "cli"]) == 0 and "yes" in capsys.readouterr().out
+    _champion_answers_images(tmp_path, clean_small, capsys)
     # rollback: any existing version becomes the champion without the gate, audited on the version
     rc = main(["train", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "m2"), "--steps", "2",
                "--batch-size", "2", "--gt", synth_small[0], "--eval-images", "4", "--register"])
@@ -290,3 +291,73 @@ def test_retrain_checkpoints_and_model_live_in_the_store(clean_small, labelled, 
     assert again["model_dir"] == store.uri and again["images"] == out["images"] and again["data_sha256"] == out["data_sha256"]
     _model, meta = load_model(resolve_model(run_uri, s.s3))
     assert meta["architecture"] == "ov-maskrcnn"
+
+
+def _champion_answers_images(tmp_path, clean_small, capsys):
+    """The registered champion is a pyfunc (MLmodel with signature and input example): `ovtasks predict` writes
+    COCO JSON and overlays for a folder (a corrupt file skipped), and `mlflow models serve` answers an image."""
+    import base64
+    import io
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import yaml
+    from PIL import Image
+
+    from ovtasks.cli import main
+    from ovtasks.config import load_settings
+    from ovtasks.registry import _client, tracking_uri
+
+    src = open_store(clean_small, load_settings(env={}).s3)
+    folder = tmp_path / "new-images"
+    folder.mkdir()
+    for k, sample in zip(range(3), iter_shard(src, complete_shards(src)[0])):
+        Image.fromarray(sample.image).save(folder / f"img{k}.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    assert main(["predict", str(folder), "--out", str(tmp_path / "pred"), "--names", "ball,box"]) == 0
+    assert "3 image(s)" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert len(doc["images"]) == 3 and list(doc["skipped"]) == [str(folder / "broken.jpg")]
+    assert {c["name"] for c in doc["categories"]} <= {"ball", "box"} and len(list((tmp_path / "pred" / "overlays").glob("*.png"))) == 3
+
+    s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data")})
+    mlflow, client = _client(s)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{s.registry.model_name}@champion"))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert "python_function" in mlmodel["flavors"] and mlmodel["signature"]["inputs"] and (local / "serving_input_example.json").exists()
+    mv = client.get_model_version_by_alias(s.registry.model_name, "champion")
+    assert "held-out images" in mv.description and client.get_registered_model(s.registry.model_name).description
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": tracking_uri(s), "MLFLOW_REGISTRY_URI": tracking_uri(s)}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                             f"models:/{s.registry.model_name}@champion", "--env-manager", "local", "-h", "127.0.0.1",
+                             "-p", str(port), "-w", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        buf = io.BytesIO()
+        Image.open(folder / "img0.jpg").save(buf, format="PNG")
+        body = json.dumps({"dataframe_split": {"columns": ["image", "names"],
+                                               "data": [[base64.b64encode(buf.getvalue()).decode(), "ball,box,star"]]}}).encode()
+        deadline, answer = time.monotonic() + 120, None
+        while answer is None and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+                answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
+            except OSError:
+                time.sleep(1)
+        assert answer is not None, (tmp_path / "serve.log").read_text()[-3000:]
+        instances = json.loads(answer["predictions"][0]["instances"])
+        assert isinstance(instances, list) and all({"name", "score", "bbox", "segmentation"} <= set(i) for i in instances)
+        assert all(i["name"] in {"ball", "box", "star"} for i in instances)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
