@@ -60,7 +60,54 @@ def run_key(run_id: str) -> str:
 
 
 def settings():
-    """The ovtasks settings, read in the task (OVTASKS_CONFIG + OVTASKS_* env), never at parse time."""
+    """The ovtasks settings, read in the task (OVTASKS_CONFIG + OVTASKS_* env), never at parse time, with the S3
+    and MLflow credentials from Airflow Connections where the environment does not set them
+    (:func:`with_connections`)."""
     from ovtasks.config import load_settings
 
-    return load_settings()
+    return with_connections(load_settings())
+
+
+def _connection(conn_id: str):
+    try:
+        from airflow.sdk import BaseHook
+
+        return BaseHook.get_connection(conn_id)
+    except Exception:  # noqa: BLE001 - no such connection: the environment's values stand
+        return None
+
+
+def with_connections(s):
+    """Fill credentials the environment left unset from Airflow Connections (env vars win):
+
+    * ``OVDAGS_S3_CONN_ID`` (default ``ovtasks_s3``, type aws): login / password are the access / secret key,
+      extra ``endpoint_url`` (``https://host:port`` sets TLS) the endpoint when ``s3.endpoint`` is unset;
+    * ``OVDAGS_MLFLOW_CONN_ID`` (default ``ovtasks_mlflow``, type http): its URL is the tracking URI when
+      ``registry.tracking_uri`` is unset; login / password become ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``.
+    """
+    from urllib.parse import urlsplit
+
+    from pydantic import SecretStr
+
+    s3 = s.s3
+    if s3.access_key is None:
+        conn = _connection(os.environ.get("OVDAGS_S3_CONN_ID", "ovtasks_s3"))
+        if conn is not None and conn.login:
+            update = {"access_key": SecretStr(conn.login), "secret_key": SecretStr(conn.password or "")}
+            endpoint = (conn.extra_dejson or {}).get("endpoint_url", "")
+            if endpoint and not s3.endpoint:
+                u = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+                update.update(endpoint=u.netloc, secure=u.scheme == "https")
+            s = s.model_copy(update={"s3": s3.model_copy(update=update)})
+    conn = None
+    if s.registry.tracking_uri is None or "MLFLOW_TRACKING_USERNAME" not in os.environ:
+        conn = _connection(os.environ.get("OVDAGS_MLFLOW_CONN_ID", "ovtasks_mlflow"))
+    if conn is not None:
+        if s.registry.tracking_uri is None and conn.host:
+            host = conn.host if "://" in conn.host else f"{conn.schema or 'http'}://{conn.host}"
+            uri = f"{host}:{conn.port}" if conn.port else host
+            s = s.model_copy(update={"registry": s.registry.model_copy(update={"tracking_uri": uri})})
+        if conn.login and "MLFLOW_TRACKING_USERNAME" not in os.environ:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = conn.login  # MLflow's client reads its credentials from the env
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = conn.password or ""
+    return s

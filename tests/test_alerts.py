@@ -72,3 +72,34 @@ def test_unconfigured_or_unreachable_channels_never_raise(monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("AIRFLOW_CONN_OVTASKS_SLACK", json.dumps({"conn_type": "http", "host": f"http://127.0.0.1:{_free_port()}/x"}))
     assert send_alert("s", "b") == []
+
+
+def test_s3_and_mlflow_credentials_from_airflow_connections(monkeypatch):
+    """Credentials the environment does not set come from Airflow Connections; the environment wins."""
+    from ovtasks.airflow_support import settings
+
+    for k in ("OVTASKS_S3__ACCESS_KEY", "OVTASKS_S3__SECRET_KEY", "OVTASKS_S3__ENDPOINT", "OVTASKS_REGISTRY__TRACKING_URI",
+              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(k, "")  # recorded first, so teardown restores the original state even of what settings() writes
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AIRFLOW_CONN_OVTASKS_S3", json.dumps({"conn_type": "aws", "login": "AKIA-conn", "password": "s3cret",
+                                                               "extra": {"endpoint_url": "https://minio.internal:9443"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_OVTASKS_MLFLOW", json.dumps({"conn_type": "http", "host": "mlflow.internal", "port": 5000,
+                                                                   "schema": "https", "login": "svc", "password": "pw"}))
+    s = settings()
+    assert s.s3.access_key.get_secret_value() == "AKIA-conn" and s.s3.secret_key.get_secret_value() == "s3cret"
+    assert s.s3.endpoint == "minio.internal:9443" and s.s3.secure
+    assert s.registry.tracking_uri == "https://mlflow.internal:5000"
+    import os
+
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "svc" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "pw"
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+
+    monkeypatch.setenv("OVTASKS_S3__ACCESS_KEY", "from-env")  # the environment wins
+    monkeypatch.setenv("OVTASKS_S3__SECRET_KEY", "env-secret")
+    monkeypatch.setenv("OVTASKS_S3__ENDPOINT", "minio:9000")
+    monkeypatch.setenv("OVTASKS_REGISTRY__TRACKING_URI", "http://mlflow:5000")
+    s = settings()
+    assert s.s3.access_key.get_secret_value() == "from-env" and s.s3.endpoint == "minio:9000" and not s.s3.secure
+    assert s.registry.tracking_uri == "http://mlflow:5000"
