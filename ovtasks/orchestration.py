@@ -275,6 +275,7 @@ def store_workdir(uri: str, settings: Settings, every_s: float = 10.0) -> Iterat
 
 
 def _trained_summary(meta: dict, model_dir: str) -> dict:
+    """What the train task returns (XCom): from a trained model's metrics and data manifest."""
     m, manifest = meta.get("metrics", {}), meta.get("data_manifest", {})
     return {"model_dir": model_dir, "final_loss": m.get("final_loss"), "images": m.get("images"),
             "data_sha256": manifest.get("sha256"), "held_out_images": (manifest.get("held_out") or {}).get("images", 0)}
@@ -332,8 +333,7 @@ def train_model(model: str, clean_uri: str, pseudo_uri: str, out_dir: str, setti
                                                                                     window_shards=window_shards), exclude_ids=held)
     else:
         raise ValueError(f"unknown model {model!r}")
-    return {"model_dir": t.model_dir, "final_loss": t.metrics["final_loss"], "images": t.metrics["images"],
-            "data_sha256": t.data_manifest["sha256"], "held_out_images": len(held)}
+    return _trained_summary({"metrics": t.metrics, "data_manifest": t.data_manifest}, t.model_dir)
 
 
 def check_held_out(data_manifest: dict, eval_gt: dict) -> None:
