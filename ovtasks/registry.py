@@ -239,11 +239,15 @@ def promote(settings: Settings, tolerance: float | None = None, who: str | None 
         client.set_model_version_tag(name, ch.version, "promotion_refused", json.dumps({"by": who, "at": now, "reason": reason}))
         return PromotionResult(False, reason, str(ch.version), before, before, gate)
     ok = f"challenger v{ch.version} novel mask AP50 {new:.2f}: {gate['reason']}"
-    client.set_registered_model_alias(name, "champion", ch.version)
-    for k, v in {"promoted_by": who, "promoted_at": now, "promotion_reason": why or ok,
-                 "previous_champion": before or ""}.items():
-        client.set_model_version_tag(name, ch.version, k, v)
+    _make_champion(client, name, ch.version, before, {"promoted_by": who, "promoted_at": now, "promotion_reason": why or ok})
     return PromotionResult(True, ok, str(ch.version), before, str(ch.version), gate)
+
+
+def _make_champion(client, name: str, version, before: str | None, audit: dict) -> None:
+    """Move the ``champion`` alias and record on the version who did it, when, why and which champion it replaced."""
+    client.set_registered_model_alias(name, "champion", version)
+    for k, v in {**audit, "previous_champion": before or ""}.items():
+        client.set_model_version_tag(name, version, k, v)
 
 
 def rollback(settings: Settings, version: str | int, who: str | None = None, why: str = "",
@@ -264,12 +268,9 @@ def rollback(settings: Settings, version: str | int, who: str | None = None, why
     who = who or getpass.getuser()
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     why = why or f"rollback from v{before}"
-    client.set_registered_model_alias(name, "champion", mv.version)
-    history = json.loads(mv.tags.get("rollbacks", "[]"))
-    history.append({"by": who, "at": now, "reason": why, "replaced": before})
-    for k, v in {"promoted_by": who, "promoted_at": now, "promotion_reason": why, "previous_champion": before or "",
-                 "rollbacks": json.dumps(history)}.items():
-        client.set_model_version_tag(name, mv.version, k, v)
+    history = json.loads(mv.tags.get("rollbacks", "[]")) + [{"by": who, "at": now, "reason": why, "replaced": before}]
+    _make_champion(client, name, mv.version, before, {"promoted_by": who, "promoted_at": now, "promotion_reason": why,
+                                                      "rollbacks": json.dumps(history)})
     return PromotionResult(True, f"champion set to v{mv.version} by {who} (was v{before}): {why}", str(mv.version), before,
                            str(mv.version))
 
