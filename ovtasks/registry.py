@@ -110,13 +110,9 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
         for p in pictures:
             if p and Path(p).exists():
                 mlflow.log_artifact(p, "pictures")
-        source = f"runs:/{run.info.run_id}/model"
-        if architecture == "ov-maskrcnn":  # a pyfunc: `mlflow models serve` and `ovtasks predict` answer images with it
-            from ovtasks.serving import log_pyfunc
+        from ovtasks.serving import log_pyfunc  # a pyfunc: `mlflow models serve` and `ovtasks predict` answer images with it
 
-            source = log_pyfunc(mlflow, model_dir).model_uri
-        else:  # Semantic-SAM needs box prompts: its directory is logged as plain artifacts
-            mlflow.log_artifacts(model_dir, "model")
+        source = log_pyfunc(mlflow, model_dir, architecture).model_uri
         tags = {"data_manifest_sha256": (data_manifest or {}).get("sha256", ""), "gx_status": gx_status,
                 "novel_mask_AP50": str(evaluation.get("novel_mask_AP50")), "code_version": __version__,
                 "dag_run": dag_run or "", "architecture": architecture,
@@ -136,8 +132,9 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
     except Exception:  # noqa: BLE001 - MLflow raises its own RestException / MlflowException for "missing"
         client.create_registered_model(name, description=(
             "Open-vocabulary instance segmentation trained on pseudo-masks (no human mask annotation) by ovtasks. "
-            "ov-maskrcnn versions are pyfunc models: input a column 'image' (base64 JPEG/PNG) and optionally 'names' "
-            "(comma-separated vocabulary), output 'instances' (JSON: name, score, bbox, COCO RLE segmentation). "
+            "Versions are pyfunc models: input a column 'image' (base64 JPEG/PNG), optionally 'names' (comma-separated "
+            "vocabulary) and, for Semantic-SAM, 'boxes' (JSON list of xyxy prompts); output 'instances' (JSON: name, "
+            "score, bbox, COCO RLE segmentation). "
             "Aliases: champion (in use), challenger (the last registered)."))
     manifest = data_manifest or {}
     description = (f"{architecture} trained on {manifest.get('images', '?')} images of {len(manifest.get('shards', []))} validated "

@@ -1,14 +1,15 @@
-"""Registered models that answer images: an MLflow pyfunc around a trained OV Mask R-CNN.
+"""Registered models that answer images: an MLflow pyfunc around a trained model directory.
 
-Each registered OV Mask R-CNN version is a pyfunc model (``MLmodel``, a signature, an input example; the
-trained directory, safetensors inside, as its artifact), so ``mlflow models serve -m
+Each registered version (OV Mask R-CNN or Semantic-SAM) is a pyfunc model (``MLmodel``, a signature, an
+input example; the trained directory, safetensors inside, as its artifact), so ``mlflow models serve -m
 models:/ovtasks-ov-maskrcnn@champion`` answers HTTP requests and :func:`predict_images` (``ovtasks
 predict``) runs a champion on a folder of images.
 
-Input: a table with a column ``image`` (the encoded image file, JPEG or PNG, base64) and an optional
-column ``names`` (a comma-separated vocabulary; empty: the model's own training vocabulary). Output: one
-row per image, column ``instances``: a JSON list of ``{"name", "score", "bbox" (x, y, w, h),
-"segmentation" (COCO RLE)}``.
+Input: a table with a column ``image`` (the encoded image file, JPEG or PNG, base64), an optional column
+``names`` (a comma-separated vocabulary; empty: the model's own training vocabulary) and, for Semantic-SAM
+(a promptable model), ``boxes``: a JSON list of ``[x1, y1, x2, y2]`` pixel box prompts. Output: one row
+per image, column ``instances``: a JSON list of ``{"name", "score", "bbox" (x, y, w, h), "segmentation"
+(COCO RLE)}`` (for Semantic-SAM also ``prompt``, the index of the box it answers).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 from ovtasks import __version__
 
-INPUT_COLUMNS = ("image", "names")
+INPUT_COLUMNS = ("image", "names", "boxes")
 MODEL_ARTIFACT = "model_dir"
 SCORE_THRESHOLD = 0.3
 
@@ -51,8 +52,7 @@ class Segmenter:
         from ovtasks.train import load_model
 
         self.model, self.meta = load_model(model_dir, device)
-        if self.meta.get("architecture", "ov-maskrcnn") != "ov-maskrcnn":
-            raise ValueError(f"serving supports ov-maskrcnn, not {self.meta.get('architecture')!r}")
+        self.architecture = self.meta.get("architecture", "ov-maskrcnn")
         self.device = device
         self.categories = self.meta["categories"]
         self.embeddings = np.load(Path(model_dir) / "text_embeddings.npy")
@@ -71,16 +71,27 @@ class Segmenter:
             self._encoder = TextEncoder(ref, self.device)
         return wanted, self._encoder.encode(wanted)
 
-    def segment(self, images: Sequence[np.ndarray], names: str | None = None, score_threshold: float = SCORE_THRESHOLD) -> list[list[dict]]:
-        from ovtasks.train import predict
-
+    def segment(self, images: Sequence[np.ndarray], names: str | None = None, score_threshold: float = SCORE_THRESHOLD,
+                boxes: Sequence[Sequence[Sequence[float]]] | None = None) -> list[list[dict]]:
+        """Instances per image; ``boxes`` (per image, xyxy prompts) are required by Semantic-SAM, unused otherwise."""
         vocab, emb = self._vocabulary(names)
-        preds = predict(self.model, list(images), list(range(len(images))), list(range(len(vocab))), emb, self.device,
-                        score_thresh=score_threshold)
+        ids, cat_ids = list(range(len(images))), list(range(len(vocab)))
+        if self.architecture == "semantic-sam":
+            from ovtasks.train_semantic_sam import predict as predict_prompted
+
+            if boxes is None:
+                raise ValueError("Semantic-SAM answers box prompts: give a column 'boxes' (JSON list of [x1, y1, x2, y2])")
+            prompts = [np.asarray(b, np.float32).reshape(-1, 4) for b in boxes]
+            preds = predict_prompted(self.model, list(images), ids, prompts, cat_ids, emb, self.device)
+        else:
+            from ovtasks.train import predict
+
+            preds = predict(self.model, list(images), ids, cat_ids, emb, self.device, score_thresh=score_threshold)
         out: list[list[dict]] = [[] for _ in images]
         for p in preds:
             out[p["image_id"]].append({"name": vocab[p["category_id"]], "score": round(p["score"], 4),
-                                       "bbox": [round(v, 1) for v in p["bbox"]], "segmentation": p["segmentation"]})
+                                       "bbox": [round(v, 1) for v in p["bbox"]], "segmentation": p["segmentation"],
+                                       **({"prompt": p["prompt"]} if "prompt" in p else {})})
         return out
 
 
@@ -101,10 +112,12 @@ def _python_model_class():
             df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
             if "image" not in df.columns:
                 raise ValueError(f"input needs a column 'image' (base64 JPEG/PNG); got {list(df.columns)}")
-            names = df["names"] if "names" in df.columns else pd.Series([""] * len(df))
+            names = df["names"].fillna("") if "names" in df.columns else pd.Series([""] * len(df))
+            boxes = df["boxes"] if "boxes" in df.columns else pd.Series([None] * len(df))
             rows = []
-            for b64, vocab in zip(df["image"], names.fillna("")):  # one image at a time: each may have its own vocabulary
-                rows.append(json.dumps(self.segmenter.segment([_decode_image(b64)], vocab)[0]))
+            for b64, vocab, bx in zip(df["image"], names, boxes):  # one image at a time: each may have its own vocabulary
+                prompts = [json.loads(bx)] if isinstance(bx, str) and bx.strip() else None
+                rows.append(json.dumps(self.segmenter.segment([_decode_image(b64)], vocab, boxes=prompts)[0]))
             return pd.DataFrame({"instances": rows})
 
     return OvMaskRcnnPyfunc
@@ -114,24 +127,26 @@ def signature():
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    return ModelSignature(inputs=Schema([ColSpec("string", "image"), ColSpec("string", "names", required=False)]),
+    return ModelSignature(inputs=Schema([ColSpec("string", "image"), ColSpec("string", "names", required=False),
+                                         ColSpec("string", "boxes", required=False)]),
                           outputs=Schema([ColSpec("string", "instances")]))
 
 
-def input_example():
-    """One small PNG and a two-name vocabulary."""
+def input_example(architecture: str = "ov-maskrcnn"):
+    """One small PNG, the model's own vocabulary and, for Semantic-SAM, one box prompt."""
     import pandas as pd
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(np.full((64, 64, 3), 127, np.uint8)).save(buf, format="PNG")
-    return pd.DataFrame({"image": [encode_image(buf.getvalue())], "names": [""]})
+    return pd.DataFrame({"image": [encode_image(buf.getvalue())], "names": [""],
+                         "boxes": [json.dumps([[8, 8, 40, 40]]) if architecture == "semantic-sam" else ""]})
 
 
-def log_pyfunc(mlflow, model_dir: str):
+def log_pyfunc(mlflow, model_dir: str, architecture: str = "ov-maskrcnn"):
     """Log ``model_dir`` as this run's pyfunc model ``model``; returns MLflow's ModelInfo."""
     return mlflow.pyfunc.log_model(name="model", python_model=_python_model_class()(), artifacts={MODEL_ARTIFACT: model_dir},
-                                   signature=signature(), input_example=input_example(),
+                                   signature=signature(), input_example=input_example(architecture),
                                    pip_requirements=[f"ovtasks=={__version__}"])
 
 
@@ -164,6 +179,9 @@ def predict_images(model_ref: str, paths: Sequence[str | Path], out_dir: str | P
         mlflow, _ = _client(settings)
         local = mlflow.artifacts.download_artifacts(model_ref)
     seg = Segmenter(trained_dir(local), settings.device)
+    if seg.architecture == "semantic-sam":
+        raise ValueError("Semantic-SAM answers box prompts, which `ovtasks predict` does not take: serve it "
+                         "(`mlflow models serve`) and send a 'boxes' column with each image")
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     images, results, skipped, cat_ids = [], [], {}, {}

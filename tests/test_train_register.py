@@ -170,6 +170,26 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
     out = capsys.readouterr().out
     assert rc == 0 and "ovtasks-semantic-sam v1 (alias challenger)" in out and "sa1b_images" in out
     assert main(["promote", "--model", "semantic-sam"]) == 0
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from ovtasks.registry import _client
+    from ovtasks.serving import encode_image
+
+    mlflow, _ = _client(load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data")}))
+    sam = mlflow.pyfunc.load_model("models:/ovtasks-semantic-sam@champion")  # a pyfunc too: box prompts in, named masks out
+    assert {c.name for c in sam.metadata.get_input_schema().inputs} == {"image", "names", "boxes"}
+    src = open_store(clean_small, load_settings(env={}).s3)
+    sample = next(iter_shard(src, complete_shards(src)[0]))
+    buf = io.BytesIO()
+    Image.fromarray(sample.image).save(buf, format="PNG")
+    got = sam.predict(pd.DataFrame({"image": [encode_image(buf.getvalue())], "names": ["ball,box"],
+                                    "boxes": [json.dumps([[10, 10, 60, 60], [40, 40, 100, 100]])]}))
+    answered = json.loads(got["instances"][0])
+    assert all(i["name"] in {"ball", "box"} and i["prompt"] in (0, 1) for i in answered)
+    assert main(["predict", str(tmp_path), "--model", "models:/ovtasks-semantic-sam@champion", "--out", str(tmp_path / "p2")]) == 2
     from ovtasks.registry import load_registered
 
     s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data"), "OVTASKS_REGISTRY__MIN_NOVEL_AP50": "0"})
