@@ -161,7 +161,7 @@ COMMITTED_ITM = Path(__file__).resolve().parents[1] / "models" / "itm-synth"
 ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard 256 --seed 1 --failure-rate 0.02 && "
               "ovtasks ingest --src data/itm/laion --out data/itm/clean && "
               "ovtasks train-itm --src data/itm/clean --out models/itm-synth --gt data/itm/laion "
-              "--pretrain-steps 4000 --steps 3000 --lr 1e-3")
+              "--pretrain-steps 4000 --steps 6000 --lr 1e-3")
 
 
 def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: int = 64, seed: int = 0, workers: int | None = None,
