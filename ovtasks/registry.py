@@ -112,7 +112,7 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
                 mlflow.log_artifact(p, "pictures")
         from ovtasks.serving import log_pyfunc  # a pyfunc: `mlflow models serve` and `ovtasks predict` answer images with it
 
-        source = log_pyfunc(mlflow, model_dir, architecture).model_uri
+        logged = log_pyfunc(mlflow, model_dir, architecture)
         tags = {"data_manifest_sha256": (data_manifest or {}).get("sha256", ""), "gx_status": gx_status,
                 "novel_mask_AP50": str(evaluation.get("novel_mask_AP50")), "code_version": __version__,
                 "dag_run": dag_run or "", "architecture": architecture,
@@ -141,7 +141,9 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
                    f"pseudo-label shards ({manifest.get('generator', '?')}, data sha256 {str(manifest.get('sha256', ''))[:12]}); "
                    f"novel mask AP50 {evaluation.get('novel_mask_AP50')} on {tags.get('eval_held_out_images', '0')} held-out images; "
                    f"code ovtasks {__version__}" + (f"; DAG run {dag_run}" if dag_run else ""))
-    mv = client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
+    # the version points at the logged model (an MLflow 3 LoggedModel: a tracking server needs its id with the source)
+    mv = client.create_model_version(name, logged.model_uri, run_id=run_id, tags=tags, description=description,
+                                     model_id=logged.model_id)
     client.set_registered_model_alias(name, "challenger", mv.version)
     return Registered(name, str(mv.version), run_id, tags)
 

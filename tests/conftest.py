@@ -142,15 +142,6 @@ def record_fault(request):
     return record
 
 
-def smtp_env(port: int) -> dict:
-    """Airflow's SMTP connection (env form) to a plain loopback server, and two alert recipients."""
-    import json
-
-    conn = {"conn_type": "smtp", "host": "127.0.0.1", "port": port,
-            "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "ovtasks@localhost", "timeout": 10}}
-    return {"AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(conn), "OVDAGS_ALERT_EMAILS": "ops@example.org,ml@example.org"}
-
-
 @pytest.fixture
 def smtp_server():
     """A real SMTP server on loopback (aiosmtpd): ``.env`` configures alerts to it, ``.messages`` is what arrived."""
@@ -159,6 +150,8 @@ def smtp_server():
 
     from aiosmtpd.controller import Controller
     from aiosmtpd.handlers import Message
+
+    from mail import smtp_env
 
     got = []
 

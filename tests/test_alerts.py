@@ -66,7 +66,7 @@ def test_unconfigured_or_unreachable_channels_never_raise(monkeypatch):
 
     monkeypatch.delenv("OVDAGS_ALERT_EMAILS", raising=False)
     assert send_alert("s", "b") == []  # nothing configured: nothing sent, no error
-    from conftest import smtp_env
+    from mail import smtp_env
 
     for k, v in smtp_env(_free_port()).items():  # a port nobody listens on
         monkeypatch.setenv(k, v)

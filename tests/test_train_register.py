@@ -318,6 +318,7 @@ def _champion_answers_images(tmp_path, clean_small, capsys):
     COCO JSON and overlays for a folder (a corrupt file skipped), and `mlflow models serve` answers an image."""
     import base64
     import io
+    import os
     import socket
     import subprocess
     import sys
@@ -355,7 +356,9 @@ def _champion_answers_images(tmp_path, clean_small, capsys):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": tracking_uri(s), "MLFLOW_REGISTRY_URI": tracking_uri(s)}
+    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs uvicorn by name, from PATH
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "MLFLOW_TRACKING_URI": tracking_uri(s),
+           "MLFLOW_REGISTRY_URI": tracking_uri(s)}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
                              f"models:/{s.registry.model_name}@champion", "--env-manager", "local", "-h", "127.0.0.1",
