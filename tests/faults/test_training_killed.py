@@ -39,7 +39,11 @@ def test_killed_training_resumes_from_its_checkpoint(clean_small, labelled, tmp_
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert ckpt.exists(), "no checkpoint was written before the run ended"
-    delay = random.Random(os.getpid()).uniform(0.0, 1.5)  # a random point after the first checkpoint
+    # a random point after the first checkpoint, inside the training time the uninterrupted run measured after
+    # it (a fixed bound was longer than the whole run on an idle machine: the kill then came after the model)
+    steps = json.loads((tmp_path / "full" / "history.json").read_text())
+    span = steps[-1]["seconds"] - steps[1]["seconds"]
+    delay = random.Random(os.getpid()).uniform(0.0, 0.7 * span)
     time.sleep(delay)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
