@@ -24,7 +24,6 @@ import numpy as np
 
 from ovtasks import __version__
 
-INPUT_COLUMNS = ("image", "names", "boxes")
 MODEL_ARTIFACT = "model_dir"
 SCORE_THRESHOLD = 0.3
 
@@ -98,7 +97,7 @@ class Segmenter:
 def _python_model_class():
     import mlflow.pyfunc
 
-    class OvMaskRcnnPyfunc(mlflow.pyfunc.PythonModel):
+    class OvtasksPyfunc(mlflow.pyfunc.PythonModel):
         """The pyfunc MLflow stores with each registered version (see the module doc)."""
 
         def load_context(self, context):
@@ -120,7 +119,7 @@ def _python_model_class():
                 rows.append(json.dumps(self.segmenter.segment([_decode_image(b64)], vocab, boxes=prompts)[0]))
             return pd.DataFrame({"instances": rows})
 
-    return OvMaskRcnnPyfunc
+    return OvtasksPyfunc
 
 
 def signature():

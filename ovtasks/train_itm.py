@@ -39,7 +39,7 @@ from ovtasks.candidates import LexiconExtractor, Vocabulary
 from ovtasks.config import Settings
 from ovtasks.dataset import iter_clean
 from ovtasks.models.hub import publish_model
-from ovtasks.models.itm import ConvStem, ItmModel, build_word_tokenizer, install_conv_stem, prompt_span, tiny_blip_config
+from ovtasks.models.itm import ConvStem, ItmModel, build_word_tokenizer, install_conv_stem, prompt_span, tiny_blip_config, word_mean
 
 log = logging.getLogger(__name__)
 
@@ -348,16 +348,8 @@ class _Grounder:
         chosen = [ns[int(rng.integers(len(ns)))] for ns in present]
         prompts, spans = zip(*[prompt_span(self.template, n) for n in chosen])
         ids_, am, wm = self.itm.tokenize(prompts, spans)
-        module = self.itm.model.text_encoder.encoder.layer[self.layer].crossattention.self
-        captured: list[torch.Tensor] = []
-        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out[1]))
-        try:
-            self.itm.itm_logits(embeds, ids_, am)
-        finally:
-            handle.remove()
-        attn = captured[-1].mean(1)  # (B, L, 1 + N)
-        w = wm.to(attn.dtype)[..., None]
-        a = ((attn * w).sum(1) / w.sum(1).clamp(min=1))[:, 1:]  # (B, N)
+        _, attn = self.itm.itm_logits_and_attention(embeds, ids_, am, self.layer)
+        a = word_mean(attn.mean(1), wm)[:, 1:]  # (B, N): the word's attention over the patch grid
         a = a / a.sum(1, keepdim=True).clamp(min=1e-6)
         pooled = torch.einsum("bn,bnd->bd", a, local)
         target = torch.tensor([self.col[n] for n in chosen], device=pooled.device)

@@ -199,6 +199,8 @@ def test_compose_sets_every_model_and_the_evaluation_set_in_the_store():
 def test_helm_config_map_sets_what_compose_sets_and_only_real_settings():
     import re
 
+    import yaml
+
     from ovtasks.config import load_settings
 
     tpl = (CHART / "templates" / "ovtasks-env.yaml").read_text()
@@ -209,14 +211,8 @@ def test_helm_config_map_sets_what_compose_sets_and_only_real_settings():
     values = _values("values.yaml")
     # the Airflow chart reads the ConfigMap and the credentials Secret; no hard-coded store location is left in its env
     assert "{{ .Release.Name }}-ovtasks-env" in values["airflow"]["extraEnvFrom"] and "ovtasksSecret" in values["airflow"]["extraEnvFrom"]
-    assert "s3://" not in yaml_dump(values["airflow"])
+    assert "s3://" not in yaml.safe_dump(values["airflow"])
     assert "name: {{ .Release.Name }}-ovtasks-env" in tpl
-
-
-def yaml_dump(obj) -> str:
-    import yaml
-
-    return yaml.safe_dump(obj)
 
 
 def test_every_ovtasks_value_is_read_by_a_template():

@@ -197,30 +197,40 @@ class ItmModel:
                                       encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
         return self.model.itm_head(out.last_hidden_state[:, 0, :])
 
+    def itm_logits_and_attention(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM logits and the cross-attention probabilities X (eq. 1) of text layer ``layer`` (default: the
+        GradCAM layer), ``(B, heads, L, 1 + N_R)``, captured by a hook (part of the graph when grad is on)."""
+        module = self.model.text_encoder.encoder.layer[self.layer if layer is None else layer].crossattention.self
+        captured: list[torch.Tensor] = []
+        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out[1]))
+        try:
+            logits = self.itm_logits(image_embeds, input_ids, attention_mask)
+        finally:
+            handle.remove()
+        return logits, captured[-1]
+
     def gradcam(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 word_mask: torch.Tensor) -> GradCamOutput:
         """Eq. 3 for each row: ``(B, 3, S, S)`` pixels, ``(B, L)`` tokens, ``(B, L)`` word-token mask.
 
         Rows whose word mask is empty (the word was truncated away) get an all-zero map.
         """
-        module = self.model.text_encoder.encoder.layer[self.layer].crossattention.self
-        captured: list[torch.Tensor] = []
-        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out[1]))
-        try:
-            with torch.no_grad():
-                embeds = self.image_embeds(pixels)
-            embeds = embeds.detach().requires_grad_(True)  # builds the graph through the attention only
-            with torch.enable_grad():
-                logits = self.itm_logits(embeds, input_ids, attention_mask)
-                attn = captured[-1]  # (B, heads, L, 1 + N_R)
-                grad = torch.autograd.grad(logits[:, 1].sum(), attn)[0]
-        finally:
-            handle.remove()
-        cam = (attn.detach() * grad.clamp(min=0)).mean(1)  # (B, L, 1 + N_R)
-        wm = word_mask.to(cam.dtype)
-        cam = (cam * wm[..., None]).sum(1) / wm.sum(1, keepdim=True).clamp(min=1)
+        with torch.no_grad():
+            embeds = self.image_embeds(pixels)
+        embeds = embeds.detach().requires_grad_(True)  # builds the graph through the attention only
+        with torch.enable_grad():
+            logits, attn = self.itm_logits_and_attention(embeds, input_ids, attention_mask)  # attn: (B, heads, L, 1 + N_R)
+            grad = torch.autograd.grad(logits[:, 1].sum(), attn)[0]
+        cam = word_mean((attn.detach() * grad.clamp(min=0)).mean(1), word_mask)  # (B, 1 + N_R)
         cam = cam[:, 1:].reshape(-1, self.grid, self.grid)  # drop the image [CLS] column
         return GradCamOutput(cam, logits.detach().softmax(-1)[:, 1])
+
+
+def word_mean(x: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, L, ...)`` per-token values → their mean over each row's word tokens, ``(B, ...)`` (zero for an empty mask)."""
+    wm = word_mask.to(x.dtype).view(*word_mask.shape, *([1] * (x.dim() - 2)))
+    return (x * wm).sum(1) / wm.sum(1).clamp(min=1)
 
 
 def prompt_span(template: str, name: str) -> tuple[str, tuple[int, int]]:

@@ -139,7 +139,6 @@ def test_grounding_loss_moves_the_word_attention_onto_the_named_object(tmp_path)
     grounder = _Grounder(itm, names, "a photo of a {name}", layer=0)
     opt = torch.optim.Adam(list(itm.model.parameters()) + list(grounder.head.parameters()), lr=3e-3)
     rng = np.random.default_rng(0)
-    module = itm.model.text_encoder.encoder.layer[0].crossattention.self
 
     def batch(n):
         x = torch.full((n, 3, 32, 32), 128.0)
@@ -154,13 +153,10 @@ def test_grounding_loss_moves_the_word_attention_onto_the_named_object(tmp_path)
     def mass_on_own(x, kinds, cells, which):
         prompts, spans = zip(*[prompt_span("a photo of a {name}", names[k]) for k in kinds[:, which]])
         ids, am, wm = itm.tokenize(prompts, spans)
-        got = []
-        handle = module.register_forward_hook(lambda _m, _i, out: got.append(out[1]))
         with torch.no_grad():
-            itm.itm_logits(itm.image_embeds(itm.preprocess(x)), ids, am)
-        handle.remove()
+            _, attn = itm.itm_logits_and_attention(itm.image_embeds(itm.preprocess(x)), ids, am, layer=0)
         grounder._local.clear()
-        a = (got[-1].mean(1) * wm[..., None]).sum(1)[:, 1:]
+        a = (attn.mean(1) * wm[..., None]).sum(1)[:, 1:]
         a = a / a.sum(1, keepdim=True)
         return float(a[torch.arange(len(x)), torch.from_numpy(cells[:, which])].mean())
 
