@@ -12,8 +12,8 @@ from datetime import datetime
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from ovtasks.airflow_support import (GPU_POOL, GPU_QUEUE, MODEL_ASSET_URI, PSEUDO_ASSET_URI, RETRAIN_CRON, TAGS, default_args,
-                                     run_key, settings)
+from ovtasks.airflow_support import (GPU_POOL, GPU_QUEUE, MODEL_ASSET_URI, PSEUDO_ASSET_URI, RETRAIN_CRON, RETRAIN_EVAL_IMAGES,
+                                     RETRAIN_STEPS, TAGS, default_args, run_key, settings)
 
 PSEUDO, MODEL = Asset(PSEUDO_ASSET_URI), Asset(MODEL_ASSET_URI)
 
@@ -21,10 +21,10 @@ PSEUDO, MODEL = Asset(PSEUDO_ASSET_URI), Asset(MODEL_ASSET_URI)
 @dag(dag_id="ovtasks_retrain", schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(RETRAIN_CRON, timezone="UTC"), assets=[PSEUDO]), start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
      tags=TAGS + ["train", "mlflow"], default_args=default_args(240), doc_md=__doc__,
      params={"model": Param("ov-maskrcnn", enum=["ov-maskrcnn", "semantic-sam"]),
-             "steps": Param(300, type="integer", minimum=1),
+             "steps": Param(RETRAIN_STEPS, type="integer", minimum=1, description="default: OVDAGS_RETRAIN_STEPS (300)"),
              "window_shards": Param(0, type="integer", minimum=0, description="newest N validated shards; 0 = all"),
              "generator": Param("", type="string", description="empty: pipeline.generator"),
-             "eval_images": Param(64, type="integer", minimum=1)})
+             "eval_images": Param(RETRAIN_EVAL_IMAGES, type="integer", minimum=1, description="default: OVDAGS_RETRAIN_EVAL_IMAGES (64)")})
 def ovtasks_retrain():
     @task(doc_md="Great Expectations gate over every pseudo-label shard; fails when no shard passes.")
     def validate() -> dict:

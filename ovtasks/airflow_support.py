@@ -32,6 +32,10 @@ CLEAN_ASSET_URI = _store_asset("OVDAGS_CLEAN_ASSET", "OVTASKS_PIPELINE__CLEAN_UR
 PSEUDO_ASSET_URI = _store_asset("OVDAGS_PSEUDO_ASSET", "OVTASKS_PIPELINE__PSEUDO_URI", "/pseudo", "ovtasks://pseudo-labels")
 MODEL_ASSET_URI = _store_asset("OVDAGS_MODEL_ASSET", "OVTASKS_PIPELINE__MODELS_URI", "", "ovtasks://models")
 RETRAIN_CRON = os.environ.get("OVDAGS_RETRAIN_CRON", "0 0 * * 0")  # weekly, Sunday 00:00 UTC
+# the defaults of a retrain run that nobody triggered by hand (the weekly or the Asset-triggered one):
+# size them to the deployment (training steps for its GPUs; evaluation images of its evaluation set)
+RETRAIN_STEPS = int(os.environ.get("OVDAGS_RETRAIN_STEPS", "300"))
+RETRAIN_EVAL_IMAGES = int(os.environ.get("OVDAGS_RETRAIN_EVAL_IMAGES", "64"))
 TAGS = ["ovtasks"]
 
 

@@ -55,7 +55,7 @@ class Stack:
     ``restarts`` counts them. A component killed on purpose (:meth:`kill`) stays down."""
 
     def __init__(self, env: dict, logs: Path):
-        self.env, self.logs, self.procs, self.args = env, logs, {}, {}
+        self.env, self.logs, self.procs, self.args, self.envs = env, logs, {}, {}, {}
         self.restarts: dict[str, int] = {}
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -66,11 +66,13 @@ class Stack:
         r = subprocess.run([str(BIN / "airflow"), *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
 
-    def start(self, name: str, *args):
+    def start(self, name: str, *args, env: dict | None = None):
+        """Start ``airflow *args`` as component ``name``; ``env`` (when given) replaces the stack's environment
+        for this one (e.g. a worker with its own scratch directory)."""
         log = open(self.logs / f"{name}.log", "ab")
         with self._lock:
-            self.args[name] = args
-            self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env=self.env, cwd=ROOT, stdout=log,
+            self.args[name], self.envs[name] = args, env or self.env
+            self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env=self.envs[name], cwd=ROOT, stdout=log,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
         if not self._watch.is_alive() and not self._stopping.is_set():
             self._watch.start()
@@ -85,7 +87,7 @@ class Stack:
                 self.restarts[name] = self.restarts.get(name, 0) + 1
                 with open(self.logs / f"{name}.log", "ab") as log:
                     log.write(f"\n=== exited; restarted by the test's supervisor ({self.restarts[name]}) ===\n".encode())
-                self.start(name, *self.args[name])
+                self.start(name, *self.args[name], env=self.envs[name])
 
     def kill(self, name: str, sig=signal.SIGKILL):
         with self._lock:
@@ -106,22 +108,25 @@ class Stack:
     def tail(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(self.logs.glob("*.log")))
 
-    def up(self, port: int, dag: str, timeout: float = 180):
-        """Migrate, create the GPU pool, start every component and a `default,gpu` worker; the logged-in
-        REST client once ``dag`` is parsed. An anonymous REST request must be refused."""
+    def up(self, port: int, dag: str | list[str], timeout: float = 180, workers: dict | None = None, pool_slots: int = 1):
+        """Migrate, create the GPU pool, start every component and the Celery workers (default: one named
+        ``worker`` for `default,gpu`; else ``{name: (queues, env)}``); the logged-in REST client once every
+        DAG in ``dag`` is parsed (the first one is unpaused). An anonymous REST request must be refused."""
         from ovtasks.airflow_api import Airflow
 
+        dags = [dag] if isinstance(dag, str) else list(dag)
         self.run("db", "migrate")
-        self.run("pools", "set", "ovtasks_gpu", "1", "GPU tasks")
+        self.run("pools", "set", "ovtasks_gpu", str(pool_slots), "GPU tasks")
         self.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
         self.start("scheduler", "scheduler")
         self.start("dag-processor", "dag-processor")
-        self.start("worker", "celery", "worker", "--queues", "default,gpu")
+        for name, (queues, env) in (workers or {"worker": ("default,gpu", None)}).items():
+            self.start(name, "celery", "worker", "--queues", queues, env=env)
         deadline, af = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             try:
                 af = af or Airflow.login(f"http://127.0.0.1:{port}", "admin", PASSWORD)
-                if dag in af.dag_ids():
+                if set(dags) <= set(af.dag_ids()):
                     break
             except OSError:
                 pass
@@ -130,11 +135,11 @@ class Stack:
                     raise
             time.sleep(2)
         else:
-            pytest.fail(f"{dag} never showed up in the API\n{self.tail()}")
+            pytest.fail(f"{dags} never showed up in the API\n{self.tail()}")
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/dags", timeout=10)
         assert denied.value.code in (401, 403)
-        af.unpause(dag)
+        af.unpause(dags[0])
         return af
 
     def wait(self, af, dag: str, run: str, timeout: float) -> str:

@@ -262,3 +262,16 @@ def test_schema_refuses_a_partial_gpu_set():
     errors = _errors(v)
     assert any("'image' is a required property" in e for e in errors), errors
     assert any(e.startswith("airflow/workers/celery/sets/1/env") for e in errors), errors
+
+
+def test_compose_interpolation_refuses_missing_secrets_and_applies_defaults():
+    """tests/deploy_env.py reads compose as `docker compose` does (the weekly-loop test runs its environment)."""
+    from deploy_env import compose_services, interpolate, service_env
+
+    assert interpolate("a-${X:-d}-${Y-e}-$$Z-${W}", {"X": "", "Y": ""}) == "a-d--$Z-"
+    with pytest.raises(KeyError, match="set POSTGRES_PASSWORD in docker/.env"):
+        compose_services({})
+    keys = ("AIRFLOW_FERNET_KEY", "POSTGRES_PASSWORD", "AIRFLOW_API_SECRET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_ADMIN_PASSWORD",
+            "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
+    env = service_env(compose_services({k: "v" for k in keys}), "worker-cpu")
+    assert env["OVTASKS_PIPELINE__CLEAN_URI"] == "s3://ovtasks/clean" and env["OVDAGS_ALERT_EMAILS"] == ""

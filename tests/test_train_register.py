@@ -316,14 +316,6 @@ def test_retrain_checkpoints_and_model_live_in_the_store(clean_small, labelled, 
 def _champion_answers_images(tmp_path, clean_small, capsys):
     """The registered champion is a pyfunc (MLmodel with signature and input example): `ovtasks predict` writes
     COCO JSON and overlays for a folder (a corrupt file skipped), and `mlflow models serve` answers an image."""
-    import base64
-    import io
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
     from pathlib import Path
 
     import yaml
@@ -353,34 +345,9 @@ def _champion_answers_images(tmp_path, clean_small, capsys):
     mv = client.get_model_version_by_alias(s.registry.model_name, "champion")
     assert "held-out images" in mv.description and client.get_registered_model(s.registry.model_name).description
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs uvicorn by name, from PATH
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "MLFLOW_TRACKING_URI": tracking_uri(s),
-           "MLFLOW_REGISTRY_URI": tracking_uri(s)}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-                             f"models:/{s.registry.model_name}@champion", "--env-manager", "local", "-h", "127.0.0.1",
-                             "-p", str(port), "-w", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        buf = io.BytesIO()
-        Image.open(folder / "img0.jpg").save(buf, format="PNG")
-        body = json.dumps({"dataframe_split": {"columns": ["image", "names"],
-                                               "data": [[base64.b64encode(buf.getvalue()).decode(), "ball,box,star"]]}}).encode()
-        deadline, answer = time.monotonic() + 120, None
-        while answer is None and proc.poll() is None and time.monotonic() < deadline:
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                             headers={"Content-Type": "application/json"})
-                answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
-            except OSError:
-                time.sleep(1)
-        assert answer is not None, (tmp_path / "serve.log").read_text()[-3000:]
-        instances = json.loads(answer["predictions"][0]["instances"])
-        assert isinstance(instances, list) and all({"name", "score", "bbox", "segmentation"} <= set(i) for i in instances)
-        assert all(i["name"] in {"ball", "box", "star"} for i in instances)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    from serve_client import ask_served_model
+
+    instances = ask_served_model(f"models:/{s.registry.model_name}@champion", tracking_uri(s), folder / "img0.jpg", "ball,box,star",
+                                 tmp_path / "serve.log")
+    assert isinstance(instances, list) and all({"name", "score", "bbox", "segmentation"} <= set(i) for i in instances)
+    assert all(i["name"] in {"ball", "box", "star"} for i in instances)
