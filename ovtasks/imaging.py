@@ -75,8 +75,12 @@ def decode_image(data: bytes, cfg: IngestConfig) -> DecodedImage:
         raise ImageRejected("undecodable_image", f"declared size {w}x{h}")
     if w * h > cfg.max_pixels:
         raise ImageRejected("decompression_bomb", f"declared {w}x{h} = {w * h} px > {cfg.max_pixels}")
-    if getattr(im, "n_frames", 1) > 1 and not cfg.allow_animated:
-        raise ImageRejected("animated_image", f"{im.format} with {im.n_frames} frames")
+    try:
+        frames = getattr(im, "n_frames", 1)  # a multi-page TIFF with an empty page raises here (TypeError)
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, it is this image's defect
+        raise ImageRejected("undecodable_image", f"frame count: {type(exc).__name__}: {exc}") from exc
+    if frames > 1 and not cfg.allow_animated:
+        raise ImageRejected("animated_image", f"{im.format} with {frames} frames")
     fmt, mode = im.format or "", im.mode
     try:
         im.load()
@@ -86,13 +90,16 @@ def decode_image(data: bytes, cfg: IngestConfig) -> DecodedImage:
         raise ImageRejected(reason, msg) from exc
     except (ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as exc:
         raise ImageRejected("undecodable_image", str(exc) or type(exc).__name__) from exc
-    orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "TIFF", "WEBP", "PNG") else 1
-    out = ImageOps.exif_transpose(im) if orientation not in (1, None) else im
-    rgb = _to_rgb(out)
-    if fmt == "JPEG" and mode == "RGB" and out is im:
-        return DecodedImage(rgb, data, fmt, mode, reencoded=False)
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=cfg.reencode_quality)
+    try:  # EXIF, mode conversion and the JPEG re-encode can still fail on a hostile file
+        orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+        out = ImageOps.exif_transpose(im) if orientation not in (1, None) else im
+        rgb = _to_rgb(out)
+        if fmt == "JPEG" and mode == "RGB" and out is im:
+            return DecodedImage(rgb, data, fmt, mode, reencoded=False)
+        buf = io.BytesIO()
+        rgb.save(buf, format="JPEG", quality=cfg.reencode_quality)
+    except (OSError, ValueError, TypeError, SyntaxError, KeyError, IndexError, ZeroDivisionError, MemoryError) as exc:
+        raise ImageRejected("undecodable_image", f"normalising to RGB JPEG: {type(exc).__name__}: {exc}") from exc
     return DecodedImage(rgb, buf.getvalue(), fmt, mode, reencoded=True)
 
 

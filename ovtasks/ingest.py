@@ -56,7 +56,7 @@ from ovtasks.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
-SHARD_RE = re.compile(r"^(?P<name>[^/]+)\.tar$")
+SHARD_RE = re.compile(r"(?P<name>[^/\x00-\x1f\x7f]+)\.tar")  # used with fullmatch: "00000.tar\n" is no shard
 
 # Stable quarantine reason codes (the report and tests use them verbatim).
 REASONS = (
@@ -65,7 +65,10 @@ REASONS = (
     "caption_too_long", "empty_caption", "punsafe", "missing_punsafe", "watermark", "non_english",
     "empty_image", "undecodable_image", "truncated_image", "decompression_bomb", "animated_image",
     "too_small", "bad_aspect_ratio", "near_duplicate",
+    "oversized_tar_header", "metadata_too_large", "bad_metadata", "check_failed",
 )
+MAX_JSON_BYTES = 1 << 20  # a sample's .json metadata member
+MAX_INDEX_KEY_CHARS = 256  # a key longer than this is shortened in the quarantine index (with its length)
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,14 @@ class _HashingReader:
             pass
 
 
+_INVISIBLE = {cp: None for cp in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, 0xAD, 0x200B, 0x200C, 0x200D,
+                                  0x2060, 0xFEFF)}  # control, soft-hyphen, zero-width, BOM (tab/newline stay: whitespace)
+
+
 def _caption(raw: RawSample, meta: dict, cfg: IngestConfig) -> tuple[str | None, str, str]:
-    """(caption, reason, detail): caption None means rejected with reason."""
+    """(caption, reason, detail): caption None means rejected with reason. A caption is text: a list,
+    dict, number or bool in the metadata is bad metadata, not a caption; invisible characters (controls,
+    zero-width) are removed before the empty check."""
     if "txt" in raw.oversized:
         return None, "caption_too_long", f"{raw.oversized['txt']} bytes > {cfg.max_caption_bytes}"
     data = raw.members.get("txt")
@@ -129,22 +138,38 @@ def _caption(raw: RawSample, meta: dict, cfg: IngestConfig) -> tuple[str | None,
         text = meta.get("caption")
         if text is None:
             return None, "missing_caption", "no .txt member and no TEXT/caption column"
-        text = str(text)
+        if not isinstance(text, str):
+            return None, "bad_metadata", f"caption is a {type(text).__name__}, not text"
         if len(text.encode("utf-8")) > cfg.max_caption_bytes:
             return None, "caption_too_long", f"{len(text.encode('utf-8'))} bytes > {cfg.max_caption_bytes}"
-    text = " ".join(text.split())
+    text = " ".join(text.translate(_INVISIBLE).split())
     if not text:
-        return None, "empty_caption", ""
+        return None, "empty_caption", "no visible character"
     return text, "", ""
 
 
 def _score(meta: dict, name: str) -> float | None:
+    """A finite float, or None when missing or unusable (bool, text, NaN, infinite)."""
     v = meta.get(name)
+    if isinstance(v, bool):
+        return None
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return None if math.isnan(f) else f
+    return f if math.isfinite(f) else None
+
+
+def _probability(meta: dict, name: str) -> tuple[float | None, str]:
+    """(value, problem): a present probability must be a finite number in [0, 1]; anything else is
+    bad metadata (it would otherwise pass the filter as "missing")."""
+    v = meta.get(name)
+    if v is None:
+        return None, ""
+    f = _score(meta, name)
+    if f is None or not 0.0 <= f <= 1.0:
+        return None, f"{name}={str(v)[:40]!r} is not a probability"
+    return f, ""
 
 
 def check_sample(raw: RawSample, row: dict | None, cfg: IngestConfig) -> Verdict:
@@ -152,7 +177,7 @@ def check_sample(raw: RawSample, row: dict | None, cfg: IngestConfig) -> Verdict
     def reject(reason: str, detail: str = "") -> Verdict:
         return Verdict(raw.key, reason, detail, dict(raw.members))
 
-    for problem in ("unsafe_member_path", "unsafe_member_type", "duplicate_key", "truncated_tar"):
+    for problem in ("oversized_tar_header", "unsafe_member_path", "unsafe_member_type", "duplicate_key", "truncated_tar"):
         if problem in raw.problems:
             return reject(problem, f"tar member(s) of key {raw.key!r}")
     image_ext = next((e for e in IMAGE_EXTS if e in raw.members or e in raw.oversized), None)
@@ -161,6 +186,8 @@ def check_sample(raw: RawSample, row: dict | None, cfg: IngestConfig) -> Verdict
     if image_ext in raw.oversized:
         return reject("image_too_large", f"{raw.oversized[image_ext]} bytes > {cfg.max_image_bytes}")
     meta: dict = {}
+    if "json" in raw.oversized:  # its punsafe / status would otherwise never be read
+        return reject("metadata_too_large", f".json of {raw.oversized['json']} bytes > {MAX_JSON_BYTES}")
     if "json" in raw.members:
         try:
             loaded = json.loads(raw.members["json"])
@@ -175,13 +202,15 @@ def check_sample(raw: RawSample, row: dict | None, cfg: IngestConfig) -> Verdict
     caption, reason, detail = _caption(raw, meta, cfg)
     if caption is None:
         return reject(reason, detail)
-    punsafe = _score(meta, "punsafe")
+    punsafe, problem = _probability(meta, "punsafe")
+    pwatermark, problem2 = _probability(meta, "pwatermark")
+    if problem or problem2:
+        return reject("bad_metadata", problem or problem2)
     if cfg.punsafe_max is not None:
         if punsafe is None and not cfg.keep_missing_punsafe:
             return reject("missing_punsafe")
         if punsafe is not None and punsafe > cfg.punsafe_max:
             return reject("punsafe", f"{punsafe:.3f} > {cfg.punsafe_max}")
-    pwatermark = _score(meta, "pwatermark")
     if cfg.pwatermark_max is not None and pwatermark is not None and pwatermark > cfg.pwatermark_max:
         return reject("watermark", f"{pwatermark:.3f} > {cfg.pwatermark_max}")
     guess = detect_language(caption)
@@ -222,6 +251,7 @@ def _limits(cfg: IngestConfig) -> dict[str, int]:
     limits = {ext: cfg.max_image_bytes for ext in IMAGE_EXTS}
     limits["txt"] = cfg.max_caption_bytes
     limits["jpeg"] = cfg.max_image_bytes
+    limits["json"] = MAX_JSON_BYTES
     return limits
 
 
@@ -260,21 +290,33 @@ def stage_shard(src_uri: str, name: str, settings: Settings, staging_dir: str) -
                 stage.kept.append((v.key, v.phash if v.phash is not None else -1))
             else:
                 stage.quarantined[v.reason] += 1
-                entry = {"key": v.key, "reason": v.reason, "detail": v.detail}
+                entry = {"key": _index_key(v.key), "reason": v.reason, "detail": v.detail[:2000]}
                 stage.rejected_index.append(entry)
-                rej_w.add(_safe_key(v.key, stage.seen), {**v.members, "reason.json": _reason_member(v, name)})
+                if v.members:  # a sample absent from the tar has only its index line: nothing else to keep
+                    rej_w.add(_safe_key(v.key, stage.seen), {**v.members, "reason.json": _reason_member(v, name)})
 
+        row_for = _row_lookup(rows)
         try:
             with store.open_read(f"{name}.tar") as raw_stream:
                 reader = _HashingReader(raw_stream)
                 try:
                     for raw in iter_tar_samples(reader, _limits(cfg)):
-                        seen_keys.add(raw.key)
-                        record(check_sample(raw, rows.get(raw.key), cfg))
+                        row_key, row = row_for(raw.key)
+                        seen_keys.add(row_key)
+                        try:
+                            verdict = check_sample(raw, row, cfg)
+                        except Exception as exc:  # noqa: BLE001 - one sample's unforeseen failure never costs the shard
+                            log.exception("shard %s: checking %r failed", name, raw.key[:MAX_INDEX_KEY_CHARS])
+                            verdict = Verdict(raw.key, "check_failed", f"{type(exc).__name__}: {exc}", dict(raw.members))
+                        record(verdict)
                     reader.drain()
                 except ShardReadError as exc:
                     stage.status, stage.error = "failed", str(exc)
                     log.error("shard %s: %s", name, exc)
+                    try:  # the manifest's source checksum covers the whole object, not what was read
+                        reader.drain()
+                    except Exception:  # noqa: BLE001 - the stream itself broke; the checksum says what was read
+                        pass
                 stage.source_sha256, stage.source_bytes = reader.sha.hexdigest(), reader.bytes
         except Exception as exc:  # store unreachable, object vanished: the shard fails, others go on
             stage.status, stage.error = "failed", f"unreadable_tar: {exc}"
@@ -287,6 +329,27 @@ def stage_shard(src_uri: str, name: str, settings: Settings, staging_dir: str) -
     stage.kept_file = (kept_w.sha.hexdigest(), kept_w.bytes)
     stage.rejected_file = (rej_w.sha.hexdigest(), rej_w.bytes)
     return stage
+
+
+def _row_lookup(rows: dict[str, dict]) -> Callable[[str], tuple[str, dict | None]]:
+    """``tar key -> (row key, parquet row)``: exact, else numerically (a parquet whose key column is an
+    integer, ``12``, still matches the tar's ``000000012``)."""
+    numeric = {int(k): k for k in rows if k.isdigit()}
+
+    def lookup(key: str) -> tuple[str, dict | None]:
+        if key in rows:
+            return key, rows[key]
+        if key.isdigit() and int(key) in numeric:
+            k = numeric[int(key)]
+            return k, rows[k]
+        return key, None
+
+    return lookup
+
+
+def _index_key(key: str) -> str:
+    """The key as the quarantine index records it (an absurdly long one shortened, its length kept)."""
+    return key if len(key) <= MAX_INDEX_KEY_CHARS else f"{key[:MAX_INDEX_KEY_CHARS]}...({len(key)} chars)"
 
 
 def _safe_key(key: str, n: int) -> str:
@@ -324,10 +387,11 @@ def publish_shard(stage: ShardStage, drops: dict[str, str], src_uri: str, out_ur
     store = open_store(out_uri, settings.s3)
     name = stage.name
     entry = {"shard": name, "status": stage.status, "error": stage.error, "seen": stage.seen}
+    store.delete(f"shards/{name}.manifest.json")  # a failed re-ingest must not leave the old output "complete"
     if stage.status == "failed" and not stage.seen:
+        store.delete(f"shards/{name}.tar")  # stale: made from what the source held before
         entry.update(kept=0, quarantined={})
         return entry
-    store.delete(f"shards/{name}.manifest.json")
     quarantined = Counter(stage.quarantined)
     index = list(stage.rejected_index)
     workdir = os.path.dirname(stage.kept_path)
@@ -390,7 +454,7 @@ def list_shards(src: Store) -> list[str]:
     """Shard names (``00000`` for ``00000.tar``) at the top level of the source, sorted."""
     names = []
     for key in src.list():
-        m = SHARD_RE.match(key)
+        m = SHARD_RE.fullmatch(key)
         if m:
             names.append(m.group("name"))
     return sorted(names)

@@ -75,6 +75,11 @@ _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _REGULAR = (b"0", b"\x00", b"7")
 _PASSIVE = (b"5",)  # directories: skipped
+# PAX (x, g) and GNU long-name (L, K) headers are read into memory: a real one is a few hundred bytes.
+# A larger one is skipped unread and its member quarantined (``OVERSIZED_HEADER``), never loaded.
+MAX_META_HEADER_BYTES = 1 << 16
+MAX_NAME_CHARS = 4096  # PATH_MAX: a longer member name is quarantined as an unsafe path
+OVERSIZED_HEADER = b"H"  # pseudo typeflag iter_tar_members yields for a member behind an oversized header
 
 
 class _TarCorrupt(Exception):
@@ -104,10 +109,17 @@ def _skip(fh: BinaryIO, n: int) -> None:
 
 
 def _octal(field: bytes) -> int:
-    if field and field[0] & 0x80:  # GNU base-256
+    if field and field[0] & 0x80:  # GNU base-256 (0xff first: negative)
+        if field[0] == 0xFF:
+            raise _TarCorrupt("a negative size in a base-256 field")
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\x00", 1)[0].strip()
-    return int(text, 8) if text else 0
+    if text and not text.isdigit():  # int() would take "-1" or "+7"
+        raise _TarCorrupt(f"bad octal field {text[:20]!r} (a negative size?)")
+    try:
+        return int(text, 8) if text else 0
+    except ValueError as exc:
+        raise _TarCorrupt(f"bad octal field {text[:20]!r}") from exc
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -117,10 +129,17 @@ def _checksum_ok(header: bytes) -> bool:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
+    """``"<len> <key>=<value>\\n"`` records; a record whose length does not cover itself, runs past the
+    header or does not end in a newline makes the tar corrupt (a zero length would never advance)."""
     out, pos = {}, 0
     while pos < len(data):
-        sp = data.index(b" ", pos)
-        length = int(data[pos:sp])
+        sp = data.find(b" ", pos, pos + 21)
+        digits = data[pos:sp] if sp > pos else b""
+        if not digits.isdigit():
+            raise _TarCorrupt(f"bad PAX record at byte {pos}: no length")
+        length = int(digits)
+        if length <= sp - pos + 1 or pos + length > len(data) or data[pos + length - 1:pos + length] != b"\n":
+            raise _TarCorrupt(f"bad PAX record at byte {pos}: length {length}")
         record = data[sp + 1:pos + length - 1]
         k, _, v = record.partition(b"=")
         out[k.decode("utf-8", "replace")] = v.decode("utf-8", "replace")
@@ -136,6 +155,7 @@ def iter_tar_members(fh: BinaryIO, limit_for: "Callable[[str], int]") -> Iterato
     Raises ``EOFError`` on truncation and ``_TarCorrupt`` on a damaged header.
     """
     pending: dict[str, str] = {}
+    oversized_header = ""
     saw_any = False
     while True:
         header = fh.read(_BLOCK)
@@ -151,6 +171,10 @@ def iter_tar_members(fh: BinaryIO, limit_for: "Callable[[str], int]") -> Iterato
         typeflag = header[156:157]
         size = _octal(header[124:136])
         if typeflag in (b"x", b"g", b"L", b"K"):
+            if size > MAX_META_HEADER_BYTES:  # skipped unread; the member it describes is quarantined
+                _skip(fh, size + (-size) % _BLOCK)
+                oversized_header = f"{typeflag.decode()} header of {size} bytes > {MAX_META_HEADER_BYTES}"
+                continue
             data = _read_exact(fh, size)
             _skip(fh, (-size) % _BLOCK)
             if typeflag == b"x":
@@ -163,8 +187,16 @@ def iter_tar_members(fh: BinaryIO, limit_for: "Callable[[str], int]") -> Iterato
         name = (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
         name = pending.pop("path", name)
         if "size" in pending:
-            size = int(pending.pop("size"))
+            text = pending.pop("size").strip()
+            if not text.isdigit():
+                raise _TarCorrupt(f"bad PAX size {text[:20]!r} (a negative size?)")
+            size = int(text)
         pending.clear()
+        if oversized_header:
+            _skip(fh, size + (-size) % _BLOCK)
+            yield name, OVERSIZED_HEADER, oversized_header.encode(), size
+            oversized_header = ""
+            continue
         if typeflag not in _REGULAR:
             size_on_disk = size if typeflag not in (b"1", b"2", b"3", b"4", b"5", b"6") else 0
             _skip(fh, size_on_disk + (-size_on_disk) % _BLOCK)
@@ -206,7 +238,9 @@ def iter_tar_samples(fileobj: BinaryIO, limits: dict[str, int], default_limit: i
                 if key in seen_keys:
                     current.problems.append("duplicate_key")
                 seen_keys.add(key)
-            if is_unsafe_name(name):
+            if typeflag == OVERSIZED_HEADER:
+                current.problems.append("oversized_tar_header")
+            elif is_unsafe_name(name) or len(name) > MAX_NAME_CHARS:
                 current.problems.append("unsafe_member_path")
             elif typeflag not in _REGULAR:
                 current.problems.append("unsafe_member_type")

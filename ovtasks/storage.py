@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
@@ -216,9 +218,25 @@ class LocalStore(Store):
 
     def scratch_dir(self) -> str:
         """A private directory on the store's filesystem (never listed), so put_file(move=True)
-        is a rename. The caller removes it."""
+        is a rename. The caller removes it; one left by a killed process (its pid gone from this
+        host) is removed by the next call."""
         self.root.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkdtemp(prefix=_TMP_MARK + "scratch-", dir=self.root)
+        host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+        for old in self.root.glob(f"{_TMP_MARK}scratch-{host}-*-*"):
+            pid = old.name.split("-")[3] if old.name.count("-") >= 4 else ""
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        return tempfile.mkdtemp(prefix=f"{_TMP_MARK}scratch-{host}-{os.getpid()}-", dir=self.root)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 class S3Store(Store):
