@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -250,7 +252,12 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
-    from ovtasks.registry import promote
+    from ovtasks.registry import promote, registry_exists
+
+    if not registry_exists(settings):
+        raise LookupError(f"no model registry at {Path(settings.data_dir).absolute() / 'mlflow'}: register a challenger first "
+                          "(`ovtasks train --register` or the ovtasks_retrain DAG), or point OVTASKS_REGISTRY__TRACKING_URI "
+                          "at the MLflow server")
 
     from ovtasks.ops_cli import gate_text
 
@@ -291,18 +298,10 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     m = None
     gpu, ingest = args.gpu_images_per_s, args.ingest_images_per_core_s
     if gpu is None or ingest is None:
-        try:
-            m = measured(generator=args.generator)
-        except FileNotFoundError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        m = measured(generator=args.generator)  # FileNotFoundError: no benchmark yet (exit 2, one line)
         gpu, ingest = gpu or m.gpu_images_per_s, ingest or m.ingest_images_per_core_s
-    try:
-        p = plan(args.images_per_week, gpu, ingest, args.window_hours, args.efficiency, args.shard_size, args.image_kb,
-                 max_map_length=settings.pipeline.max_map_length)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    p = plan(args.images_per_week, gpu, ingest, args.window_hours, args.efficiency, args.shard_size, args.image_kb,
+             max_map_length=settings.pipeline.max_map_length)
     if args.values_out:
         Path(args.values_out).write_text(yaml.safe_dump(helm_values(p), sort_keys=False))
     print(json.dumps(p.as_dict(), indent=2) if args.json else render(p, m))
@@ -501,10 +500,48 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(settings.log_format)
     try:
-        return args.func(args, settings)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"ovtasks {args.command}: {exc}", file=sys.stderr)
-        return 2
+        code = args.func(args, settings)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `ovtasks plan ... | head -2`: the reader left; stop quietly, as `yes | head` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print(f"ovtasks {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every error is one line and an exit code, never a traceback
+        code, message = explain_error(exc)
+        print(f"ovtasks {args.command}: {message}", file=sys.stderr)
+        if os.environ.get("OVTASKS_TRACEBACK"):
+            traceback.print_exc()
+        return code
+
+
+EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug in ovtasks, not in the input
+
+
+def explain_error(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one line): 2 for what the user can fix (arguments, config, input files, the store or
+    a service that cannot be reached or refuses), 70 for anything else (a bug; OVTASKS_TRACEBACK=1 shows it)."""
+    from ovtasks.storage import StoreError
+
+    def one_line(text: str) -> str:
+        text = " / ".join(line.strip() for line in str(text).splitlines() if line.strip())
+        return text if len(text) <= 500 else text[:497] + "..."
+
+    if isinstance(exc, OSError) and getattr(exc, "filename", None):
+        return 2, one_line(f"{exc.strerror or type(exc).__name__}: {exc.filename}")
+    user_side = (ValueError, LookupError, OSError, StoreError, TimeoutError)
+    try:
+        from minio.error import MinioException
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        user_side += (MinioException, Urllib3Error)
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+    if isinstance(exc, user_side):
+        return 2, one_line(str(exc) or type(exc).__name__)
+    return EXIT_INTERNAL, one_line(f"internal error: {type(exc).__name__}: {exc} (set OVTASKS_TRACEBACK=1 for the traceback)")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,16 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 ENV_PREFIX = "OVTASKS_"
 CONFIG_ENV = "OVTASKS_CONFIG"
+# OVTASKS_* variables that are not settings, read where they are used: the model loader's local cache, and
+# the CLI's OVTASKS_TRACEBACK=1 (print the traceback of an error)
+NOT_SETTINGS = frozenset({CONFIG_ENV, "OVTASKS_MODEL_CACHE", "OVTASKS_TRACEBACK"})
 
 
 class ConfigError(ValueError):
@@ -251,19 +254,51 @@ def _set_nested(target: dict, path: list[str], value: Any) -> None:
     target[path[-1]] = value
 
 
-def _parse_env_value(raw: str) -> Any:
-    """Env values are YAML scalars: ``0.3`` → float, ``false`` → bool, ``null`` → None."""
+_TEXT_TYPES = (str, SecretStr, Path)
+
+
+def _is_text_field(path: list[str]) -> bool:
+    """Whether ``path`` (``["s3", "secret_key"]``) names a text setting (str, secret, path, or None of
+    those): its env value is taken verbatim, never as YAML."""
+    model: Any = Settings
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        ann = field.annotation
+        types = [t for t in (get_args(ann) if get_origin(ann) in (Union, type(int | None)) else (ann,)) if t is not type(None)]
+        if i == len(path) - 1:
+            return bool(types) and all(isinstance(t, type) and issubclass(t, _TEXT_TYPES) for t in types)
+        nested = [t for t in types if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not nested:
+            return False
+        model = nested[0]
+    return False
+
+
+def _parse_env_value(raw: str, text: bool = False) -> Any:
+    """Env values are YAML scalars (``0.3`` → float, ``false`` → bool, ``null`` → None), except for text
+    settings, secrets above all: ``hunter2 #prod``, ``0755``, ``yes`` and ``~`` stay exactly what was set."""
+    if text or raw == "":
+        return raw
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
+        return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """Where and what, never the offending line itself (it may hold a secret)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else f"YAML error: {problem}"
 
 
 def _secret_files(env: Mapping[str, str]) -> dict[str, str]:
     """``OVTASKS_S3__SECRET_KEY_FILE=/run/secrets/x`` reads the value from a mounted file."""
     out = {}
     for key, path in env.items():
-        if key.startswith(ENV_PREFIX) and key.endswith("_FILE") and key != CONFIG_ENV:
+        if key.startswith(ENV_PREFIX) and key.endswith("_FILE") and key not in NOT_SETTINGS:
             try:
                 out[key[: -len("_FILE")]] = Path(path).read_text().strip()
             except OSError as exc:
@@ -282,19 +317,22 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
     if path:
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot read config file {path}: {_yaml_error(exc)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
         data = loaded
     overrides = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX) and not k.endswith("_FILE")}
-    overrides.update(_secret_files(env))
+    files = _secret_files(env)
+    overrides.update(files)
     for key, raw in sorted(overrides.items()):
-        if key == CONFIG_ENV:
+        if key in NOT_SETTINGS:
             continue
         parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
         if parts:
-            _set_nested(data, parts, _parse_env_value(raw))
+            _set_nested(data, parts, _parse_env_value(raw, text=key in files or _is_text_field(parts)))
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

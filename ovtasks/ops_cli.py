@@ -86,8 +86,11 @@ def status(settings: Settings, console=None, airflow=None) -> dict:
 
 
 def _aliases(settings: Settings) -> list[dict]:
+    from ovtasks.registry import registry_exists
     from ovtasks.ui.data import models
 
+    if not registry_exists(settings):
+        return []
     by_name: dict[str, dict] = {}
     for v in models(settings):
         m = by_name.setdefault(v["name"], {"name": v["name"], "champion": None, "challenger": None,

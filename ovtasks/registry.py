@@ -35,12 +35,21 @@ from ovtasks.config import Settings
 EVAL_DIR = "evaluation"  # run artifacts the gate pairs: gt.json (the evaluation set) and predictions.json
 
 
+def _local_db(settings: Settings) -> Path:
+    return Path(settings.data_dir).absolute() / "mlflow" / "mlflow.db"
+
+
 def tracking_uri(settings: Settings) -> str:
     if settings.registry.tracking_uri:
         return settings.registry.tracking_uri
-    root = Path(settings.data_dir).absolute() / "mlflow"
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    _local_db(settings).parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{_local_db(settings)}"
+
+
+def registry_exists(settings: Settings) -> bool:
+    """A tracking server is configured, or the embedded SQLite registry has been created (reading must not
+    create one: ``ovtasks status`` in any folder would leave ``data/mlflow/mlflow.db`` behind)."""
+    return bool(settings.registry.tracking_uri) or _local_db(settings).exists()
 
 
 ARCHITECTURES = ("ov-maskrcnn", "semantic-sam")

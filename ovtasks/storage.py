@@ -191,6 +191,8 @@ class LocalStore(Store):
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self.root
         if base.is_file():
+            if not prefix:
+                raise StoreError(f"{self.root} is a file: give the directory that holds it (a store is a folder or an s3:// prefix)")
             return [check_key(prefix)]
         if not base.is_dir():
             return []

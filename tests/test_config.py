@@ -55,3 +55,30 @@ def test_fingerprint_changes_with_section():
     b = load_settings(env={"OVTASKS_INGEST__MIN_SIDE": "100"})
     assert a.fingerprint("ingest") != b.fingerprint("ingest")
     assert a.fingerprint("synth") == b.fingerprint("synth")
+
+
+@pytest.mark.parametrize("secret", ["hunter2 #prod", "12345678", "0755", "yes", "~", "null", "[a, b]", "p@ss: word"])
+def test_secrets_are_taken_verbatim_from_env_and_files(tmp_path, secret):
+    from ovtasks.config import load_settings
+
+    f = tmp_path / "secret"
+    f.write_text(secret + "\n")
+    s = load_settings(env={"OVTASKS_S3__SECRET_KEY": secret, "OVTASKS_S3__ACCESS_KEY_FILE": str(f)})
+    assert s.s3.secret_key.get_secret_value() == secret and s.s3.access_key.get_secret_value() == secret
+    assert load_settings(env={"OVTASKS_DEVICE": "cuda:1", "OVTASKS_MASKFREE__WSS_ITERATIONS": "40"}).maskfree.wss_iterations == 40
+
+
+def test_a_yaml_error_never_echoes_the_line(tmp_path):
+    from ovtasks.config import ConfigError, load_settings
+
+    p = tmp_path / "c.yaml"
+    p.write_text("s3:\n  secret_key: hunter2: the-secret\n")  # the error is on the secret's line
+    with pytest.raises(ConfigError) as err:
+        load_settings(p, env={})
+    assert "hunter2" not in str(err.value) and "line" in str(err.value)
+
+
+def test_model_cache_variable_is_not_a_settings_key(tmp_path):
+    from ovtasks.config import load_settings
+
+    load_settings(env={"OVTASKS_MODEL_CACHE": str(tmp_path), "OVTASKS_TRACEBACK": "1"})  # read by the loader / the CLI
