@@ -170,8 +170,11 @@ class RegistryConfig(_Frozen):
     tracking_uri: str | None = Field(None, description="None: sqlite under <data_dir>/mlflow; production: http://mlflow:5000")
     artifact_root: str | None = Field(None, description="experiment artifact location (s3://... in production)")
     experiment: str = "ovtasks"
-    model_name: str = Field("ovtasks-ov-maskrcnn", description="registered model of the OV Mask R-CNN")
-    semantic_sam_model_name: str = Field("ovtasks-semantic-sam", description="registered model of Semantic-SAM")
+    # registered-model names go into MLflow filter strings and models:/ URIs: letters, digits, . _ - only
+    model_name: str = Field("ovtasks-ov-maskrcnn", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                            description="registered model of the OV Mask R-CNN")
+    semantic_sam_model_name: str = Field("ovtasks-semantic-sam", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                                         description="registered model of Semantic-SAM")
     promotion_tolerance: float = Field(1.0, ge=0.0, description="margin: novel mask AP50 points the challenger may lose to "
                                        "the champion (lower end of the paired-bootstrap interval of the difference)")
     promotion_confidence: float = Field(0.95, gt=0.0, lt=1.0, description="confidence of the paired-bootstrap interval")

@@ -59,6 +59,9 @@ def can_promote(user, promote_dag: str) -> tuple[bool, str]:
     return False, "needs the 'POST ovtasks_promote' permission"
 
 
+GENERATOR = Literal["maskfree", "grounded"] | None  # anything else (``../x``) is a 422, never a path
+
+
 class PromoteBody(BaseModel):
     model: Literal["ov-maskrcnn", "semantic-sam"] = "ov-maskrcnn"
     tolerance: float | None = Field(None, ge=0)
@@ -70,7 +73,9 @@ def create_app(settings_factory=_settings, auth_dependency=None) -> FastAPI:
     if auth_dependency is None:
         from airflow.api_fastapi.core_api.security import get_user as auth_dependency
 
-    app = FastAPI(title="ovtasks", description="ovtasks monitoring and promotion (Airflow plugin)", docs_url=None, redoc_url=None)
+    # no schema, docs or redoc routes: every route of this app needs a user (the API is documented in plugins/README.md)
+    app = FastAPI(title="ovtasks", description="ovtasks monitoring and promotion (Airflow plugin)", docs_url=None, redoc_url=None,
+                  openapi_url=None)
     user_dep = Depends(auth_dependency)
 
     def missing(exc: Exception):
@@ -87,17 +92,17 @@ def create_app(settings_factory=_settings, auth_dependency=None) -> FastAPI:
         return {"user": user_name(user), "can_promote": ok, "why": why}
 
     @app.get("/api/datasets")
-    def datasets(generator: str | None = None, user=user_dep):
+    def datasets(generator: GENERATOR = None, user=user_dep):
         return data.datasets(settings_factory(), generator)
 
     @app.get("/api/gallery")
     def gallery(category: str | None = None, min_score: float = Query(0.0, ge=0, le=1), page: int = Query(1, ge=1),
-                per_page: int = Query(24, ge=1, le=1000), generator: str | None = None, user=user_dep):
+                per_page: int = Query(24, ge=1, le=1000), generator: GENERATOR = None, user=user_dep):
         return data.gallery(settings_factory(), category or None, min_score, page, per_page, generator)
 
     @app.get("/api/gallery/{shard}/{image_id}.jpg", response_class=Response)
     def thumbnail(shard: str, image_id: int, category: str | None = None, min_score: float = Query(0.0, ge=0, le=1),
-                  generator: str | None = None, user=user_dep):
+                  generator: GENERATOR = None, user=user_dep):
         try:
             jpg = data.thumbnail(settings_factory(), shard, image_id, category or None, min_score, generator)
         except data.NotFound as exc:

@@ -30,11 +30,32 @@ def _uris(settings: Settings) -> dict[str, str]:
     return settings.pipeline.resolved(settings.data_dir)
 
 
-def _json(store, key: str):
+def _json(store, key: str) -> dict | None:
+    """A stored JSON object; None when missing, unreadable or not an object (a list, a number)."""
     try:
-        return json.loads(store.get_bytes(key)) if store.exists(key) else None
+        doc = json.loads(store.get_bytes(key)) if store.exists(key) else None
     except (ValueError, OSError):
         return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _count(v) -> int | None:
+    """A count as the page shows it: a non-negative integer or nothing (a manifest is input, not trusted)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _dict(v) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _reasons(q) -> dict[str, int]:
+    return {str(k)[:64]: n for k, n in _dict(q).items() if _count(n) is not None}
+
+
+def check_generator(generator: str) -> str:
+    if generator not in ("maskfree", "grounded"):
+        raise NotFound(f"unknown generator {generator!r}")
+    return generator
 
 
 def check_shard(shard: str) -> str:
@@ -49,7 +70,7 @@ def check_shard(shard: str) -> str:
 
 def datasets(settings: Settings, generator: str | None = None) -> dict:
     """Shards per stage with counts, quarantine reasons, GX status per shard, and the trend across runs."""
-    u, gen = _uris(settings), generator or settings.pipeline.generator
+    u, gen = _uris(settings), check_generator(generator or settings.pipeline.generator)
     source, clean, pseudo = (open_store(u[k], settings.s3) for k in ("source", "clean", "pseudo"))
     source_shards = sorted(k.rsplit("/", 1)[-1][:-4] for k in source.list("") if k.endswith(".tar") and "/" not in k)
     rows: dict[str, dict] = {s: {"shard": s, "source": True} for s in source_shards}
@@ -58,13 +79,13 @@ def datasets(settings: Settings, generator: str | None = None) -> dict:
         if not key.endswith(".manifest.json"):
             continue
         m = _json(clean, key) or {}
-        shard = m.get("shard") or key.rsplit("/", 1)[-1][: -len(".manifest.json")]
-        c = m.get("counts", {})
-        q = c.get("quarantined", {}) or {}
+        shard = key.rsplit("/", 1)[-1][: -len(".manifest.json")]
+        c = _dict(m.get("counts"))
+        q = _reasons(c.get("quarantined"))
         reasons.update(q)
         rows.setdefault(shard, {"shard": shard, "source": False}).update(
-            ingest={"seen": c.get("seen"), "kept": c.get("kept"), "quarantined": sum(q.values()), "reasons": q,
-                    "status": "failed" if m.get("error") else "complete"})
+            ingest={"seen": _count(c.get("seen")), "kept": _count(c.get("kept")), "quarantined": sum(q.values()), "reasons": q,
+                    "status": "failed" if m.get("error") or m.get("status") != "complete" else "complete"})
     prefix = f"pseudo/{gen}"
     for key in pseudo.list(prefix + "/"):
         name = key.rsplit("/", 1)[-1]
@@ -72,15 +93,18 @@ def datasets(settings: Settings, generator: str | None = None) -> dict:
             continue
         m = _json(pseudo, key) or {}
         shard = name[: -len(".manifest.json")]
-        c = m.get("counts", {})
+        c = _dict(m.get("counts"))
         rows.setdefault(shard, {"shard": shard, "source": False})["pseudo"] = {
-            "status": m.get("status"), "images": c.get("images"), "labelled": c.get("labelled"),
-            "annotations": c.get("annotations"), "quarantined": c.get("quarantined")}
+            "status": "complete" if m.get("status") == "complete" else "partial" if m else None,
+            **{k: _count(c.get(k)) for k in ("images", "labelled", "annotations", "quarantined")}}
     gx = _json(pseudo, f"{prefix}/validation_report.json")
-    for e in (gx or {}).get("shards", []):
+    for e in (gx or {}).get("shards", []) if isinstance((gx or {}).get("shards"), list) else []:
+        if not isinstance(e, dict) or not isinstance(e.get("shard"), str):
+            continue
         rows.setdefault(e["shard"], {"shard": e["shard"], "source": False})["gx"] = {
-            "status": "passed" if e.get("success") else "failed", "reasons": e.get("reasons", []),
-            "data_docs": e.get("data_docs", {})}
+            "status": "passed" if e.get("success") is True else "failed",
+            "reasons": [str(r)[:500] for r in e.get("reasons", [])] if isinstance(e.get("reasons"), list) else [],
+            "data_docs": _dict(e.get("data_docs"))}
     shards = [rows[k] for k in sorted(rows)]
     stages = {"source": len(source_shards), "clean": sum(1 for r in shards if r.get("ingest", {}).get("status") == "complete"),
               "pseudo_labelled": sum(1 for r in shards if (r.get("pseudo") or {}).get("status") == "complete"),
@@ -141,7 +165,7 @@ def _matching(anns: list[dict], category: str | None, min_score: float) -> list[
 def gallery(settings: Settings, category: str | None = None, min_score: float = 0.0, page: int = 1, per_page: int = 24,
             generator: str | None = None) -> dict:
     """One page of pseudo-labelled images whose annotations pass the filters (category, score)."""
-    gen = generator or settings.pipeline.generator
+    gen = check_generator(generator or settings.pipeline.generator)
     per_page = max(1, min(per_page, settings.ui.page_size_max))
     page = max(1, page)
     pseudo = open_store(_uris(settings)["pseudo"], settings.s3)
@@ -186,7 +210,9 @@ class _ThumbCache:
         m = _json(clean, f"shards/{shard}.manifest.json")
         if not m:
             raise NotFound(f"no clean shard {shard!r}")
-        sha = m.get("files", {}).get(f"shards/{shard}.tar", {}).get("sha256", "nosha")[:16]
+        sha = str(_dict(_dict(m.get("files")).get(f"shards/{shard}.tar")).get("sha256", ""))[:16]
+        if not re.fullmatch(r"[0-9a-f]{16}", sha):  # a name component from input: hex only (never "/../..")
+            raise NotFound(f"clean shard {shard!r} has no valid sha256 in its manifest")
         root = Path(settings.ui.thumb_cache or Path(settings.data_dir) / "cache" / "ui") / f"{shard}-{sha}-{settings.ui.thumb_size}"
         done = root / ".complete"
         if not done.exists():
@@ -200,14 +226,21 @@ class _ThumbCache:
                     for s in iter_shard(clean, shard):
                         im = Image.fromarray(s.image)
                         im.thumbnail((settings.ui.thumb_size, settings.ui.thumb_size))
-                        tmp = root / f".{s.key}.tmp"
+                        tmp = root / f".{_thumb_name(s.key)}.tmp"
                         im.save(tmp, "JPEG", quality=88)
-                        tmp.replace(root / f"{s.key}.jpg")
+                        tmp.replace(root / _thumb_name(s.key))
                     done.write_text("ok")
-        p = root / f"{key}.jpg"
+        p = root / _thumb_name(key)
         if not p.exists():
             raise NotFound(f"image {key!r} not in clean shard {shard!r}")
         return p
+
+
+def _thumb_name(key: str) -> str:
+    """A file name for any sample key (keys may hold "/" or be long): its hash."""
+    import hashlib
+
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".jpg"
 
 
 THUMBS = _ThumbCache()
@@ -219,7 +252,7 @@ def thumbnail(settings: Settings, shard: str, image_id: int, category: str | Non
     from PIL import Image, ImageDraw
     from pycocotools import mask as mask_utils
 
-    gen = generator or settings.pipeline.generator
+    gen = check_generator(generator or settings.pipeline.generator)
     check_shard(shard)
     pseudo = open_store(_uris(settings)["pseudo"], settings.s3)
     index = SHARD_INDEX.get(pseudo, f"pseudo/{gen}", shard)
@@ -280,7 +313,7 @@ def models(settings: Settings) -> list[dict]:
     for arch in ARCHITECTURES:
         name = registered_name(settings, arch)
         try:
-            versions = client.search_model_versions(f"name='{name}'")
+            versions = client.search_model_versions(f"name='{name}'")  # names are validated (config: registry)
             aliases = dict(client.get_registered_model(name).aliases or {}) if versions else {}
         except MlflowException:
             versions, aliases = [], {}
