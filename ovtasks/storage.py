@@ -324,7 +324,7 @@ class S3Store(Store):
             names = [
                 o.object_name[strip:]
                 for o in self.client.list_objects(self.bucket, prefix=query, recursive=True)
-                if not o.is_dir
+                if not o.is_dir and o.object_name[strip:]  # the store's root object itself has no key
             ]
         except S3Error as exc:
             if exc.code == "NoSuchBucket":

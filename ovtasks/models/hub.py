@@ -41,8 +41,11 @@ def resolve_model(ref: str | os.PathLike, s3: S3Config | None = None) -> str:
         return ref
     if not is_store_uri(ref):
         return ref  # a Hugging Face id
+    parsed = urlparse(ref)
+    if parsed.scheme == "file" and os.path.isfile(parsed.path):  # one local file (wspn.pt): nothing to cache
+        return parsed.path
     store = open_store(ref, s3)
-    keys = [k for k in store.list() if k != COMPLETE_MARKER]
+    keys = [k for k in store.list() if k and k != COMPLETE_MARKER]
     if not keys:  # maybe a single object rather than a prefix
         parent, _, name = ref.rstrip("/").rpartition("/")
         pstore = open_store(parent, s3)
@@ -59,6 +62,8 @@ def resolve_model(ref: str | os.PathLike, s3: S3Config | None = None) -> str:
     target = cache_root() / hashlib.sha256(ref.encode() + marker).hexdigest()[:16]
     if not (target / COMPLETE_MARKER).exists():
         for key in keys:
+            if key.startswith("/") or ".." in key.split("/") or "\\" in key:
+                raise ValueError(f"model at {ref} holds an object named {key[:200]!r}, which would be written outside the model cache")
             dest = target / key
             dest.parent.mkdir(parents=True, exist_ok=True)
             store.get_file(key, dest)

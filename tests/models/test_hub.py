@@ -84,3 +84,37 @@ def test_models_upload_command_then_the_pipeline_loads_from_the_store(tmp_path, 
     GroundTruth.require("s3://models/eval/instances.json", s3_settings)
     with pytest.raises(FileNotFoundError, match="OVTASKS_PIPELINE__EVAL_GT_URI"):
         GroundTruth.require("s3://models/eval/missing.json", s3_settings)
+
+
+def test_single_file_models_load_from_file_and_s3_uris(tmp_path, monkeypatch, s3_settings):
+    monkeypatch.setenv("OVTASKS_MODEL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "wspn.pt").write_bytes(b"weights")
+    assert open(resolve_model(f"file://{tmp_path}/wspn.pt"), "rb").read() == b"weights"
+    uri = publish_model(tmp_path / "wspn.pt", "s3://models/single/wspn.pt", s3_settings.s3)
+    assert open(resolve_model(uri, s3_settings.s3), "rb").read() == b"weights"
+
+
+def test_object_names_never_escape_the_model_cache(tmp_path, monkeypatch):
+    import ovtasks.models.hub as hub
+
+    monkeypatch.setenv("OVTASKS_MODEL_CACHE", str(tmp_path / "cache"))
+
+    class Hostile:
+        uri = "s3://b/models/itm"
+
+        def list(self):
+            return ["config.json", "../../escaped/evil.py", COMPLETE_MARKER]
+
+        def exists(self, key):
+            return True
+
+        def get_bytes(self, key):
+            return b"{}"
+
+        def get_file(self, key, dest):
+            dest.write_bytes(b"x")
+
+    monkeypatch.setattr(hub, "open_store", lambda ref, s3=None: Hostile())
+    with pytest.raises(ValueError, match="outside the model cache"):
+        resolve_model("s3://b/models/itm")
+    assert not (tmp_path / "escaped").exists() and not list(tmp_path.rglob("evil.py"))
