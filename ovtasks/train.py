@@ -84,6 +84,7 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
         raise FileNotFoundError(f"no {prefix}/validation_report.json under {pl.uri}: run `ovtasks validate` first "
                                 "(only shards that pass the gate are trained on)")
     report = json.loads(pl.get_bytes(f"{prefix}/validation_report.json"))
+    validated = {e["shard"]: e.get("sha256") for e in report.get("shards", [])}
     shards = [s for s in report["training_shards"] if s in set(complete_shards(src))]
     if window_shards:
         shards = sorted(shards)[-window_shards:]
@@ -94,8 +95,12 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
     known = {c["id"] for c in cats}
     dropped: dict[str, int] = {}
     samples, digest, exclude = [], hashlib.sha256(), set(exclude_ids)
+    changed: dict[str, list[str]] = {}
     for shard in shards:
         blob = pl.get_bytes(f"{prefix}/{shard}.json")
+        if hashlib.sha256(blob).hexdigest() != validated.get(shard):  # relabelled (or edited) since the gate passed it
+            changed[shard] = ["pseudo-label JSON changed since validation: run validate again"]
+            continue
         digest.update(shard.encode() + hashlib.sha256(blob).digest())
         doc = json.loads(blob)
         by_image: dict[int, list] = {}
@@ -108,9 +113,14 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
         for s in iter_shard(src, shard):
             if s.image_id in by_image and s.image_id not in exclude:
                 samples.append((s.image, by_image[s.image_id]))
+    if changed:
+        log.warning("shards left out of training: changed since validation", extra={"shards": sorted(changed)})
+        shards = [s for s in shards if s not in changed]
+        if not shards:
+            raise ValueError(f"every validated shard changed since validation ({sorted(changed)}): run `ovtasks validate` again")
     if exclude:
         digest.update(json.dumps(sorted(exclude)).encode())
-    manifest = {"source": "pseudo", "shards": shards, "excluded": report.get("excluded", {}), "generator": generator,
+    manifest = {"source": "pseudo", "shards": shards, "excluded": {**report.get("excluded", {}), **changed}, "generator": generator,
                 "images": len(samples), "annotations": sum(len(a) for _, a in samples), "sha256": digest.hexdigest(),
                 "held_out": held_out_record(exclude),
                 "dropped_annotations": dropped, "categories_without_embedding": sorted(no_embedding.values())}

@@ -25,6 +25,7 @@ never dropped silently.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -235,7 +236,14 @@ def validate(src_uri: str, settings: Settings, generator: str = "maskfree", prog
         if manifest.get("status") != "complete":
             entries.append({"shard": shard, "success": False, "reasons": ["pseudo-label manifest is not complete"]})
             continue
-        doc = json.loads(store.get_bytes(f"{prefix}/{shard}.json"))
+        blob = store.get_bytes(f"{prefix}/{shard}.json")
+        sha = hashlib.sha256(blob).hexdigest()
+        recorded = ((manifest.get("files") or {}).get(f"{prefix}/{shard}.json") or {}).get("sha256")
+        if sha != recorded:  # changed after its manifest was written (a relabel in flight, an edit): not what was labelled
+            entries.append({"shard": shard, "success": False, "sha256": sha,
+                            "reasons": [f"pseudo-label JSON does not match its manifest (sha256 {sha[:12]} != {str(recorded)[:12]})"]})
+            continue
+        doc = json.loads(blob)
         ann_df, img_df = tables(doc, vocab, cfg)
         with tempfile.TemporaryDirectory(prefix="ovtasks-gx-") as docs:
             v = validate_tables(shard, ann_df, img_df, cfg, docs)
@@ -247,10 +255,10 @@ def validate(src_uri: str, settings: Settings, generator: str = "maskfree", prog
         reasons = [reason_text(f) for f in v.failed]
         out = {"shard": shard, "success": v.success, "reasons": reasons, "failed": v.failed, "data_docs": pages,
                "rows": {"annotations": len(ann_df), "images": len(img_df)}, "thresholds": cfg.model_dump(mode="json"),
-               "pseudo_manifest_sha256": manifest.get("files", {}).get(f"{prefix}/{shard}.json", {}).get("sha256"),
+               "pseudo_manifest_sha256": recorded, "sha256": sha,
                "code_version": __version__, "results": v.results}
         store.put_bytes(f"{prefix}/{shard}.validation.json", json.dumps(out, indent=2, default=str).encode())
-        entries.append({k: out[k] for k in ("shard", "success", "reasons", "data_docs", "rows")})
+        entries.append({k: out[k] for k in ("shard", "success", "reasons", "data_docs", "rows", "sha256")})
         if not v.success:
             log.warning("shard failed validation; excluded from training", extra={"shard": shard, "reasons": reasons})
         if tick:

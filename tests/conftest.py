@@ -95,6 +95,7 @@ def tiny_grounded(tmp_path_factory):
 @pytest.fixture(scope="session")
 def labelled(synth_small, clean_small, tmp_path_factory):
     """Pseudo-labels written in the generator format from the synthetic GT (a fixture, not a generator)."""
+    import hashlib
     import json
 
     import numpy as np
@@ -120,8 +121,10 @@ def labelled(synth_small, clean_small, tmp_path_factory):
                      known_category=True, score=0.9, pseudo_box=a["bbox"])
         for c in doc["categories"]:
             cats[c["id"]] = {"id": c["id"], "name": c["name"], "known": True, "split": c["split"]}
-        (base / f"{shard}.json").write_text(json.dumps(doc))
-        (base / f"{shard}.manifest.json").write_text(json.dumps({"status": "complete", "files": {}}))
+        blob = json.dumps(doc).encode()
+        (base / f"{shard}.json").write_bytes(blob)
+        (base / f"{shard}.manifest.json").write_text(json.dumps({"status": "complete", "files": {
+            f"pseudo/maskfree/{shard}.json": {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}}}))
     cats = sorted(cats.values(), key=lambda c: c["id"])
     (base / "categories.json").write_text(json.dumps(cats))
     np.save(base / "text_embeddings.npy", TextEncoder("minilm").encode([c["name"] for c in cats]))

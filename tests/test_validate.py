@@ -144,14 +144,23 @@ def test_mostly_tolerates_a_few_odd_ratios_and_thresholds_come_from_config(tmp_p
     assert _run(dup, tmp_path / "c", ValidateConfig(max_duplicate_rate=0.5)).success
 
 
+def _write_shard(base, name, doc):
+    """A pseudo-label shard and its complete manifest (which records the JSON's sha256, as pseudo-label writes it)."""
+    import hashlib
+
+    blob = json.dumps(doc).encode()
+    (base / f"{name}.json").write_bytes(blob)
+    (base / f"{name}.manifest.json").write_text(json.dumps({"status": "complete", "files": {
+        f"pseudo/maskfree/{name}.json": {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}}}))
+
+
 def test_validate_run_excludes_failing_shards_with_reasons(tmp_path, capsys):
     base = tmp_path / "run" / "pseudo" / "maskfree"
     base.mkdir(parents=True)
     bad = good_doc()
     _score_above_one(bad)
     for name, doc in (("00000", good_doc()), ("00001", bad)):
-        (base / f"{name}.json").write_text(json.dumps(doc))
-        (base / f"{name}.manifest.json").write_text(json.dumps({"status": "complete", "files": {}}))
+        _write_shard(base, name, doc)
     (base / "00002.json").write_text(json.dumps(good_doc()))
     (base / "00002.manifest.json").write_text(json.dumps({"status": "running"}))
     rep = validate(str(tmp_path / "run"), load_settings(env={})).report
@@ -182,3 +191,28 @@ def test_validate_real_pseudo_labels(clean_small, tiny_grounded, tmp_path):
     assert len(rep["shards"]) == 2
     for e in rep["shards"]:
         assert e["rows"]["images"] > 0 and e["success"] == (not e["reasons"])
+
+
+def test_a_shard_that_does_not_match_its_manifest_fails_and_training_rechecks(tmp_path, clean_small, labelled):
+    """The gate checks the JSON against its manifest; training re-checks it against what the gate passed, so a
+    relabel that lands between validation and training is left out instead of trained on unvalidated."""
+    import shutil
+
+    from ovtasks.train import training_data
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled, run)
+    base = run / "pseudo" / "maskfree"
+    shards = sorted(p.name[:5] for p in base.glob("*.manifest.json"))
+    s = load_settings(env={})
+    doc = json.loads((base / f"{shards[0]}.json").read_text())
+    doc["annotations"] = doc["annotations"][:-1]
+    (base / f"{shards[0]}.json").write_text(json.dumps(doc))  # changed after its manifest was written
+    rep = validate(str(run), s).report
+    assert shards[0] not in rep["training_shards"] and "does not match its manifest" in rep["excluded"][shards[0]][0]
+    _write_shard(base, shards[0], doc)  # relabelled properly: passes again
+    assert set(validate(str(run), s).report["training_shards"]) == set(shards)
+    doc["annotations"] = doc["annotations"][:-1]
+    _write_shard(base, shards[0], doc)  # a relabel lands after validation, before training
+    samples, _, _, manifest = training_data(clean_small, str(run), s)
+    assert manifest["shards"] == shards[1:] and "changed since validation" in manifest["excluded"][shards[0]][0]
