@@ -30,8 +30,22 @@ class CleanSample:
 
     @property
     def image_id(self) -> int:
-        """COCO image id: the numeric sample key (synthetic and img2dataset keys are digits)."""
-        return int(self.key) if self.key.isdigit() else int.from_bytes(self.key.encode()[:7].ljust(7, b"\0"), "big")
+        return image_id(self.key)
+
+
+_HASHED = 1 << 52  # ids of non-numeric keys: 2^52 + a 52-bit hash (disjoint from numeric keys, exact in JSON / JS)
+
+
+def image_id(key: str) -> int:
+    """COCO image id of a sample key: the number itself for a numeric key of up to 15 digits (img2dataset and
+    the synthetic data set: ``000000012`` -> 12, which is what their GT uses), else 2^52 + a 52-bit hash of the
+    key. Two keys with one id (``1`` and ``000000001``) cannot both be kept: ingest quarantines the later one
+    (``duplicate_image_id``)."""
+    if key.isascii() and key.isdigit() and len(key) <= 15:
+        return int(key)
+    import hashlib
+
+    return _HASHED + int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:7], "big") % _HASHED
 
 
 def complete_shards(store: Store) -> list[str]:

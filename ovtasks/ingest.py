@@ -40,6 +40,7 @@ from typing import BinaryIO, Callable
 
 from ovtasks import __version__, history
 from ovtasks.config import IngestConfig, Settings
+from ovtasks.dataset import image_id
 from ovtasks.imaging import ImageRejected, NearDuplicateIndex, decode_image, phash64
 from ovtasks.langid import detect_language, is_english
 from ovtasks.shards import (
@@ -65,7 +66,7 @@ REASONS = (
     "caption_too_long", "empty_caption", "punsafe", "missing_punsafe", "watermark", "non_english",
     "empty_image", "undecodable_image", "truncated_image", "decompression_bomb", "animated_image",
     "too_small", "bad_aspect_ratio", "near_duplicate",
-    "oversized_tar_header", "metadata_too_large", "bad_metadata", "check_failed",
+    "oversized_tar_header", "metadata_too_large", "bad_metadata", "check_failed", "duplicate_image_id",
 )
 MAX_JSON_BYTES = 1 << 20  # a sample's .json metadata member
 MAX_INDEX_KEY_CHARS = 256  # a key longer than this is shortened in the quarantine index (with its length)
@@ -276,11 +277,16 @@ def stage_shard(src_uri: str, name: str, settings: Settings, staging_dir: str) -
             return stage
     seen_keys: set[str] = set()
     local_dups = NearDuplicateIndex(cfg.dedup_max_distance)  # within this shard; across shards: phase 2
+    kept_ids: dict[int, str] = {}  # COCO image id -> key of the kept sample (ids must be unique; across shards: phase 2)
     with open(stage.kept_path, "wb") as kf, open(stage.rejected_path, "wb") as rf, \
             ShardWriter(kf) as kept_w, ShardWriter(rf) as rej_w:
 
         def record(v: Verdict) -> None:
             stage.seen += 1
+            if v.reason is None:
+                other = kept_ids.setdefault(image_id(v.key), v.key)
+                if other != v.key:
+                    v = Verdict(v.key, "duplicate_image_id", f"image id {image_id(v.key)} is already {name}/{other}", v.members)
             if v.reason is None and v.phash is not None and cfg.dedup:
                 original = local_dups.find_or_add(v.phash, v.key)
                 if original is not None:
@@ -368,21 +374,27 @@ class CrossShardDedup:
     def __init__(self, max_distance: int, enabled: bool = True):
         self.index = NearDuplicateIndex(max_distance)
         self.enabled = enabled
+        self.ids: dict[int, str] = {}
 
-    def drops_for(self, stage: ShardStage) -> dict[str, str]:
-        drops: dict[str, str] = {}
-        if not self.enabled:
-            return drops
+    def drops_for(self, stage: ShardStage) -> dict[str, dict]:
+        """{key: {"reason", "detail"}} of this shard's kept samples that an earlier shard already has: a near
+        duplicate image, or the same COCO image id (``1`` in one shard, ``000000001`` in another)."""
+        drops: dict[str, dict] = {}
         for key, h in stage.kept:
-            if h < 0:
+            ident = f"{stage.name}/{key}"
+            other = self.ids.setdefault(image_id(key), ident)
+            if other != ident:
+                drops[key] = {"reason": "duplicate_image_id", "detail": f"image id {image_id(key)} is already {other}"}
                 continue
-            original = self.index.find_or_add(h, f"{stage.name}/{key}")
+            if not self.enabled or h < 0:
+                continue
+            original = self.index.find_or_add(h, ident)
             if original is not None:
-                drops[key] = original
+                drops[key] = {"reason": "near_duplicate", "detail": f"near duplicate of {original}"}
         return drops
 
 
-def publish_shard(stage: ShardStage, drops: dict[str, str], src_uri: str, out_uri: str, settings: Settings) -> dict:
+def publish_shard(stage: ShardStage, drops: dict[str, dict], src_uri: str, out_uri: str, settings: Settings) -> dict:
     """Phase 3: write the shard's outputs atomically, manifest last; returns its report entry."""
     store = open_store(out_uri, settings.s3)
     name = stage.name
@@ -410,8 +422,8 @@ def publish_shard(stage: ShardStage, drops: dict[str, str], src_uri: str, out_ur
             with open(stage.kept_path, "rb") as kf:
                 for raw in iter_tar_samples(kf, {}, default_limit=1 << 62):
                     if raw.key in drops:
-                        v = Verdict(raw.key, "near_duplicate", f"near duplicate of {drops[raw.key]}", raw.members)
-                        quarantined["near_duplicate"] += 1
+                        v = Verdict(raw.key, drops[raw.key]["reason"], drops[raw.key]["detail"], raw.members)
+                        quarantined[v.reason] += 1
                         index.append({"key": raw.key, "reason": v.reason, "detail": v.detail})
                         quar_w.add(_safe_key(raw.key, stage.seen + len(index)), {**raw.members, "reason.json": _reason_member(v, name)})
                     else:

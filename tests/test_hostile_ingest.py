@@ -270,3 +270,18 @@ def test_scratch_left_by_a_killed_run_is_removed_by_the_next(tmp_path):
     mine = Path(open_store(str(out)).scratch_dir())  # a live process's scratch is never touched
     open_store(str(out)).scratch_dir()
     assert mine.is_dir() and str(os.getpid()) in mine.name
+
+
+def test_coco_image_ids_are_unique_for_every_key_ingest_keeps(tmp_path):
+    from ovtasks.dataset import complete_shards, image_id, iter_shard
+    from ovtasks.storage import open_store
+
+    assert image_id("000000012") == 12 and image_id("dir/00012") != image_id("dir/00013")
+    assert image_id("dir/00012") >= 1 << 52 and image_id("1" * 16) >= 1 << 52 and image_id("x" * 5000) < 1 << 53
+    shard0 = {"dir/00012": _good(1), "dir/00013": _good(2), "1": _good(3), "000000001": _good(4)}
+    shard1 = {"0001": _good(5), "dir/00014": _good(6)}
+    report, reasons, out = _ingest_within(tmp_path, {"00000.tar": _tar(_flatten(shard0)), "00001.tar": _tar(_flatten(shard1))})
+    assert reasons == {"000000001": "duplicate_image_id", "0001": "duplicate_image_id"}, reasons
+    store = open_store(str(out))
+    ids = [s.image_id for sh in complete_shards(store) for s in iter_shard(store, sh)]
+    assert len(ids) == len(set(ids)) == report["kept"] == 4
