@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.ovtasks-installed
 TEST_OUT ?= test-output
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench lock clean browser reliability
+.PHONY: demo test test-slow bench lock clean browser reliability fuzz
 
 # The browser test needs Debian's chromium + chromium-driver; installed here when absent (root or sudo).
 browser:
@@ -38,6 +38,10 @@ test: $(STAMP) browser
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# the structure-aware shard fuzzer for longer than the default suite runs it (FUZZ_EXAMPLES=30 there)
+fuzz: $(STAMP)
+	HF_HUB_OFFLINE=1 FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -q -p no:logging tests/fuzz $(PYTEST_ARGS)
 
 # the fault-injection and security tests, written up as benchmarks/reliability.md (--slow: + the 1k vs 10k memory test)
 reliability: $(STAMP) browser

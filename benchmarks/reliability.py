@@ -31,7 +31,20 @@ SECURITY_TESTS = {
     "tests/test_deploy_files.py": "compose refuses to start without secrets (`${VAR:?}`); helm values without existing Secrets are refused by the schema",
     "tests/ui/test_plugin_api.py::test_anonymous_and_bad_tokens_are_refused": "every plugin endpoint refuses anonymous, forged and invalid tokens",
     "tests/ui/test_plugin_api.py::test_promote_needs_admin_and_runs_the_gate": "promotion refused to viewer and op roles",
-    "tests/test_config.py": "no credential has a default; secrets are masked and read from *_FILE",
+    "tests/test_config.py": "no credential has a default; secrets are masked, read from *_FILE and taken verbatim (never YAML-parsed); YAML errors never echo the line",
+    "tests/test_hostile_ingest.py": "hand-built hostile shards (zero-length PAX record, negative / malformed sizes, 20 KB PAX and long-name headers, "
+                                    "5000-char names, a multi-page TIFF with an empty page, a failing re-encode, metadata that bypassed the filters, "
+                                    "integer parquet keys, a failed re-ingest, a trailing-newline shard name, 2000 rows without samples, colliding "
+                                    "image ids, a SIGKILLed run's scratch): each run ends, every sample is accounted for, the good ones are kept",
+    "tests/fuzz": "structure-aware fuzzer (Hypothesis, seeded; `make fuzz` for thousands of examples): damaged shards never hang the "
+                  "reader or ingest, memory stays bounded, seen == kept + quarantined, kept images decode as RGB, nothing is written outside --out",
+    "tests/test_cli_errors.py": "each subcommand against bad arguments (missing / wrong paths, a file as a store, unwritable output, unreachable S3, "
+                                "bad config): one line and exit 2, never a traceback; a closed pipe ends quietly",
+    "tests/ui/test_hostile_ui.py": "script in manifest counts, manifests that are not objects, generator=../x, keys with '/', a checksum of '/../..', "
+                                   "a quote in the model name: numbers only on the page, 422 / 404, no path escapes; no unauthenticated schema",
+    "tests/models/test_hub.py::test_object_names_never_escape_the_model_cache": "a store model with an object named ../../x is refused, nothing written outside the cache",
+    "tests/test_validate.py::test_a_shard_that_does_not_match_its_manifest_fails_and_training_rechecks":
+        "pseudo-label JSON edited after its manifest, and a relabel landing between validation and training: the shard is left out",
 }
 
 
