@@ -79,6 +79,8 @@ class IngestConfig(_Frozen):
     )
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_caption_bytes: int = Field(2000, ge=1)
+    max_parquet_rows: int = Field(100_000, ge=1, description="a shard's parquet with more rows fails the shard, unread "
+                                  "(img2dataset writes 10000 per shard; memory is ~1 KB per row)")
     dedup: bool = True
     dedup_max_distance: int = Field(
         4, ge=0, le=16, description="Hamming distance of 64-bit pHashes counted as a near duplicate"

@@ -270,7 +270,7 @@ def stage_shard(src_uri: str, name: str, settings: Settings, staging_dir: str) -
     rows: dict[str, dict] = {}
     if store.exists(f"{name}.parquet"):
         try:
-            rows = read_parquet_metadata(store.get_bytes(f"{name}.parquet"))
+            rows = read_parquet_metadata(store.get_bytes(f"{name}.parquet"), cfg.max_parquet_rows)
         except ValueError as exc:
             stage.status, stage.error = "failed", f"unreadable_parquet: {exc}"
             log.error("shard %s: %s", name, stage.error)

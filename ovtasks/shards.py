@@ -343,11 +343,11 @@ def canonical_columns(names: list[str]) -> dict[str, str]:
     return out
 
 
-def read_parquet_metadata(data: bytes) -> dict[str, dict]:
+def read_parquet_metadata(data: bytes, max_rows: int | None = None) -> dict[str, dict]:
     """Rows of an img2dataset parquet keyed by sample key, with canonical column names.
 
-    Only the columns we use are read. Raises ``ValueError`` if the file is not a readable parquet
-    or has no ``key`` column.
+    Only the columns we use are read, and none when the file declares more than ``max_rows`` rows.
+    Raises ``ValueError`` if the file is not a readable parquet, has no ``key`` column or too many rows.
     """
     import pyarrow.parquet as pq
 
@@ -356,6 +356,8 @@ def read_parquet_metadata(data: bytes) -> dict[str, dict]:
         cols = canonical_columns(pf.schema_arrow.names)
         if "key" not in cols:
             raise ValueError("parquet has no 'key' column")
+        if max_rows is not None and pf.metadata.num_rows > max_rows:
+            raise ValueError(f"parquet declares {pf.metadata.num_rows} rows > ingest.max_parquet_rows {max_rows}")
         table = pf.read(columns=list(cols.values()))
     except ValueError:
         raise

@@ -285,3 +285,12 @@ def test_coco_image_ids_are_unique_for_every_key_ingest_keeps(tmp_path):
     store = open_store(str(out))
     ids = [s.image_id for sh in complete_shards(store) for s in iter_shard(store, sh)]
     assert len(ids) == len(set(ids)) == report["kept"] == 4
+
+
+def test_a_parquet_with_too_many_rows_fails_its_shard_unread(tmp_path):
+    rows = [{"key": f"{i:09d}", "TEXT": CAPTION, "status": "success"} for i in range(300)]
+    report, _, _ = _run(tmp_path, {"00000.tar": _tar(_flatten({"000000000": _good(1)})), "00000.parquet": _parquet(rows),
+                                   "00001.tar": _tar(_flatten({"000010000": _good(2)}))}, max_parquet_rows=200)
+    failed = {e["shard"]: e for e in report["shards"]}
+    assert failed["00000"]["status"] == "failed" and "300 rows > ingest.max_parquet_rows 200" in failed["00000"]["error"]
+    assert report["kept"] == 1  # the other shard goes on
