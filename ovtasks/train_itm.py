@@ -148,6 +148,9 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     """Train on every complete clean shard under ``src_uri``; save to ``out_uri`` (dir or store URI).
     ``command``, when given, is recorded in ``ovtasks_itm.json`` (how to reproduce the checkpoint)."""
     torch.manual_seed(cfg.seed)
+    # denormal floats (AdamW's second moments of rarely-used embeddings underflow into them) made CPU steps
+    # 6x slower as training went on (0.2 -> 1.3 s per step past step 1600 of a 12000-step run): flush them to 0
+    torch.set_flush_denormal(True)
     rng = np.random.default_rng(cfg.seed)
     vocab = Vocabulary.load(settings.candidates.vocabulary)
     vocab_names = vocab.names()
