@@ -127,6 +127,8 @@ class MaskFreeConfig(_Frozen):
     wss_hidden: int = Field(16, ge=1)
     box_map: str = Field("binary", pattern="^(binary|soft)$", description="Phi in eq. 6: the binary union of eq. 4 (the "
                          "patent's) or the soft map (max over rounds of the normalised maps)")
+    box_area_exponent: float = Field(0.5, ge=0.0, le=1.0, description="eq. 6 divides a box's summed Phi by its area to this "
+                                     "power (0.5: the patent's sqrt; lower favours larger boxes)")
     wss_fg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="foreground points come from this most activated "
                                    "fraction of the box's pixels")
     wss_bg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="background points from this least activated fraction")

@@ -1,7 +1,9 @@
 """Stage 3 of Mask-free OVIS: the pseudo box (patent eq. 6).
 
 ``b* = argmax_b sum_{p in b} Phi(p) / sqrt(|b|)`` over the proposals, with ``Phi`` the activation map
-(eq. 4). Box sums come from an integral image, so scoring K boxes costs O(HW + K).
+(eq. 4). Box sums come from an integral image, so scoring K boxes costs O(HW + K). ``exponent`` (0.5 in the
+patent) is the power of the area in the denominator: lower favours larger boxes (a measured option,
+``maskfree.box_area_exponent``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def box_scores(activation: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def box_scores(activation: np.ndarray, boxes: np.ndarray, exponent: float = 0.5) -> np.ndarray:
     """Eq. 6 score of each ``(K, 4)`` xyxy box over ``activation`` ``(H, W)``; boxes with no
     pixel inside the image score ``-inf``."""
     if len(boxes) == 0:
@@ -23,18 +25,19 @@ def box_scores(activation: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     area = (x2 - x1) * (y2 - y1)
     total = ii[y2, x2] - ii[y1, x2] - ii[y2, x1] + ii[y1, x1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        score = np.where(area > 0, total / np.sqrt(np.maximum(area, 1)), -np.inf)
+        norm = np.sqrt(np.maximum(area, 1)) if exponent == 0.5 else np.power(np.maximum(area, 1).astype(np.float64), exponent)
+        score = np.where(area > 0, total / norm, -np.inf)
     return score
 
 
-def pseudo_box(activation: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+def pseudo_box(activation: np.ndarray, boxes: np.ndarray, exponent: float = 0.5) -> tuple[np.ndarray | None, str | None]:
     """``(b*, None)``, or ``(None, reason)`` when there are no proposals, the map is empty or every
     proposal has zero area."""
     if len(boxes) == 0:
         return None, "no_proposals"
     if not np.any(activation > 0):
         return None, "empty_activation"
-    scores = box_scores(activation, boxes)
+    scores = box_scores(activation, boxes, exponent)
     best = int(np.argmax(scores))
     if not np.isfinite(scores[best]) or scores[best] <= 0:
         return None, "zero_area_boxes" if not np.isfinite(scores[best]) else "no_activation_in_proposals"

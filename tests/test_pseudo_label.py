@@ -108,6 +108,10 @@ def test_eq6_pseudo_box_cases():
     assert pseudo_box(np.zeros((20, 20)), boxes) == (None, "empty_activation")
     assert pseudo_box(act, boxes[3:]) == (None, "zero_area_boxes")
     assert pseudo_box(act, np.array([[12, 12, 18, 18]], np.float32)) == (None, "no_activation_in_proposals")
+    # the area exponent: 0 scores the summed map (the largest box holding all of it wins), 1 the mean
+    act[0:20, 0:2] = 0.5  # some activation outside the square: only the whole-image box holds all of it
+    assert box_scores(act, boxes[:1], 0.0)[0] == pytest.approx(45) and box_scores(act, boxes[1:2], 1.0)[0] == pytest.approx(1.0)
+    assert pseudo_box(act, boxes, 0.0)[0].tolist() == [0, 0, 20, 20] and pseudo_box(act, boxes, 1.0)[0].tolist() == [5, 5, 10, 10]
 
 
 def test_images_without_candidates_get_no_annotations(tmp_path, itm_dir):

@@ -134,7 +134,8 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
 
     monkeypatch.setenv("OVTASKS_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("OVTASKS_REGISTRY__MIN_NOVEL_AP50", "0")  # the CLI's mechanics, with 2-step models
-    assert main(["promote"]) == 4 and "no challenger" in capsys.readouterr().out
+    assert main(["promote"]) == 2 and "no model registry" in capsys.readouterr().err  # and none is created by asking
+    assert not (tmp_path / "data" / "mlflow").exists()
     assert main(["train", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "x"), "--finetune-steps", "2"]) == 2
     rc = main(["train", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "m"), "--steps", "2",
                "--batch-size", "2", "--gt", synth_small[0], "--eval-images", "4", "--register"])
