@@ -14,32 +14,8 @@ from PIL import Image
 
 from ovtasks.config import load_settings
 from ovtasks.ingest import ingest, list_shards
+from tar_bytes import BLOCK, end as _end, header as _header, member as _member, pax as _pax
 from test_bad_inputs import CAPTION, _encode, _flatten, _good, _noise, _parquet, _run, _tar
-
-BLOCK = 512
-
-
-def _header(name: bytes, size: int | bytes, typeflag: bytes = b"0") -> bytes:
-    """A ustar header with a valid checksum; ``size`` as bytes is written verbatim into the size field."""
-    h = bytearray(BLOCK)
-    h[0:len(name[:100])] = name[:100]
-    h[100:108] = b"0000644\x00"
-    h[108:124] = b"0000000\x000000000\x00"
-    h[124:136] = size.ljust(12, b"\x00")[:12] if isinstance(size, bytes) else b"%011o\x00" % size
-    h[136:148] = b"%011o\x00" % 1_700_000_000
-    h[156:157] = typeflag
-    h[257:265] = b"ustar\x0000"
-    h[148:156] = b" " * 8
-    h[148:156] = b"%06o\x00 " % sum(h)
-    return bytes(h)
-
-
-def _member(name: bytes, data: bytes, typeflag: bytes = b"0") -> bytes:
-    return _header(name, len(data), typeflag) + data + bytes((-len(data)) % BLOCK)
-
-
-def _end() -> bytes:
-    return bytes(2 * BLOCK)
 
 
 def _good_members(key: str, seed: int) -> bytes:
@@ -113,11 +89,7 @@ def test_a_very_long_member_name_is_quarantined_and_shortened_in_the_index(tmp_p
     from ovtasks.ingest import MAX_INDEX_KEY_CHARS
 
     name = ("d" * 5000 + "/000000001").encode()
-    pax = b"path=" + name + b"\n"
-    n = len(pax) + 1
-    n += len(str(n))
-    record = b"%d " % n + pax
-    assert len(record) == n
+    record = _pax([(b"path", name)])
     tar = (_good_members("000000000", 1) + _member(b"././@PaxHeader", record, b"x") + _member(b"x.jpg", _encode(_noise(3)))
            + _end())
     report, reasons, out = _ingest_within(tmp_path, {"00000.tar": tar})

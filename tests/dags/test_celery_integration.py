@@ -5,39 +5,13 @@ the pipeline's data in a SeaweedFS S3 bucket. `ovtasks_pseudo_label` is triggere
 same annotations, none duplicated or missing. Everything started here is stopped by pid."""
 
 import json
-import sys
 import time
 import uuid
-
-import pytest
 
 from airflow_stack import PartialWatcher, Stack, annotations, celery_env, free_port, shard_docs
 from ovtasks.config import load_settings
 
 DAG = "ovtasks_pseudo_label"
-
-
-@pytest.fixture
-def postgres_db():
-    from pg import fresh_database
-
-    with fresh_database("airflow", "Celery integration") as db:
-        yield db
-
-
-@pytest.fixture
-def redis_db():
-    import redis
-
-    n = 9
-    try:
-        r = redis.Redis(host="127.0.0.1", port=6379, db=n, socket_connect_timeout=3)
-        r.flushdb()
-    except redis.ConnectionError as exc:
-        print(f"\nSKIP Celery integration: Redis at 127.0.0.1:6379 unreachable: {exc}", file=sys.stderr)
-        pytest.skip(f"Redis unreachable: {exc}")
-    yield f"redis://127.0.0.1:6379/{n}"
-    r.flushdb()
 
 
 def test_pseudo_label_on_celery_survives_a_killed_worker(synth_small, seaweed, postgres_db, redis_db, tmp_path, record_fault):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -42,21 +41,6 @@ def databases():
 
     with fresh_database("airflow", "weekly loop") as airflow_db, fresh_database("mlflow", "weekly loop") as mlflow_db:
         yield airflow_db, mlflow_db
-
-
-@pytest.fixture
-def redis_url():
-    import redis
-
-    n = 10
-    try:
-        r = redis.Redis(host="127.0.0.1", port=6379, db=n, socket_connect_timeout=3)
-        r.flushdb()
-    except redis.ConnectionError as exc:
-        print(f"\nSKIP weekly loop: Redis at 127.0.0.1:6379 unreachable: {exc}", file=sys.stderr)
-        pytest.skip(f"Redis unreachable: {exc}")
-    yield f"redis://127.0.0.1:6379/{n}"
-    r.flushdb()
 
 
 def _dotenv(seaweed, bucket: str) -> dict:
@@ -119,7 +103,7 @@ def _cli(*args, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(1500)
-def test_weekly_loop_on_the_compose_environment(synth_small, clean_small, seaweed, databases, redis_url, smtp_server, tmp_path):
+def test_weekly_loop_on_the_compose_environment(synth_small, clean_small, seaweed, databases, redis_db, smtp_server, tmp_path):
     from minio import Minio
 
     from ovtasks.config import load_settings
@@ -149,7 +133,7 @@ def test_weekly_loop_on_the_compose_environment(synth_small, clean_small, seawee
             mc.make_bucket(b)
     where = {"airflow:unused-with-trust-auth@postgres:5432/airflow": f"postgres@127.0.0.1:5432/{airflow_db}",
              "airflow:unused-with-trust-auth@postgres:5432/mlflow": f"postgres@127.0.0.1:5432/{mlflow_db}",
-             "redis://redis:6379/0": redis_url, "http://airflow-apiserver:8080/": f"http://127.0.0.1:{port}/",
+             "redis://redis:6379/0": redis_db, "http://airflow-apiserver:8080/": f"http://127.0.0.1:{port}/",
              "http://minio:9000": f"http://{seaweed.endpoint}", "minio:9000": seaweed.endpoint,
              "/opt/airflow/passwords/": f"{tmp_path}/passwords/"}
     mlflow_proc, mlflow_url = _mlflow(services, where, tmp_path / "mlflow.log")

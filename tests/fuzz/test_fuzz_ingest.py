@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 from ovtasks.config import load_settings
 from ovtasks.ingest import ingest
 from ovtasks.shards import ShardReadError, iter_tar_samples
+from tar_bytes import BLOCK, member as _member, header as _header, pax as _pax
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
 SEED = int(os.environ.get("FUZZ_SEED", "20261130"))
-BLOCK = 512
 MAX_IMAGE_BYTES = 64 * 1024  # configured limits for the run: a member over them is never read
 MAX_CAPTION_BYTES = 2000
 
@@ -46,36 +46,6 @@ def _image(kind: str, w: int, h: int, colour: int) -> bytes:
     fmt = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP", "tif": "TIFF"}[kind]
     (im.convert("P") if kind == "gif" else im.convert("LA") if kind == "png" and colour % 3 == 0 else im).save(buf, fmt)
     return buf.getvalue()
-
-
-def _header(name: bytes, size: int | bytes, typeflag: bytes = b"0") -> bytes:
-    h = bytearray(BLOCK)
-    h[0:len(name[:100])] = name[:100]
-    h[100:108] = b"0000644\x00"
-    h[108:124] = b"0000000\x000000000\x00"
-    h[124:136] = size.ljust(12, b"\x00")[:12] if isinstance(size, bytes) else b"%011o\x00" % min(size, 8 ** 11 - 1)
-    h[136:148] = b"%011o\x00" % 1_700_000_000
-    h[156:157] = typeflag
-    h[257:265] = b"ustar\x0000"
-    h[148:156] = b" " * 8
-    h[148:156] = b"%06o\x00 " % sum(h)
-    return bytes(h)
-
-
-def _member(name: bytes, data: bytes, typeflag: bytes = b"0", size: int | bytes | None = None) -> bytes:
-    return _header(name, len(data) if size is None else size, typeflag) + data + bytes((-len(data)) % BLOCK)
-
-
-def _pax(records: list[tuple[bytes, bytes]]) -> bytes:
-    """PAX records ``"<len> <key>=<value>\\n"``, where <len> counts its own digits."""
-    out = b""
-    for k, v in records:
-        body = b" " + k + b"=" + v + b"\n"
-        length = len(body) + 1
-        while len(body) + len(str(length)) != length:
-            length = len(body) + len(str(length))
-        out += str(length).encode() + body
-    return out
 
 
 text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60)
