@@ -284,9 +284,10 @@ def stage_shard(src_uri: str, name: str, settings: Settings, staging_dir: str) -
         def record(v: Verdict) -> None:
             stage.seen += 1
             if v.reason is None:
-                other = kept_ids.setdefault(image_id(v.key), v.key)
+                ident = image_id(v.key)
+                other = kept_ids.setdefault(ident, v.key)
                 if other != v.key:
-                    v = Verdict(v.key, "duplicate_image_id", f"image id {image_id(v.key)} is already {name}/{other}", v.members)
+                    v = Verdict(v.key, "duplicate_image_id", f"image id {ident} is already {name}/{other}", v.members)
             if v.reason is None and v.phash is not None and cfg.dedup:
                 original = local_dups.find_or_add(v.phash, v.key)
                 if original is not None:
@@ -381,10 +382,10 @@ class CrossShardDedup:
         duplicate image, or the same COCO image id (``1`` in one shard, ``000000001`` in another)."""
         drops: dict[str, dict] = {}
         for key, h in stage.kept:
-            ident = f"{stage.name}/{key}"
-            other = self.ids.setdefault(image_id(key), ident)
+            ident, number = f"{stage.name}/{key}", image_id(key)
+            other = self.ids.setdefault(number, ident)
             if other != ident:
-                drops[key] = {"reason": "duplicate_image_id", "detail": f"image id {image_id(key)} is already {other}"}
+                drops[key] = {"reason": "duplicate_image_id", "detail": f"image id {number} is already {other}"}
                 continue
             if not self.enabled or h < 0:
                 continue

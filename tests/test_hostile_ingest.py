@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from PIL import Image
 
 from ovtasks.config import load_settings
 from ovtasks.ingest import ingest, list_shards
+from bounded import call_within
 from tar_bytes import BLOCK, end as _end, header as _header, member as _member, pax as _pax
 from test_bad_inputs import CAPTION, _encode, _flatten, _good, _noise, _parquet, _run, _tar
 
@@ -23,22 +23,8 @@ def _good_members(key: str, seed: int) -> bytes:
 
 
 def _ingest_within(tmp_path: Path, files: dict[str, bytes], seconds: float = 60, **env):
-    """``_run`` in a thread that must finish within ``seconds`` (a hang fails the test instead of the suite)."""
-    out: dict = {}
-
-    def go():
-        try:
-            out["result"] = _run(tmp_path, files, **env)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            out["error"] = exc
-
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"ingest did not finish within {seconds} s"
-    if "error" in out:
-        raise out["error"]
-    return out["result"]
+    """``_run`` that must finish within ``seconds``."""
+    return call_within(lambda: _run(tmp_path, files, **env), seconds, "ingest")
 
 
 def test_pax_record_of_length_zero_does_not_hang(tmp_path):

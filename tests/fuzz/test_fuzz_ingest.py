@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import tracemalloc
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from hypothesis import strategies as st
 from ovtasks.config import load_settings
 from ovtasks.ingest import ingest
 from ovtasks.shards import ShardReadError, iter_tar_samples
+from bounded import call_within
 from tar_bytes import BLOCK, member as _member, header as _header, pax as _pax
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
@@ -130,25 +130,15 @@ def _tree(root: Path) -> dict[str, int]:
 def _ingest_bounded(src: Path, out: Path, seconds: float = 60) -> tuple[dict, int]:
     s = load_settings(env={"OVTASKS_INGEST__MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
                            "OVTASKS_INGEST__MAX_CAPTION_BYTES": str(MAX_CAPTION_BYTES)})
-    result: dict = {}
 
-    def go():
+    def go() -> tuple[dict, int]:
         tracemalloc.start()
         try:
-            result["report"] = ingest(str(src), str(out), s, workers=1).report
-        except BaseException as exc:  # noqa: BLE001 - checked below
-            result["error"] = exc
+            return ingest(str(src), str(out), s, workers=1).report, tracemalloc.get_traced_memory()[1]
         finally:
-            result["peak"] = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
 
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"ingest still running after {seconds} s (a hang)"
-    if "error" in result:
-        raise result["error"]
-    return result["report"], result["peak"]
+    return call_within(go, seconds, "ingest")
 
 
 @pytest.mark.timeout(1800)
