@@ -85,7 +85,7 @@ def main() -> int:
                            "a_lt_b_lt_c": (a or 0) < (table["pseudo_box"]["novel"] or 0) < (c or 0)}}
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "pseudo_label_quality.json").write_text(json.dumps(out, indent=2, default=str))
-    md = (format_table(table) + f"\n\n{table['_meta']['images']} held-out images; overrides: {overrides or 'none (defaults)'}\n\n"
+    md = (format_table(table) + f"\n\n{table['_meta']['images']} held-out images, torch threads {table['_meta']['torch_threads']}; overrides: {overrides or 'none (defaults)'}\n\n"
           "Error budget (one stage replaced by its ground-truth version at a time):\n\n" + format_budget(budget) + "\n")
     (results_dir / "pseudo_label_quality.md").write_text(md)
     print(md)

@@ -267,7 +267,9 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     if chain:
         print(f"{'airflow':<14}{'':>8}{'':>8}{'':>9}  " + ", ".join(f"{r.dag_id} {r.state} ({r.seconds:.0f}s)" for r in chain)
               + (f"; {af_outcome}" if af_outcome else ""))
-    print(f"\npseudo-label quality on {table['_meta']['images']} images (mask AP50 %, synthetic GT):")
+    print(f"\npseudo-label quality on {table['_meta']['images']} images (mask AP50 %, synthetic GT; torch threads "
+          f"{table['_meta']['torch_threads']}: a run with another thread count gives other floating-point sums and "
+          "moves these by a few points):")
     print(format_table(table))
     print("\nerror budget: one stage at a time replaced by its ground-truth version (mask AP50 %):")
     print(format_budget(budget))

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from ovtasks.candidates import Vocabulary, build_extractor
@@ -40,7 +41,9 @@ def evaluate_pseudo_labels(clean_uri: str, gt_uri: str, settings: Settings, mode
             dets["wss"].append({**base, "mask": r.mask})
     ids = [s.image_id for s in samples]
     table = {k: mask_ap50(gt, ids, v) for k, v in dets.items()}
+    # the thread count is part of the result: BLAS sums differ with it, and WSS points are ranked on the map
     table["_meta"] = {"images": len(samples), "candidates": len(results), "masks": len(dets["wss"]),
+                      "torch_threads": torch.get_num_threads(),
                       "seconds": round(seconds, 1), "images_per_second": round(len(samples) / max(seconds, 1e-9), 2)}
     return table, samples, results
 
