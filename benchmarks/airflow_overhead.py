@@ -95,13 +95,13 @@ def parse_times(files: list[Path], repeats: int) -> dict[str, list[float]]:
 
 
 def mapped_overhead(work: Path, sizes: list[int], repeats: int) -> dict:
-    from ovtasks.embedded_airflow import airflow_env, dags_test, prepare
+    from ovtasks.core.config import PathsConfig
+    from ovtasks.orchestration.embedded import airflow_env, dags_test, prepare
 
     dags = work / "dags"
     dags.mkdir()
     (dags / "bench_mapped.py").write_text(MAPPED_DAG.format(sizes=sizes))
-    env = airflow_env(work / "airflow", {})
-    env["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags)
+    env = airflow_env(work / "airflow", {}, PathsConfig(dags_folder=dags, plugins_folder=ROOT / "plugins"))
     prepare(env)
     secs: dict[int, list[float]] = {m: [] for m in sizes}
     for _ in range(repeats):
@@ -119,9 +119,9 @@ def mapped_overhead(work: Path, sizes: list[int], repeats: int) -> dict:
 
 def ingest_task_seconds(work: Path, shard_size: int, repeats: int) -> float:
     """Median wall time of one mapped ingest task (stage_ingest) on one shard."""
-    from ovtasks.config import load_settings
-    from ovtasks.orchestration import stage_ingest
-    from ovtasks.synth import SynthSpec, generate
+    from ovtasks.core.config import load_settings
+    from ovtasks.orchestration.tasks import stage_ingest
+    from ovtasks.data.synth import SynthSpec, generate
 
     settings = load_settings(env={})
     raw = work / "raw"

@@ -1,4 +1,4 @@
-"""COCO evaluation speed: ovtasks.evaluate (faster-coco-eval) vs pycocotools, same GT and predictions.
+"""COCO evaluation speed: ovtasks.evaluate.coco (faster-coco-eval) vs pycocotools, same GT and predictions.
 
 GT: ``--images`` synthetic 128 px images with 2-6 instances each (rectangles and discs, 20
 categories, half of them "novel"); predictions: the GT masks perturbed (eroded, dilated, shifted),
@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ovtasks.evaluate import coco_ap  # noqa: E402
-from ovtasks.groundtruth import encode_rle, mask_bbox  # noqa: E402
+from ovtasks.evaluate.coco import coco_ap  # noqa: E402
+from ovtasks.data.groundtruth import encode_rle, mask_bbox  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -2,7 +2,7 @@
 
 The loop is how Grounded-SAM / autodistill label a data set: for every image, one Grounding-DINO call
 per object name ("ball."), then SAM's image embedding once per image and one SAM decode per box.
-Ours (:func:`ovtasks.grounded.label_grounded`): all of an image's names in one prompt, images batched,
+Ours (:func:`ovtasks.pseudolabel.grounded.generator.label_grounded`): all of an image's names in one prompt, images batched,
 one SAM embedding per image and all its boxes decoded together. Both run on the same images, names,
 models and thresholds, side by side in one run. With one name per image both give the same boxes
 (checked). With several names they differ by design: in one prompt each Grounding-DINO query goes to
@@ -39,12 +39,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ovtasks.candidates import Vocabulary, build_extractor  # noqa: E402
-from ovtasks.config import load_settings  # noqa: E402
-from ovtasks.grounded import GroundedModels, label_grounded  # noqa: E402
+from ovtasks.pseudolabel.candidates import Vocabulary, build_extractor  # noqa: E402
+from ovtasks.core.config import load_settings  # noqa: E402
+from ovtasks.pseudolabel.grounded.generator import GroundedModels, label_grounded  # noqa: E402
 from ovtasks.models.grounding_dino import GroundingDino, save_tiny as save_gdino  # noqa: E402
 from ovtasks.models.sam import SamSegmenter, save_tiny as save_sam  # noqa: E402
-from ovtasks.synth import SynthSpec, make_sample  # noqa: E402
+from ovtasks.data.synth import SynthSpec, make_sample  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = {  # (gdino kwargs, sam kwargs)
@@ -127,7 +127,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ovtasks-grounded-bench-") as d:
         models = build_models(Path(d), args.size, args.image_size, args.device, args.dtype, args.batch_size, words,
                               args.max_detections)
-        from ovtasks.candidates import Candidate
+        from ovtasks.pseudolabel.candidates import Candidate
 
         for wname, names in workloads.items():
             cand_lists = [[Candidate(n, j, True, n, "bench") for j, n in enumerate(ns)] for ns in names]

@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hostinfo import cpu_model  # noqa: E402
-from ovtasks.config import load_settings  # noqa: E402
-from ovtasks.ingest import ingest  # noqa: E402
-from ovtasks.shards import IMAGE_EXTS, iter_tar_samples  # noqa: E402
-from ovtasks.synth import SynthSpec, generate  # noqa: E402
+from ovtasks.core.config import load_settings  # noqa: E402
+from ovtasks.ingest.pipeline import ingest  # noqa: E402
+from ovtasks.core.shards import IMAGE_EXTS, iter_tar_samples  # noqa: E402
+from ovtasks.data.synth import SynthSpec, generate  # noqa: E402
 
 
 def decode_shard(path: str) -> int:

@@ -32,17 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ovtasks.config import load_settings  # noqa: E402
-from ovtasks.evaluate import evaluation_table, format_eval_table  # noqa: E402
-from ovtasks.groundtruth import GroundTruth  # noqa: E402
-from ovtasks.ingest import ingest  # noqa: E402
-from ovtasks.pseudo_label import load_maskfree, pseudo_label  # noqa: E402
-from ovtasks.storage import open_store  # noqa: E402
-from ovtasks.synth import SynthSpec, generate  # noqa: E402
-from ovtasks.train import (TrainConfig, eval_image_ids, evaluate_model, fit_ov_maskrcnn, gt_training_data, load_model,  # noqa: E402
+from ovtasks.core.config import load_settings  # noqa: E402
+from ovtasks.evaluate.coco import evaluation_table, format_eval_table  # noqa: E402
+from ovtasks.data.groundtruth import GroundTruth  # noqa: E402
+from ovtasks.ingest.pipeline import ingest  # noqa: E402
+from ovtasks.pseudolabel.runner import load_maskfree, pseudo_label  # noqa: E402
+from ovtasks.core.storage import open_store  # noqa: E402
+from ovtasks.data.synth import SynthSpec, generate  # noqa: E402
+from ovtasks.train.ov_maskrcnn import (TrainConfig, eval_image_ids, evaluate_model, fit_ov_maskrcnn, gt_training_data, load_model,  # noqa: E402
                            training_data)
-from ovtasks.train_wspn import WspnTrainConfig, train_wspn  # noqa: E402
-from ovtasks.validate import validate  # noqa: E402
+from ovtasks.train.wspn import WspnTrainConfig, train_wspn  # noqa: E402
+from ovtasks.validate.expectations import validate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -5,7 +5,7 @@ Mask AP50 for base and novel categories of (a) the GradCAM activation map thresh
 (b) the pseudo box (eq. 6) filled as a mask, (c) the WSS pseudo-mask (eq. 7), against the synthetic
 ground truth. Evaluation images (seed 0) are disjoint from the ITM training images (seed 1).
 
-The error budget (:func:`ovtasks.quality.error_budget`) replaces one stage at a time by its
+The error budget (:func:`ovtasks.evaluate.pseudo_labels.error_budget`) replaces one stage at a time by its
 ground-truth version: WSS on GT boxes with points from the GT mask (mask-stage bound), the best
 proposal through WSS (proposal bound, with the top-K's recall@0.5), eq. 6 with the GT mask as Phi
 (selection bound); plus the ITM's grounding (map peak on the named object, IoU of Phi with the GT).
@@ -31,13 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ovtasks.config import load_settings  # noqa: E402
-from ovtasks.ingest import ingest  # noqa: E402
-from ovtasks.pseudo_label import load_maskfree  # noqa: E402
-from ovtasks.groundtruth import GroundTruth  # noqa: E402
-from ovtasks.quality import error_budget, evaluate_pseudo_labels, format_budget, format_table, overlay_grid  # noqa: E402
-from ovtasks.synth import SynthSpec, generate  # noqa: E402
-from ovtasks.train_wspn import WspnTrainConfig, train_wspn  # noqa: E402
+from ovtasks.core.config import load_settings  # noqa: E402
+from ovtasks.ingest.pipeline import ingest  # noqa: E402
+from ovtasks.pseudolabel.runner import load_maskfree  # noqa: E402
+from ovtasks.data.groundtruth import GroundTruth  # noqa: E402
+from ovtasks.evaluate.pseudo_labels import error_budget, evaluate_pseudo_labels, format_budget, format_table, overlay_grid  # noqa: E402
+from ovtasks.data.synth import SynthSpec, generate  # noqa: E402
+from ovtasks.train.wspn import WspnTrainConfig, train_wspn  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

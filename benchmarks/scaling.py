@@ -4,7 +4,7 @@ One synthetic LAION-format set of ``max(--images)`` images in shards of ``--shar
 sets are its first shards, so every point sees the same images. Each (stage, workers, images) point
 runs in fresh processes, the way the DAGs run it:
 
-* ingest: ``ovtasks.ingest.ingest(workers=W)`` (its own process pool over shards, then the global
+* ingest: ``ovtasks.ingest.pipeline.ingest(workers=W)`` (its own process pool over shards, then the global
   near-duplicate pass and publishing);
 * pseudo-label: W worker processes, each labelling its share of the shards with
   ``orchestration.pseudo_label_group`` (what one mapped Celery task on the ``gpu`` queue runs; every
@@ -55,25 +55,25 @@ def label(src, out, workers, env, shards):
     os.environ.update(env)
     import torch
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
-    from ovtasks.config import load_settings
-    from ovtasks.orchestration import pseudo_label_group
+    from ovtasks.core.config import load_settings
+    from ovtasks.orchestration.tasks import pseudo_label_group
     return pseudo_label_group(src, out, shards, load_settings(), "grounded")
 
 
 if __name__ == "__main__":
     stage, src, out, workers, env = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
     os.environ.update(env)
-    from ovtasks.config import load_settings
+    from ovtasks.core.config import load_settings
     s = load_settings()
     t0 = time.perf_counter()
     if stage == "ingest":
-        from ovtasks.ingest import ingest
+        from ovtasks.ingest.pipeline import ingest
         r = ingest(src, out, s, workers=workers).report
         counts = {"images": r["seen"], "kept": r["kept"]}
     else:
-        from ovtasks.dataset import complete_shards
-        from ovtasks.pseudo_label import finalize
-        from ovtasks.storage import open_store
+        from ovtasks.data.clean import complete_shards
+        from ovtasks.pseudolabel.runner import finalize
+        from ovtasks.core.storage import open_store
         shards = complete_shards(open_store(src, s.s3))
         parts = [shards[i::workers] for i in range(workers)]
         job = partial(label, src, out, workers, env)
@@ -187,10 +187,10 @@ def main() -> int:
     args = ap.parse_args()
     if any(n % args.shard_size for n in args.images):
         ap.error("--images must be multiples of --shard-size")
-    from ovtasks.candidates import Vocabulary
-    from ovtasks.config import load_settings
+    from ovtasks.pseudolabel.candidates import Vocabulary
+    from ovtasks.core.config import load_settings
     from ovtasks.models import grounding_dino, sam
-    from ovtasks.synth import SynthSpec, generate
+    from ovtasks.data.synth import SynthSpec, generate
 
     work = Path(tempfile.mkdtemp(prefix="ovtasks-scaling-"))
     points = []

@@ -30,11 +30,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ovtasks.config import load_settings  # noqa: E402
-from ovtasks.evaluation import mask_ap50  # noqa: E402
-from ovtasks.groundtruth import GroundTruth, decode_rle  # noqa: E402
-from ovtasks.synth import SynthSpec, generate, make_sample  # noqa: E402
-from ovtasks.wss import WssJob, segment_boxes, segment_boxes_sequential  # noqa: E402
+from ovtasks.core.config import load_settings  # noqa: E402
+from ovtasks.evaluate.ap import mask_ap50  # noqa: E402
+from ovtasks.data.groundtruth import GroundTruth, decode_rle  # noqa: E402
+from ovtasks.data.synth import SynthSpec, generate, make_sample  # noqa: E402
+from ovtasks.pseudolabel.maskfree.wss import WssJob, segment_boxes, segment_boxes_sequential  # noqa: E402
 
 
 def make_jobs(n: int, seed: int, work: Path):

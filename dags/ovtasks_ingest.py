@@ -10,7 +10,7 @@ from datetime import datetime
 
 from airflow.sdk import Asset, dag, get_current_context, task
 
-from ovtasks.airflow_support import CLEAN_ASSET_URI, TAGS, default_args, run_key, settings
+from ovtasks.orchestration.dag_defaults import CLEAN_ASSET_URI, TAGS, default_args, run_key, settings
 
 CLEAN = Asset(CLEAN_ASSET_URI)
 
@@ -20,21 +20,21 @@ CLEAN = Asset(CLEAN_ASSET_URI)
 def ovtasks_ingest():
     @task(doc_md="Source shards without a complete manifest for the current ingest config.")
     def list_new() -> list[str]:
-        from ovtasks.orchestration import new_shards, uris
+        from ovtasks.orchestration.tasks import new_shards, uris
 
         s = settings()
         return new_shards(uris(s)["source"], uris(s)["clean"], s)
 
     @task(doc_md="Filters one shard; staged tars and perceptual hashes go to the store's _staging/<run>/.")
     def stage(shard: str) -> dict:
-        from ovtasks.orchestration import stage_ingest, uris
+        from ovtasks.orchestration.tasks import stage_ingest, uris
 
         s = settings()
         return stage_ingest(uris(s)["source"], uris(s)["clean"], shard, s, run_key(get_current_context()["run_id"]))
 
     @task(doc_md="Cross-shard near-duplicates of this run's shards, in name order (as `ovtasks ingest`).")
     def dedup(staged: list[dict]) -> list[str]:
-        from ovtasks.orchestration import dedup_staged, uris
+        from ovtasks.orchestration.tasks import dedup_staged, uris
 
         s = settings()
         shards = sorted(x["shard"] for x in staged)
@@ -43,14 +43,14 @@ def ovtasks_ingest():
 
     @task(doc_md="Publishes one shard atomically, manifest last.")
     def publish(shard: str) -> dict:
-        from ovtasks.orchestration import publish_ingest, uris
+        from ovtasks.orchestration.tasks import publish_ingest, uris
 
         s = settings()
         return publish_ingest(uris(s)["source"], uris(s)["clean"], shard, s, run_key(get_current_context()["run_id"]))
 
     @task(outlets=[CLEAN], doc_md="Run report (seen = kept + quarantined), staging removed, clean-shards Asset updated.")
     def report(entries: list[dict]) -> dict:
-        from ovtasks.orchestration import finish_ingest, uris
+        from ovtasks.orchestration.tasks import finish_ingest, uris
 
         s = settings()
         return finish_ingest(uris(s)["source"], uris(s)["clean"], list(entries), s, run_key(get_current_context()["run_id"]))

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from ovtasks.airflow_support import TAGS, default_args, settings
+from ovtasks.orchestration.dag_defaults import TAGS, default_args, settings
 
 
 @dag(dag_id="ovtasks_promote", schedule=None, start_date=datetime(2026, 1, 1), catchup=False, tags=TAGS + ["mlflow", "promote"],
@@ -21,8 +21,8 @@ def ovtasks_promote():
     @task(doc_md="The promotion gate; returns promoted, reason, challenger and champion before/after, and sends the "
           "decision as an alert (mail / Slack where configured).")
     def promote() -> dict:
-        from ovtasks.alerts import promotion_text, send_alert
-        from ovtasks.orchestration import promote_model
+        from ovtasks.orchestration.alerts import promotion_text, send_alert
+        from ovtasks.orchestration.tasks import promote_model
 
         p = get_current_context()["params"]
         result = promote_model(settings(), p["model"], p["tolerance"], p["who"], p["reason"])

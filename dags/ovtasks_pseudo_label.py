@@ -11,7 +11,7 @@ from datetime import datetime
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-from ovtasks.airflow_support import CLEAN_ASSET_URI, GPU_POOL, GPU_QUEUE, PSEUDO_ASSET_URI, TAGS, default_args, settings
+from ovtasks.orchestration.dag_defaults import CLEAN_ASSET_URI, GPU_POOL, GPU_QUEUE, PSEUDO_ASSET_URI, TAGS, default_args, settings
 
 CLEAN, PSEUDO = Asset(CLEAN_ASSET_URI), Asset(PSEUDO_ASSET_URI)
 
@@ -22,7 +22,7 @@ CLEAN, PSEUDO = Asset(CLEAN_ASSET_URI), Asset(PSEUDO_ASSET_URI)
 def ovtasks_pseudo_label():
     @task(doc_md="Groups of clean shards still to label (at most max_map_length groups).")
     def plan() -> list[list[str]]:
-        from ovtasks.orchestration import pending_pseudo_shards, shard_groups, uris
+        from ovtasks.orchestration.tasks import pending_pseudo_shards, shard_groups, uris
 
         s = settings()
         gen = get_current_context()["params"]["generator"] or s.pipeline.generator
@@ -31,7 +31,7 @@ def ovtasks_pseudo_label():
 
     @task(queue=GPU_QUEUE, pool=GPU_POOL, doc_md="Labels a group of shards (models loaded once); complete shards are skipped.")
     def label(shards: list[str]) -> list[dict]:
-        from ovtasks.orchestration import pseudo_label_group, uris
+        from ovtasks.orchestration.tasks import pseudo_label_group, uris
 
         s = settings()
         gen = get_current_context()["params"]["generator"] or s.pipeline.generator
@@ -39,7 +39,7 @@ def ovtasks_pseudo_label():
 
     @task(outlets=[PSEUDO], doc_md="Run report, vocabulary and text embeddings from the shard manifests; fails if a shard is missing.")
     def finalize(done: list) -> dict:
-        from ovtasks.orchestration import finalize_pseudo_label, uris
+        from ovtasks.orchestration.tasks import finalize_pseudo_label, uris
 
         s = settings()
         gen = get_current_context()["params"]["generator"] or s.pipeline.generator

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from ovtasks.airflow_support import (GPU_POOL, GPU_QUEUE, MODEL_ASSET_URI, PSEUDO_ASSET_URI, RETRAIN_CRON, RETRAIN_EVAL_IMAGES,
+from ovtasks.orchestration.dag_defaults import (GPU_POOL, GPU_QUEUE, MODEL_ASSET_URI, PSEUDO_ASSET_URI, RETRAIN_CRON, RETRAIN_EVAL_IMAGES,
                                      RETRAIN_STEPS, TAGS, default_args, run_key, settings)
 
 PSEUDO, MODEL = Asset(PSEUDO_ASSET_URI), Asset(MODEL_ASSET_URI)
@@ -28,7 +28,7 @@ PSEUDO, MODEL = Asset(PSEUDO_ASSET_URI), Asset(MODEL_ASSET_URI)
 def ovtasks_retrain():
     @task(doc_md="Great Expectations gate over every pseudo-label shard; fails when no shard passes.")
     def validate() -> dict:
-        from ovtasks.orchestration import uris, validate_pseudo
+        from ovtasks.orchestration.tasks import uris, validate_pseudo
 
         s = settings()
         return validate_pseudo(uris(s)["pseudo"], s, get_current_context()["params"]["generator"] or s.pipeline.generator)
@@ -37,7 +37,7 @@ def ovtasks_retrain():
           "in the model's data manifest). Checkpoints and the model go to pipeline.models_uri (the store in a deployment), "
           "so a retry on any worker resumes and the register task on any worker finds the model.")
     def train(gate: dict) -> dict:
-        from ovtasks.orchestration import model_run_uri, train_run, uris
+        from ovtasks.orchestration.tasks import model_run_uri, train_run, uris
 
         s, ctx = settings(), get_current_context()
         p, u = ctx["params"], uris(s)
@@ -48,7 +48,7 @@ def ovtasks_retrain():
     @task(queue=GPU_QUEUE, pool=GPU_POOL, outlets=[MODEL], doc_md="Evaluates on the held-out images only (refuses otherwise; base/novel, "
           "generalized/constrained), logs to MLflow, registers the challenger (updates the model Asset).")
     def register(trained: dict) -> dict:
-        from ovtasks.orchestration import evaluate_and_register, uris
+        from ovtasks.orchestration.tasks import evaluate_and_register, uris
 
         s, ctx = settings(), get_current_context()
         p, u = ctx["params"], uris(s)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ovtasks.config import Settings
-from ovtasks.shards import iter_tar_samples
-from ovtasks.storage import open_store
+from ovtasks.core.config import Settings
+from ovtasks.core.shards import iter_tar_samples
+from ovtasks.core.storage import open_store
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
@@ -125,8 +125,8 @@ def _airflow_chain(root: Path, settings: Settings, synth_uri: str, ingest_uri: s
     """Step 10: the same data through the DAGs with `airflow dags test` on a SQLite DB under ``root``.
     Ingest finds no new shard and pseudo-label finds every shard complete (their manifests), so only
     the weekly retrain does real work; then the promotion gate runs as a DAG."""
-    from ovtasks.embedded_airflow import AirflowCommandError, airflow_env, prepare, run_chain, write_ui_script
-    from ovtasks.registry import registered_name, tracking_uri
+    from ovtasks.orchestration.embedded import AirflowCommandError, airflow_env, prepare, run_chain, write_ui_script
+    from ovtasks.registry.lifecycle import registered_name, tracking_uri
 
     print(f"[10/10] Airflow (embedded): ovtasks_ingest -> ovtasks_pseudo_label -> ovtasks_retrain -> ovtasks_promote "
           f"with `airflow dags test`, SQLite DB {root / 'airflow' / 'airflow.db'}", flush=True)
@@ -135,7 +135,7 @@ def _airflow_chain(root: Path, settings: Settings, synth_uri: str, ingest_uri: s
            "OVTASKS_PIPELINE__MODELS_URI": str(root / "models"), "OVTASKS_REGISTRY__TRACKING_URI": tracking_uri(settings),
            "OVTASKS_MASKFREE__ITM_MODEL": str(settings.maskfree.itm_model), "OVTASKS_MASKFREE__WSPN_MODEL": str(settings.maskfree.wspn_model),
            "OVDAGS_RETRY_DELAY_S": "5"}
-    env = airflow_env(root / "airflow", ovt)
+    env = airflow_env(root / "airflow", ovt, settings.paths)
     try:
         prepare(env)
         chain = run_chain(env, [("ovtasks_ingest", None), ("ovtasks_pseudo_label", None),
@@ -157,7 +157,6 @@ def _airflow_chain(root: Path, settings: Settings, synth_uri: str, ingest_uri: s
     return chain, outcome, write_ui_script(root / "airflow" / "airflow-ui.sh", env)
 
 
-COMMITTED_ITM = Path(__file__).resolve().parents[1] / "models" / "itm-synth"
 ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard 256 --seed 1 --failure-rate 0.02 && "
               "ovtasks ingest --src data/itm/laion --out data/itm/clean && "
               "ovtasks train-itm --src data/itm/clean --out models/itm-synth --gt data/itm/laion "
@@ -170,16 +169,16 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     """The whole pipeline on synthetic data. The first ``eval_images`` images with GT are held out of every
     training (they are what the models are scored on). Step 10's weekly retrain trains a second, shorter
     model (``airflow_train_steps``), so its promotion shows the gate comparing two models on the same images."""
-    from ovtasks.ingest import ingest
-    from ovtasks.pseudo_label import load_maskfree, pseudo_label
-    from ovtasks.groundtruth import GroundTruth
-    from ovtasks.quality import error_budget, evaluate_pseudo_labels, format_budget, format_table, overlay_grid
-    from ovtasks.synth import SynthSpec, generate
-    from ovtasks.train_itm import ItmTrainConfig, train_itm
-    from ovtasks.train_wspn import WspnTrainConfig, train_wspn
-    from ovtasks.registry import log_and_register, promote, tracking_uri
-    from ovtasks.train import TrainConfig, eval_image_ids, evaluate_model, load_model, train_ov_maskrcnn
-    from ovtasks.validate import validate
+    from ovtasks.ingest.pipeline import ingest
+    from ovtasks.pseudolabel.runner import load_maskfree, pseudo_label
+    from ovtasks.data.groundtruth import GroundTruth
+    from ovtasks.evaluate.pseudo_labels import error_budget, evaluate_pseudo_labels, format_budget, format_table, overlay_grid
+    from ovtasks.data.synth import SynthSpec, generate
+    from ovtasks.train.itm import ItmTrainConfig, train_itm
+    from ovtasks.train.wspn import WspnTrainConfig, train_wspn
+    from ovtasks.registry.lifecycle import log_and_register, promote, tracking_uri
+    from ovtasks.train.ov_maskrcnn import TrainConfig, eval_image_ids, evaluate_model, load_model, train_ov_maskrcnn
+    from ovtasks.validate.expectations import validate
 
     root = Path(out).absolute()
     workers = workers or settings.workers
@@ -195,8 +194,8 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     itm_uri = settings.maskfree.itm_model
     if itm_uri:
         print(f"[3/10] train-itm: skipped, using maskfree.itm_model={itm_uri}", flush=True)
-    elif train_itm_steps is None and (COMMITTED_ITM / "model.safetensors").exists():
-        itm_uri = str(COMMITTED_ITM)
+    elif train_itm_steps is None and (Path(settings.paths.committed_itm) / "model.safetensors").exists():
+        itm_uri = str(Path(settings.paths.committed_itm).absolute())
         print(f"[3/10] train-itm: using the committed checkpoint {itm_uri}\n      (made by: {ITM_RECIPE};"
               " pass --train-itm-steps N to train one here)", flush=True)
     else:
@@ -226,8 +225,8 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     ssam_dir, sa1b_uri = str(root / "models" / "semantic-sam"), str(root / "sa1b")
     print(f"[9/10] Semantic-SAM: SA-1B-format masks ({sa1b_uri}) + the pseudo-labels' names, 1:4, {semantic_sam_steps} steps "
           f"-> {ssam_dir}; box-prompted evaluation; registered as its own model", flush=True)
-    from ovtasks.sa1b import write_synthetic
-    from ovtasks.train_semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
+    from ovtasks.data.sa1b import write_synthetic
+    from ovtasks.train.semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
 
     write_synthetic(sa1b_uri, settings, images=512, image_size=settings.synth.image_size)
     ssam = train_semantic_sam(ingest_uri, str(root), sa1b_uri, ssam_dir, settings, SemanticSamConfig(steps=semantic_sam_steps),

@@ -112,7 +112,7 @@ class Stack:
         """Migrate, create the GPU pool, start every component and the Celery workers (default: one named
         ``worker`` for `default,gpu`; else ``{name: (queues, env)}``); the logged-in REST client once every
         DAG in ``dag`` is parsed (the first one is unpaused). An anonymous REST request must be refused."""
-        from ovtasks.airflow_api import Airflow
+        from ovtasks.orchestration.rest import Airflow
 
         dags = [dag] if isinstance(dag, str) else list(dag)
         self.run("db", "migrate")

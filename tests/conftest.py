@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from seaweed import start_seaweed, weed_binary  # noqa: E402
 
-from ovtasks.config import Settings, load_settings  # noqa: E402
+from ovtasks.core.config import Settings, load_settings  # noqa: E402
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def s3_settings(seaweed) -> Settings:
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory):
     """2 shards x 40 images, 128 px, seed 7: (uri, summary)."""
-    from ovtasks.synth import SynthSpec, generate
+    from ovtasks.data.synth import SynthSpec, generate
 
     out = tmp_path_factory.mktemp("synth") / "laion"
     summary = generate(SynthSpec(seed=7, shards=2, images_per_shard=40, image_size=128, failure_rate=0.25),
@@ -55,7 +55,7 @@ def synth_small(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clean_small(synth_small, tmp_path_factory):
     """``synth_small`` ingested: the clean shards' URI."""
-    from ovtasks.ingest import ingest
+    from ovtasks.ingest.pipeline import ingest
 
     out = tmp_path_factory.mktemp("clean-small") / "clean"
     ingest(synth_small[0], str(out), load_settings(env={}), workers=1)
@@ -68,7 +68,7 @@ def tiny_itm_dir(tmp_path_factory):
     import torch
     from transformers import BlipForImageTextRetrieval
 
-    from ovtasks.candidates import Vocabulary
+    from ovtasks.pseudolabel.candidates import Vocabulary
     from ovtasks.models.itm import ItmModel, build_word_tokenizer, tiny_blip_config
 
     d = tmp_path_factory.mktemp("itm")
@@ -84,7 +84,7 @@ def tiny_itm_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_grounded(tmp_path_factory):
     """Tiny random Grounding-DINO and SAM checkpoints (real layouts, with processor files): (gdino_dir, sam_dir)."""
-    from ovtasks.candidates import Vocabulary
+    from ovtasks.pseudolabel.candidates import Vocabulary
     from ovtasks.models import grounding_dino, sam
 
     d = tmp_path_factory.mktemp("grounded")
@@ -100,11 +100,11 @@ def labelled(synth_small, clean_small, tmp_path_factory):
 
     import numpy as np
 
-    from ovtasks.dataset import complete_shards, iter_shard
-    from ovtasks.groundtruth import GroundTruth
+    from ovtasks.data.clean import complete_shards, iter_shard
+    from ovtasks.data.groundtruth import GroundTruth
     from ovtasks.models.text_encoder import TextEncoder
-    from ovtasks.storage import open_store
-    from ovtasks.validate import validate
+    from ovtasks.core.storage import open_store
+    from ovtasks.validate.expectations import validate
 
     s = load_settings(env={})
     gt = GroundTruth.load(synth_small[0], s)

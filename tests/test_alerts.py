@@ -1,4 +1,4 @@
-"""Alerts (ovtasks.alerts) to a real local SMTP server (aiosmtpd) and a local Slack-style webhook, configured
+"""Alerts (ovtasks.orchestration.alerts) to a real local SMTP server (aiosmtpd) and a local Slack-style webhook, configured
 through Airflow connections in the environment, as a deployment would."""
 
 import http.server
@@ -37,7 +37,7 @@ def webhook():
 
 
 def test_failure_and_promotion_alerts_reach_mail_and_slack(smtp_server, webhook, monkeypatch):
-    from ovtasks.alerts import failure_text, promotion_text, send_alert
+    from ovtasks.orchestration.alerts import failure_text, promotion_text, send_alert
 
     url, posts = webhook
     mails = smtp_server.messages
@@ -62,7 +62,7 @@ def test_failure_and_promotion_alerts_reach_mail_and_slack(smtp_server, webhook,
 
 
 def test_unconfigured_or_unreachable_channels_never_raise(monkeypatch):
-    from ovtasks.alerts import send_alert
+    from ovtasks.orchestration.alerts import send_alert
 
     monkeypatch.delenv("OVDAGS_ALERT_EMAILS", raising=False)
     assert send_alert("s", "b") == []  # nothing configured: nothing sent, no error
@@ -76,7 +76,7 @@ def test_unconfigured_or_unreachable_channels_never_raise(monkeypatch):
 
 def test_s3_and_mlflow_credentials_from_airflow_connections(monkeypatch):
     """Credentials the environment does not set come from Airflow Connections; the environment wins."""
-    from ovtasks.airflow_support import settings
+    from ovtasks.orchestration.dag_defaults import settings
 
     for k in ("OVTASKS_S3__ACCESS_KEY", "OVTASKS_S3__SECRET_KEY", "OVTASKS_S3__ENDPOINT", "OVTASKS_REGISTRY__TRACKING_URI",
               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ovtasks.config import load_settings
-from ovtasks.ingest import ingest
-from ovtasks.shards import iter_tar_samples
+from ovtasks.core.config import load_settings
+from ovtasks.ingest.pipeline import ingest
+from ovtasks.core.shards import iter_tar_samples
 
 CAPTION = "a photo of a red ball and a blue box on the kitchen table"
 
@@ -267,7 +267,7 @@ def test_exact_duplicate_across_shards(tmp_path):
 
 
 def test_every_reason_is_documented():
-    from ovtasks.ingest import REASONS
+    from ovtasks.ingest.pipeline import REASONS
 
     for _, _, reason in REJECTED:
         assert reason in REASONS

@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from ovtasks.candidates import (
+from ovtasks.pseudolabel.candidates import (
     OPEN_VOCAB_ID_BASE,
     LexiconExtractor,
     LLMExtractor,

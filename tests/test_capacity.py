@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from ovtasks.capacity import helm_values, measured, plan
+from ovtasks.core.config import load_settings
+from ovtasks.orchestration.capacity import helm_values, measured, plan
 from tests.test_deploy_files import CHART, _errors, _values
 
 
@@ -52,21 +53,21 @@ def test_helm_values_of_a_plan_validate_against_the_chart_schema():
 
 
 def test_measured_throughput_comes_from_the_committed_results():
-    m = measured()
+    m = measured(load_settings(env={}).paths.benchmark_results)
     doc = json.loads((CHART.parents[1] / "benchmarks" / "results" / "grounded_cuda.json").read_text())
     assert m.gpu_images_per_s in [r["batched_img_s"] for r in doc["rows"]] and "H100" in m.gpu_source
     with pytest.raises(FileNotFoundError, match="gpu-images-per-s"):
-        measured(generator="maskfree")
+        measured(load_settings(env={}).paths.benchmark_results, generator="maskfree")
 
 
 def test_cli_plan_writes_values(tmp_path):
     out = tmp_path / "plan.yaml"
-    r = subprocess.run([sys.executable, "-m", "ovtasks.cli", "plan", "--images-per-week", "20e6", "--gpu-images-per-s", "20",
+    r = subprocess.run([sys.executable, "-m", "ovtasks.cli.main", "plan", "--images-per-week", "20e6", "--gpu-images-per-s", "20",
                         "--ingest-images-per-core-s", "200", "--values-out", str(out), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["gpu_workers"] == math.ceil(20e6 / 20 / (72 * 3600 * 0.7))
     assert yaml.safe_load(out.read_text())["ovtasks"]["gpuPoolSlots"] == doc["gpu_workers"]
-    r = subprocess.run([sys.executable, "-m", "ovtasks.cli", "plan", "--images-per-week", "1e6", "--generator", "maskfree"],
+    r = subprocess.run([sys.executable, "-m", "ovtasks.cli.main", "plan", "--images-per-week", "1e6", "--generator", "maskfree"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "gpu-images-per-s" in r.stderr

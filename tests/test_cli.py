@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 
-from ovtasks.cli import main
+from ovtasks.cli.main import main
 
 BIN = Path(sys.executable).parent / "ovtasks"
 
@@ -55,8 +55,8 @@ def test_logs_are_json_when_not_a_terminal(tmp_path):
 
 
 def test_model_stage_commands(tmp_path, capsys, synth_small):
-    from ovtasks.config import load_settings
-    from ovtasks.ingest import ingest
+    from ovtasks.core.config import load_settings
+    from ovtasks.ingest.pipeline import ingest
 
     clean = tmp_path / "clean"
     ingest(synth_small[0], str(clean), load_settings(env={}), workers=1)

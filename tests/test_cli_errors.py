@@ -86,7 +86,7 @@ def test_status_reads_without_creating_a_registry(tmp_path):
 
 
 def test_an_internal_error_is_one_line_with_its_own_code(tmp_path, monkeypatch, capsys):
-    from ovtasks import cli
+    from ovtasks.cli import main as cli
 
     def broken(args, settings):
         raise ZeroDivisionError("a bug")

@@ -1,6 +1,6 @@
 import pytest
 
-from ovtasks.config import ConfigError, load_settings
+from ovtasks.core.config import ConfigError, load_settings
 
 
 def test_defaults_are_embedded_and_credential_free():
@@ -59,7 +59,7 @@ def test_fingerprint_changes_with_section():
 
 @pytest.mark.parametrize("secret", ["hunter2 #prod", "12345678", "0755", "yes", "~", "null", "[a, b]", "p@ss: word"])
 def test_secrets_are_taken_verbatim_from_env_and_files(tmp_path, secret):
-    from ovtasks.config import load_settings
+    from ovtasks.core.config import load_settings
 
     f = tmp_path / "secret"
     f.write_text(secret + "\n")
@@ -69,7 +69,7 @@ def test_secrets_are_taken_verbatim_from_env_and_files(tmp_path, secret):
 
 
 def test_a_yaml_error_never_echoes_the_line(tmp_path):
-    from ovtasks.config import ConfigError, load_settings
+    from ovtasks.core.config import ConfigError, load_settings
 
     p = tmp_path / "c.yaml"
     p.write_text("s3:\n  secret_key: hunter2: the-secret\n")  # the error is on the secret's line
@@ -79,6 +79,6 @@ def test_a_yaml_error_never_echoes_the_line(tmp_path):
 
 
 def test_model_cache_variable_is_not_a_settings_key(tmp_path):
-    from ovtasks.config import load_settings
+    from ovtasks.core.config import load_settings
 
     load_settings(env={"OVTASKS_MODEL_CACHE": str(tmp_path), "OVTASKS_TRACEBACK": "1"})  # read by the loader / the CLI

@@ -51,7 +51,7 @@ def test_compose_file_matches_the_compose_specification():
 
 
 def test_compose_services_queues_and_wiring():
-    from ovtasks.airflow_support import GPU_POOL, GPU_QUEUE
+    from ovtasks.orchestration.dag_defaults import GPU_POOL, GPU_QUEUE
 
     c = _compose()
     s = c["services"]
@@ -71,7 +71,7 @@ def test_compose_services_queues_and_wiring():
     assert s["worker-gpu"]["environment"]["AIRFLOW__CELERY__BROKER_URL"] == env["AIRFLOW__CELERY__BROKER_URL"]
     assert "@postgres:5432/mlflow" in " ".join(s["mlflow"]["command"])
     # every ovtasks setting the compose file sets is a real setting
-    from ovtasks.config import load_settings
+    from ovtasks.core.config import load_settings
 
     ovt = {k: v for k, v in env.items() if k.startswith("OVTASKS_") and "${" not in str(v)}
     load_settings(env=ovt)
@@ -183,7 +183,7 @@ PIPELINE_KEYS = {"OVTASKS_MASKFREE__ITM_MODEL", "OVTASKS_MASKFREE__WSPN_MODEL", 
 
 
 def test_compose_sets_every_model_and_the_evaluation_set_in_the_store():
-    from ovtasks.config import load_settings
+    from ovtasks.core.config import load_settings
 
     for svc in ("airflow-scheduler", "worker-cpu", "worker-gpu"):
         env = _compose()["services"][svc]["environment"]
@@ -201,7 +201,7 @@ def test_helm_config_map_sets_what_compose_sets_and_only_real_settings():
 
     import yaml
 
-    from ovtasks.config import load_settings
+    from ovtasks.core.config import load_settings
 
     tpl = (CHART / "templates" / "ovtasks-env.yaml").read_text()
     keys = set(re.findall(r"^  ([A-Z0-9_]+):", tpl, re.M))
@@ -229,7 +229,7 @@ def test_every_ovtasks_value_is_read_by_a_template():
 
 
 def _plan_values():
-    from ovtasks.capacity import Plan, helm_values
+    from ovtasks.orchestration.capacity import Plan, helm_values
 
     p = Plan(10_000_000, 72.0, 0.7, 30.0, 3, 40.0, 1000, 4, 250, 20, 10, 500.0, 600.0, 5.0, ())
     return helm_values(p)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ovtasks.config import load_settings
-from ovtasks.evaluate import coco_ap, evaluation_table, format_eval_table, split_ids
-from ovtasks.groundtruth import GroundTruth, decode_rle, encode_rle, mask_bbox
+from ovtasks.core.config import load_settings
+from ovtasks.evaluate.coco import coco_ap, evaluation_table, format_eval_table, split_ids
+from ovtasks.data.groundtruth import GroundTruth, decode_rle, encode_rle, mask_bbox
 
 
 @pytest.fixture(scope="module")

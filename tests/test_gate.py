@@ -4,10 +4,10 @@ challengers and a 0.0 model get the right decision."""
 import numpy as np
 import pytest
 
-from ovtasks.config import load_settings
-from ovtasks.evaluate import coco_ap, split_ids
-from ovtasks.gate import ap50, decide, evaluation_set_digest, match_table, paired_bootstrap
-from ovtasks.groundtruth import GroundTruth, decode_rle, encode_rle, mask_bbox
+from ovtasks.core.config import load_settings
+from ovtasks.evaluate.coco import coco_ap, split_ids
+from ovtasks.registry.gate import ap50, decide, evaluation_set_digest, match_table, paired_bootstrap
+from ovtasks.data.groundtruth import GroundTruth, decode_rle, encode_rle, mask_bbox
 from tests.test_evaluate import noisy_predictions
 
 

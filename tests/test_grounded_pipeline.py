@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from ovtasks.config import load_settings
-from ovtasks.dataset import iter_shard
-from ovtasks.groundtruth import decode_rle
-from ovtasks.pseudo_label import load_generator, pseudo_label
-from ovtasks.storage import open_store
+from ovtasks.core.config import load_settings
+from ovtasks.data.clean import iter_shard
+from ovtasks.data.groundtruth import decode_rle
+from ovtasks.pseudolabel.runner import load_generator, pseudo_label
+from ovtasks.core.storage import open_store
 
 
 def _settings(tiny_grounded, **extra):
@@ -132,7 +132,7 @@ def test_missing_grounded_models_and_mismatched_generator(tiny_grounded, clean_s
 
 
 def test_cli_grounded(clean_small, tiny_grounded, tmp_path, capsys):
-    from ovtasks.cli import main
+    from ovtasks.cli.main import main
 
     rc = main(["pseudo-label", "--src", clean_small, "--out", str(tmp_path / "cli"), "--generator", "grounded",
                "--gdino-model", tiny_grounded[0], "--sam-model", tiny_grounded[1], "--dtype", "float32", "--batch-size", "3"])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ovtasks.config import load_settings
-from ovtasks.ingest import ingest, list_shards
+from ovtasks.core.config import load_settings
+from ovtasks.ingest.pipeline import ingest, list_shards
 from bounded import call_within
 from tar_bytes import BLOCK, end as _end, header as _header, member as _member, pax as _pax
 from test_bad_inputs import CAPTION, _encode, _flatten, _good, _noise, _parquet, _run, _tar
@@ -51,7 +51,7 @@ def test_pax_size_minus_one_is_refused(tmp_path):
 
 @pytest.mark.parametrize("typeflag", [b"x", b"L"])
 def test_oversized_meta_header_is_skipped_unread_and_its_member_quarantined(tmp_path, typeflag, monkeypatch):
-    import ovtasks.shards as shards
+    import ovtasks.core.shards as shards
 
     monkeypatch.setattr(shards, "MAX_META_HEADER_BYTES", 4096)  # 4 KiB here; 64 KiB by default
     payload = b"n" * 20_000 if typeflag == b"L" else b"20016 path=" + b"p" * 20_004 + b"\n"  # a well-formed record
@@ -72,7 +72,7 @@ def test_oversized_meta_header_is_skipped_unread_and_its_member_quarantined(tmp_
 
 
 def test_a_very_long_member_name_is_quarantined_and_shortened_in_the_index(tmp_path):
-    from ovtasks.ingest import MAX_INDEX_KEY_CHARS
+    from ovtasks.ingest.pipeline import MAX_INDEX_KEY_CHARS
 
     name = ("d" * 5000 + "/000000001").encode()
     record = _pax([(b"path", name)])
@@ -103,7 +103,7 @@ def test_one_bad_image_never_costs_the_rest_of_its_shard(tmp_path, monkeypatch):
         Image.open(io.BytesIO(tiff)).n_frames
     samples = {"000000000": _good(1), "000000001": {"tif": tiff, "txt": CAPTION.encode()}, "000000002": _good(2),
                "000000003": {"png": _encode(_noise(4), "PNG"), "txt": CAPTION.encode()}, "000000004": _good(5)}
-    import ovtasks.imaging as imaging
+    import ovtasks.core.imaging as imaging
 
     real_save = Image.Image.save
 
@@ -121,7 +121,7 @@ def test_one_bad_image_never_costs_the_rest_of_its_shard(tmp_path, monkeypatch):
 
 
 def test_an_unforeseen_exception_in_the_checks_quarantines_one_sample(tmp_path, monkeypatch):
-    import ovtasks.ingest as ingest_mod
+    import ovtasks.ingest.pipeline as ingest_mod
 
     real = ingest_mod.detect_language
 
@@ -170,8 +170,8 @@ def test_integer_parquet_keys_match_the_tar_keys(tmp_path):
 
 
 def test_a_failed_reingest_does_not_leave_the_old_output_complete(tmp_path):
-    from ovtasks.dataset import complete_shards
-    from ovtasks.storage import open_store
+    from ovtasks.data.clean import complete_shards
+    from ovtasks.core.storage import open_store
 
     report, _, out = _run(tmp_path, {"00000.tar": _tar(_flatten({"000000000": _good(1)}))})
     assert report["kept"] == 1 and complete_shards(open_store(str(out))) == ["00000"]
@@ -182,7 +182,7 @@ def test_a_failed_reingest_does_not_leave_the_old_output_complete(tmp_path):
 
 
 def test_a_name_with_a_trailing_newline_is_not_a_shard(tmp_path):
-    from ovtasks.storage import open_store
+    from ovtasks.core.storage import open_store
 
     src = tmp_path / "src"
     src.mkdir()
@@ -216,14 +216,14 @@ def test_scratch_left_by_a_killed_run_is_removed_by_the_next(tmp_path):
     import sys
 
     out = tmp_path / "out"
-    code = ("import os, sys; from ovtasks.storage import open_store; d = open_store(sys.argv[1]).scratch_dir(); "
+    code = ("import os, sys; from ovtasks.core.storage import open_store; d = open_store(sys.argv[1]).scratch_dir(); "
             "open(os.path.join(d, 'staged.tar'), 'wb').write(b'x' * 1000); print(d, flush=True); os.kill(os.getpid(), 9)")
     r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
     left = Path(r.stdout.strip())
     assert r.returncode == -9 and left.is_dir() and left.parent == out  # what SIGKILL leaves behind
     _run(tmp_path, {"00000.tar": _tar(_flatten({"000000000": _good(1)}))})
     assert not left.exists() and not [p for p in out.iterdir() if p.name.startswith(".ovtmp-")]
-    from ovtasks.storage import open_store
+    from ovtasks.core.storage import open_store
 
     mine = Path(open_store(str(out)).scratch_dir())  # a live process's scratch is never touched
     open_store(str(out)).scratch_dir()
@@ -231,8 +231,8 @@ def test_scratch_left_by_a_killed_run_is_removed_by_the_next(tmp_path):
 
 
 def test_coco_image_ids_are_unique_for_every_key_ingest_keeps(tmp_path):
-    from ovtasks.dataset import complete_shards, image_id, iter_shard
-    from ovtasks.storage import open_store
+    from ovtasks.data.clean import complete_shards, image_id, iter_shard
+    from ovtasks.core.storage import open_store
 
     assert image_id("000000012") == 12 and image_id("dir/00012") != image_id("dir/00013")
     assert image_id("dir/00012") >= 1 << 52 and image_id("1" * 16) >= 1 << 52 and image_id("x" * 5000) < 1 << 53

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ovtasks.config import IngestConfig
-from ovtasks.imaging import ImageRejected, NearDuplicateIndex, decode_image, phash64
+from ovtasks.core.config import IngestConfig
+from ovtasks.core.imaging import ImageRejected, NearDuplicateIndex, decode_image, phash64
 
 
 def _noise(seed: int, size=(96, 80)) -> Image.Image:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ovtasks.ingest import ingest
-from ovtasks.shards import iter_tar_samples
-from ovtasks.storage import open_store
-from ovtasks.synth import SynthSpec, generate
+from ovtasks.ingest.pipeline import ingest
+from ovtasks.core.shards import iter_tar_samples
+from ovtasks.core.storage import open_store
+from ovtasks.data.synth import SynthSpec, generate
 
 
 def _quarantine(store) -> dict[str, dict]:
@@ -126,8 +126,8 @@ def test_no_shards_is_a_clear_error(settings, tmp_path):
 
 _RSS_SCRIPT = """
 import resource, sys
-from ovtasks.config import load_settings
-from ovtasks.ingest import ingest
+from ovtasks.core.config import load_settings
+from ovtasks.ingest.pipeline import ingest
 ingest(sys.argv[1], sys.argv[2], load_settings(env={}), workers=1)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

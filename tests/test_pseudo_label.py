@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ovtasks.config import load_settings
-from ovtasks.pseudo_box import box_scores, pseudo_box
-from ovtasks.pseudo_label import load_maskfree, pseudo_label
+from ovtasks.core.config import load_settings
+from ovtasks.pseudolabel.maskfree.pseudo_box import box_scores, pseudo_box
+from ovtasks.pseudolabel.runner import load_maskfree, pseudo_label
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_pseudo_label_outputs_resume_and_idempotency(clean, itm_dir, tmp_path):
 def test_pseudo_label_to_s3(clean, itm_dir, s3_settings):
     s = _settings(itm_dir).model_copy(update={"s3": s3_settings.s3})
     rep = pseudo_label(clean, "s3://pseudo/run1", s).report
-    from ovtasks.storage import open_store
+    from ovtasks.core.storage import open_store
 
     store = open_store("s3://pseudo/run1", s3_settings.s3)
     assert store.exists("pseudo/maskfree/00000.manifest.json") and store.exists("pseudo/maskfree/00001.json")
@@ -115,9 +115,9 @@ def test_eq6_pseudo_box_cases():
 
 
 def test_images_without_candidates_get_no_annotations(tmp_path, itm_dir):
-    from ovtasks.candidates import Candidate
-    from ovtasks.dataset import CleanSample
-    from ovtasks.pseudo_label import label_images, to_coco
+    from ovtasks.pseudolabel.candidates import Candidate
+    from ovtasks.data.clean import CleanSample
+    from ovtasks.pseudolabel.runner import label_images, to_coco
 
     s = _settings(itm_dir)
     models = load_maskfree(s)

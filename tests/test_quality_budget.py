@@ -4,13 +4,13 @@ reaches the GT; a name without a GT instance keeps the chain's mask in every row
 import numpy as np
 import pytest
 
-from ovtasks.activation import ActivationMap
-from ovtasks.candidates import Candidate
-from ovtasks.config import load_settings
-from ovtasks.dataset import iter_clean
-from ovtasks.groundtruth import GroundTruth, decode_rle
-from ovtasks.pseudo_label import PairResult
-from ovtasks.quality import error_budget, format_budget
+from ovtasks.pseudolabel.maskfree.activation import ActivationMap
+from ovtasks.pseudolabel.candidates import Candidate
+from ovtasks.core.config import load_settings
+from ovtasks.data.clean import iter_clean
+from ovtasks.data.groundtruth import GroundTruth, decode_rle
+from ovtasks.pseudolabel.runner import PairResult
+from ovtasks.evaluate.pseudo_labels import error_budget, format_budget
 
 
 def test_error_budget_on_planted_pairs(synth_small, clean_small):

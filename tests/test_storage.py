@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from ovtasks.storage import LocalStore, S3Store, StoreError, StoreKeyError, check_key, open_store
+from ovtasks.core.storage import LocalStore, S3Store, StoreError, StoreKeyError, check_key, open_store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -124,7 +124,7 @@ def test_uri_parsing(tmp_path, s3_settings):
 
 
 def test_s3_requires_endpoint_and_credentials():
-    from ovtasks.config import S3Config
+    from ovtasks.core.config import S3Config
 
     with pytest.raises(StoreError, match="endpoint"):
         open_store("s3://b/p", S3Config())

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ovtasks.shards import iter_tar_samples
-from ovtasks.synth import CATEGORIES, SynthSpec, generate, make_sample
+from ovtasks.core.shards import iter_tar_samples
+from ovtasks.data.synth import CATEGORIES, SynthSpec, generate, make_sample
 
 
 def _digest(root: Path) -> dict:
@@ -97,7 +97,7 @@ def test_failure_kinds_are_planted(synth_small):
     dup = next(make_sample(spec, s, i) for s in range(2) for i in range(40) if make_sample(spec, s, i)["expected_filter"] == "near_duplicate")
     src_key = dup["duplicate_of"]
     src = make_sample(spec, int(src_key[:5]), int(src_key[5:]))
-    from ovtasks.imaging import phash64
+    from ovtasks.core.imaging import phash64
 
     a, b = Image.open(io.BytesIO(dup["jpeg"])), Image.open(io.BytesIO(src["jpeg"]))
     assert dup["jpeg"] != src["jpeg"]  # a re-encoded copy, not byte-identical

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from ovtasks.config import load_settings
-from ovtasks.dataset import complete_shards, iter_shard
-from ovtasks.groundtruth import GroundTruth
-from ovtasks.storage import open_store
-from ovtasks.train import TrainConfig, evaluate_model, load_model, train_ov_maskrcnn
-from ovtasks.validate import validate
+from ovtasks.core.config import load_settings
+from ovtasks.data.clean import complete_shards, iter_shard
+from ovtasks.data.groundtruth import GroundTruth
+from ovtasks.core.storage import open_store
+from ovtasks.train.ov_maskrcnn import TrainConfig, evaluate_model, load_model, train_ov_maskrcnn
+from ovtasks.validate.expectations import validate
 
 
 CFG = TrainConfig(steps=6, batch_size=2, min_size=128, max_size=160, checkpoint_every=3)
@@ -52,11 +52,11 @@ def test_train_resume_evaluate_register_promote(clean_small, labelled, synth_sma
     assert [(r["setting"], r["split"]) for r in ev["rows"]][:3] == [("generalized", "all"), ("generalized", "base"), ("generalized", "novel")]
     assert ev["novel_mask_AP50"] is not None and "| constrained | novel |" in ev["table"]
 
-    from ovtasks.registry import load_registered, log_and_register, promote
+    from ovtasks.registry.lifecycle import load_registered, log_and_register, promote
 
     gx = json.loads((open_store(labelled).get_bytes("pseudo/maskfree/validation_report.json")))
-    from ovtasks.evaluate import split_ids
-    from ovtasks.gate import ap50, match_table
+    from ovtasks.evaluate.coco import split_ids
+    from ovtasks.registry.gate import ap50, match_table
     from tests.test_gate import degraded
 
     # planted evaluations on the real evaluation set: the gate pairs their predictions image by image
@@ -86,7 +86,7 @@ def test_train_resume_evaluate_register_promote(clean_small, labelled, synth_sma
     assert ok.gate["comparison"]["difference"] == 0.0 and v0.version == "1" and v2.version == "3"
     from mlflow import MlflowClient
 
-    from ovtasks.registry import tracking_uri
+    from ovtasks.registry.lifecycle import tracking_uri
 
     c = MlflowClient(tracking_uri(s), registry_uri=tracking_uri(s))
     mv = c.get_model_version_by_alias(s.registry.model_name, "champion")
@@ -104,7 +104,7 @@ def test_train_resume_evaluate_register_promote(clean_small, labelled, synth_sma
 
 
 def test_base_gt_finetune_holds_out_eval_images_and_novel_gt(clean_small, labelled, synth_small, tmp_path):
-    from ovtasks.train import eval_image_ids, gt_training_data
+    from ovtasks.train.ov_maskrcnn import eval_image_ids, gt_training_data
 
     s = load_settings(env={})
     held = eval_image_ids(synth_small[0], clean_small, s, limit=6)
@@ -130,7 +130,7 @@ def test_base_gt_finetune_holds_out_eval_images_and_novel_gt(clean_small, labell
 
 
 def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, monkeypatch, capsys):
-    from ovtasks.cli import main
+    from ovtasks.cli.main import main
 
     monkeypatch.setenv("OVTASKS_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("OVTASKS_REGISTRY__MIN_NOVEL_AP50", "0")  # the CLI's mechanics, with 2-step models
@@ -154,8 +154,8 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
     assert main(["promote", "--version", "9"]) == 2 and "has no version 9" in capsys.readouterr().err
     from mlflow import MlflowClient
 
-    from ovtasks.config import load_settings
-    from ovtasks.registry import tracking_uri
+    from ovtasks.core.config import load_settings
+    from ovtasks.registry.lifecycle import tracking_uri
 
     s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data")})
     c = MlflowClient(tracking_uri(s), registry_uri=tracking_uri(s))
@@ -176,8 +176,8 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
     import pandas as pd
     from PIL import Image
 
-    from ovtasks.registry import _client
-    from ovtasks.serving import encode_image
+    from ovtasks.registry.lifecycle import _client
+    from ovtasks.registry.serving import encode_image
 
     mlflow, _ = _client(load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data")}))
     sam = mlflow.pyfunc.load_model("models:/ovtasks-semantic-sam@champion")  # a pyfunc too: box prompts in, named masks out
@@ -191,7 +191,7 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
     answered = json.loads(got["instances"][0])
     assert all(i["name"] in {"ball", "box"} and i["prompt"] in (0, 1) for i in answered)
     assert main(["predict", str(tmp_path), "--model", "models:/ovtasks-semantic-sam@champion", "--out", str(tmp_path / "p2")]) == 2
-    from ovtasks.registry import load_registered
+    from ovtasks.registry.lifecycle import load_registered
 
     s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data"), "OVTASKS_REGISTRY__MIN_NOVEL_AP50": "0"})
     model, meta, version = load_registered(s, "champion", architecture="semantic-sam")
@@ -243,7 +243,7 @@ def mlflow_server(tmp_path_factory):
 
 
 def test_registry_on_a_real_mlflow_server_with_postgresql(synth_small, clean_small, labelled, tmp_path, mlflow_server):
-    from ovtasks.registry import load_registered, log_and_register, promote
+    from ovtasks.registry.lifecycle import load_registered, log_and_register, promote
 
     s = load_settings(env={"OVTASKS_REGISTRY__TRACKING_URI": mlflow_server, "OVTASKS_DATA_DIR": str(tmp_path)})
     trained = train_ov_maskrcnn(clean_small, labelled, str(tmp_path / "m"), s, TrainConfig(steps=2, batch_size=2, min_size=128, max_size=160))
@@ -264,8 +264,8 @@ def test_registry_on_a_real_mlflow_server_with_postgresql(synth_small, clean_sma
 
 def test_evaluation_must_be_the_held_out_split():
     """The retrain DAG's register step scores a model only on the images its training held out."""
-    from ovtasks.orchestration import check_held_out
-    from ovtasks.train import held_out_record
+    from ovtasks.orchestration.tasks import check_held_out
+    from ovtasks.train.ov_maskrcnn import held_out_record
 
     gt = {"images": [{"id": 3}, {"id": 1}, {"id": 2}]}
     check_held_out({"held_out": held_out_record([1, 2, 3])}, gt)  # same ids, any order
@@ -282,9 +282,9 @@ def test_retrain_checkpoints_and_model_live_in_the_store(clean_small, labelled, 
     result in the store; the retry (in a fresh local directory, as on another worker) resumes from it without
     a training step, publishes the model with its marker and removes the checkpoints; a third try finds the
     model complete; the register step loads it by URI."""
-    import ovtasks.train as train_mod
+    import ovtasks.train.ov_maskrcnn as train_mod
     from ovtasks.models.hub import COMPLETE_MARKER, resolve_model
-    from ovtasks.orchestration import model_run_uri, train_run
+    from ovtasks.orchestration.tasks import model_run_uri, train_run
 
     monkeypatch.setenv("OVTASKS_MODEL_CACHE", str(tmp_path / "cache"))
     s = s3_settings.model_copy(update={"pipeline": s3_settings.pipeline.model_copy(update={"models_uri": "s3://models/retrain"})})
@@ -322,9 +322,9 @@ def _champion_answers_images(tmp_path, clean_small, capsys):
     import yaml
     from PIL import Image
 
-    from ovtasks.cli import main
-    from ovtasks.config import load_settings
-    from ovtasks.registry import _client, tracking_uri
+    from ovtasks.cli.main import main
+    from ovtasks.core.config import load_settings
+    from ovtasks.registry.lifecycle import _client, tracking_uri
 
     src = open_store(clean_small, load_settings(env={}).s3)
     folder = tmp_path / "new-images"

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from ovtasks.candidates import OPEN_VOCAB_ID_BASE, Vocabulary
-from ovtasks.config import ValidateConfig, load_settings
-from ovtasks.groundtruth import encode_rle
-from ovtasks.validate import tables, validate, validate_tables
+from ovtasks.pseudolabel.candidates import OPEN_VOCAB_ID_BASE, Vocabulary
+from ovtasks.core.config import ValidateConfig, load_settings
+from ovtasks.data.groundtruth import encode_rle
+from ovtasks.validate.expectations import tables, validate, validate_tables
 
 import numpy as np
 
@@ -171,7 +171,7 @@ def test_validate_run_excludes_failing_shards_with_reasons(tmp_path, capsys):
     assert saved["success"] is False and saved["results"]["annotations"]["success"] is False
     assert (base / "validation" / "00000" / "annotations.html").exists()
     assert json.loads((base / "validation_report.json").read_text())["training_shards"] == ["00000"]
-    from ovtasks.cli import main
+    from ovtasks.cli.main import main
 
     assert main(["validate", "--src", str(tmp_path / "run")]) == 0
     assert "FAILED" in capsys.readouterr().out
@@ -182,7 +182,7 @@ def test_validate_run_excludes_failing_shards_with_reasons(tmp_path, capsys):
 
 def test_validate_real_pseudo_labels(clean_small, tiny_grounded, tmp_path):
     """Random-weight Grounding-DINO + SAM output is noise: the gate must say so, with reasons."""
-    from ovtasks.pseudo_label import pseudo_label
+    from ovtasks.pseudolabel.runner import pseudo_label
 
     s = load_settings(env={"OVTASKS_GROUNDED__GDINO_MODEL": tiny_grounded[0], "OVTASKS_GROUNDED__SAM_MODEL": tiny_grounded[1],
                            "OVTASKS_GROUNDED__BOX_THRESHOLD": "0.3"})
@@ -198,7 +198,7 @@ def test_a_shard_that_does_not_match_its_manifest_fails_and_training_rechecks(tm
     relabel that lands between validation and training is left out instead of trained on unvalidated."""
     import shutil
 
-    from ovtasks.train import training_data
+    from ovtasks.train.ov_maskrcnn import training_data
 
     run = tmp_path / "run"
     shutil.copytree(labelled, run)

@@ -20,8 +20,8 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ovtasks.config import S3Config
-from ovtasks.storage import open_store
+from ovtasks.core.config import S3Config
+from ovtasks.core.storage import open_store
 
 COMPLETE_MARKER = "MODEL_COMPLETE"
 

@@ -154,7 +154,7 @@ def build(embed_dim: int, backbone: str = "small", **kwargs) -> OVMaskRCNN:
 
 def targets_from_coco(anns: Sequence[dict], cat_index: dict[int, int], hw: tuple[int, int]) -> dict:
     """COCO annotations of one image → a torchvision target (boxes xyxy, 1-based labels, masks)."""
-    from ovtasks.groundtruth import decode_rle
+    from ovtasks.data.groundtruth import decode_rle
 
     boxes, labels, masks = [], [], []
     for a in anns:

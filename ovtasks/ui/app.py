@@ -21,7 +21,7 @@ PAGE = Path(__file__).with_name("page.html")
 
 @functools.lru_cache(maxsize=1)
 def _settings():
-    from ovtasks.config import load_settings
+    from ovtasks.core.config import load_settings
 
     return load_settings()
 
@@ -115,7 +115,7 @@ def create_app(settings_factory=_settings, auth_dependency=None) -> FastAPI:
 
     @app.post("/api/promote")
     def promote(body: PromoteBody, user=user_dep):
-        from ovtasks.registry import promote as run_gate
+        from ovtasks.registry.lifecycle import promote as run_gate
 
         s = settings_factory()
         ok, why = can_promote(user, s.ui.promote_dag)

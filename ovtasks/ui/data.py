@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ovtasks import history
-from ovtasks.config import Settings
-from ovtasks.storage import open_store
+from ovtasks.core import history
+from ovtasks.core.config import Settings
+from ovtasks.core.storage import open_store
 
 SHARD = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -204,7 +204,7 @@ class _ThumbCache:
         self._guard = threading.Lock()
 
     def path(self, settings: Settings, shard: str, key: str) -> Path:
-        from ovtasks.dataset import iter_shard
+        from ovtasks.data.clean import iter_shard
 
         clean = open_store(_uris(settings)["clean"], settings.s3)
         m = _json(clean, f"shards/{shard}.manifest.json")
@@ -305,7 +305,7 @@ def models(settings: Settings) -> list[dict]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from ovtasks.registry import ARCHITECTURES, registered_name, tracking_uri
+    from ovtasks.registry.lifecycle import ARCHITECTURES, registered_name, tracking_uri
 
     uri = tracking_uri(settings)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

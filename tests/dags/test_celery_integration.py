@@ -9,14 +9,14 @@ import time
 import uuid
 
 from airflow_stack import PartialWatcher, Stack, annotations, celery_env, free_port, shard_docs
-from ovtasks.config import load_settings
+from ovtasks.core.config import load_settings
 
 DAG = "ovtasks_pseudo_label"
 
 
 def test_pseudo_label_on_celery_survives_a_killed_worker(synth_small, seaweed, postgres_db, redis_db, tmp_path, record_fault):
-    from ovtasks.ingest import ingest
-    from ovtasks.storage import open_store
+    from ovtasks.ingest.pipeline import ingest
+    from ovtasks.core.storage import open_store
 
     s3 = seaweed.env()
     bucket = f"ovt-celery-{uuid.uuid4().hex[:6]}"

@@ -5,23 +5,24 @@ import json
 import shutil
 from pathlib import Path
 
-from ovtasks.config import load_settings
+from ovtasks.core.config import PathsConfig, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(tmp: Path, data: Path, source: str) -> dict:
-    from ovtasks.embedded_airflow import airflow_env
+    from ovtasks.orchestration.embedded import airflow_env
 
     return airflow_env(tmp / "home", {"OVTASKS_DATA_DIR": str(data), "OVTASKS_PIPELINE__SOURCE_URI": source,
                                       "OVTASKS_MASKFREE__ITM_MODEL": str(ROOT / "models" / "itm-synth"),
                                       "OVTASKS_MASKFREE__PROPOSALS": "selective_search", "OVTASKS_MASKFREE__WSS_ITERATIONS": "10",
                                       "OVDAGS_RETRY_DELAY_S": "1",
-                                      "OVTASKS_REGISTRY__MIN_NOVEL_AP50": "0"})  # a 3-step model: the chain's mechanics
+                                      "OVTASKS_REGISTRY__MIN_NOVEL_AP50": "0"},  # a 3-step model: the chain's mechanics
+                       PathsConfig(dags_folder=ROOT / "dags", plugins_folder=ROOT / "plugins"))
 
 
 def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path, smtp_server):
-    from ovtasks.embedded_airflow import dags_test, prepare, run_chain, write_ui_script
+    from ovtasks.orchestration.embedded import dags_test, prepare, run_chain, write_ui_script
 
     data = tmp_path / "data"
     env = {**_env(tmp_path, data, synth_small[0]), **smtp_server.env}  # alerts go to a real SMTP server on loopback
@@ -42,7 +43,7 @@ def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path, smtp_server):
 
     from mlflow import MlflowClient
 
-    from ovtasks.registry import tracking_uri
+    from ovtasks.registry.lifecycle import tracking_uri
 
     s = load_settings(env={"OVTASKS_DATA_DIR": str(data)})
     c = MlflowClient(tracking_uri(s), registry_uri=tracking_uri(s))
@@ -70,7 +71,7 @@ def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path, smtp_server):
 
 
 def test_mapped_ingest_equals_cli_ingest_and_retries_are_idempotent(synth_small, clean_small, tmp_path):
-    from ovtasks.orchestration import dedup_staged, finish_ingest, new_shards, publish_ingest, stage_ingest
+    from ovtasks.orchestration.tasks import dedup_staged, finish_ingest, new_shards, publish_ingest, stage_ingest
 
     s = load_settings(env={})
     src, out = synth_small[0], str(tmp_path / "clean")
@@ -98,7 +99,7 @@ def test_mapped_ingest_equals_cli_ingest_and_retries_are_idempotent(synth_small,
 
 
 def test_shard_groups_fit_the_map_limit():
-    from ovtasks.orchestration import shard_groups
+    from ovtasks.orchestration.tasks import shard_groups
 
     shards = [f"{i:05d}" for i in range(2500)]
     groups = shard_groups(shards, per_group=1, max_groups=1024)

@@ -40,7 +40,7 @@ def test_every_task_retries_with_backoff_timeout_and_docs(dagbag):
 
 
 def test_gpu_work_runs_on_the_gpu_queue_and_pool(dagbag):
-    from ovtasks.airflow_support import GPU_POOL, GPU_QUEUE
+    from ovtasks.orchestration.dag_defaults import GPU_POOL, GPU_QUEUE
 
     gpu = {(d.dag_id, t.task_id) for d in dagbag.dags.values() for t in d.tasks if t.queue == GPU_QUEUE}
     assert gpu == {("ovtasks_pseudo_label", "label"), ("ovtasks_retrain", "train"), ("ovtasks_retrain", "register")}
@@ -51,7 +51,7 @@ def test_gpu_work_runs_on_the_gpu_queue_and_pool(dagbag):
 
 
 def test_schedules_and_assets(dagbag):
-    from ovtasks.airflow_support import CLEAN_ASSET_URI, MODEL_ASSET_URI, PSEUDO_ASSET_URI
+    from ovtasks.orchestration.dag_defaults import CLEAN_ASSET_URI, MODEL_ASSET_URI, PSEUDO_ASSET_URI
 
     ingest, label = dagbag.dags["ovtasks_ingest"], dagbag.dags["ovtasks_pseudo_label"]
     assert [o.uri.rstrip("/") for o in ingest.get_task("report").outlets] == [CLEAN_ASSET_URI]
@@ -72,7 +72,7 @@ def test_parse_is_cheap_and_imports_nothing_heavy(path):
     code = (
         "import sys, time; import airflow.sdk; t=time.perf_counter(); import runpy; "
         f"runpy.run_path({str(path)!r}); dt=time.perf_counter()-t; "
-        "heavy=[m for m in ('torch','transformers','mlflow','great_expectations','minio','pycocotools','ovtasks.storage') if m in sys.modules]; "
+        "heavy=[m for m in ('torch','transformers','mlflow','great_expectations','minio','pycocotools','ovtasks.core.storage') if m in sys.modules]; "
         "import json; print('RESULT ' + json.dumps({'seconds': dt, 'heavy': heavy}))"
     )
     env = {**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
@@ -88,7 +88,7 @@ def test_parse_is_cheap_and_imports_nothing_heavy(path):
 
 def test_asset_uris_are_the_store_locations_compose_and_helm_set():
     """With the pipeline settings of a deployment in the environment, the Assets are the real store prefixes."""
-    code = ("from ovtasks import airflow_support as a; import json; "
+    code = ("from ovtasks.orchestration import dag_defaults as a; import json; "
             "print(json.dumps([a.CLEAN_ASSET_URI, a.PSEUDO_ASSET_URI, a.MODEL_ASSET_URI]))")
     env = {**os.environ, "OVTASKS_PIPELINE__CLEAN_URI": "s3://ovtasks/clean", "OVTASKS_PIPELINE__PSEUDO_URI": "s3://ovtasks/labelled",
            "OVTASKS_PIPELINE__MODELS_URI": "s3://ovtasks/runs"}

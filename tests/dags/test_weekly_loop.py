@@ -106,9 +106,9 @@ def _cli(*args, env: dict) -> subprocess.CompletedProcess:
 def test_weekly_loop_on_the_compose_environment(synth_small, clean_small, seaweed, databases, redis_db, smtp_server, tmp_path):
     from minio import Minio
 
-    from ovtasks.config import load_settings
-    from ovtasks.storage import open_store
-    from ovtasks.train_wspn import WspnTrainConfig, train_wspn
+    from ovtasks.core.config import load_settings
+    from ovtasks.core.storage import open_store
+    from ovtasks.train.wspn import WspnTrainConfig, train_wspn
 
     airflow_db, mlflow_db = databases
     bucket = f"ovt-loop-{uuid.uuid4().hex[:6]}"
@@ -215,7 +215,7 @@ def test_weekly_loop_on_the_compose_environment(synth_small, clean_small, seawee
         # the champion answers an image; then the operator rolls back to version 1, audited
         from PIL import Image
 
-        from ovtasks.dataset import iter_clean
+        from ovtasks.data.clean import iter_clean
 
         sample = next(iter(iter_clean(clean_small, load_settings(env={}), 1)))
         Image.fromarray(sample.image).save(tmp_path / "query.png")

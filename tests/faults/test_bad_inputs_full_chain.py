@@ -10,9 +10,9 @@ import json
 import numpy as np
 from PIL import Image
 
-from ovtasks.config import load_settings
-from ovtasks.shards import ShardWriter, iter_tar_samples
-from ovtasks.storage import open_store
+from ovtasks.core.config import load_settings
+from ovtasks.core.shards import ShardWriter, iter_tar_samples
+from ovtasks.core.storage import open_store
 from tests_paths import ROOT
 
 
@@ -62,10 +62,10 @@ def _build(synth_uri: str, out_dir) -> dict[str, str]:
 
 
 def test_bad_inputs_through_ingest_pseudo_label_validate_train(synth_small, tmp_path, record_fault):
-    from ovtasks.ingest import ingest
-    from ovtasks.pseudo_label import pseudo_label
-    from ovtasks.train import TrainConfig, train_ov_maskrcnn
-    from ovtasks.validate import validate
+    from ovtasks.ingest.pipeline import ingest
+    from ovtasks.pseudolabel.runner import pseudo_label
+    from ovtasks.train.ov_maskrcnn import TrainConfig, train_ov_maskrcnn
+    from ovtasks.validate.expectations import validate
 
     kinds = _build(synth_small[0], tmp_path / "raw")
     s = load_settings(env={"OVTASKS_DATA_DIR": str(tmp_path / "data"), "OVTASKS_INGEST__MIN_SIDE": "1",
@@ -138,7 +138,7 @@ def test_categories_without_text_embedding_are_left_out_with_a_reason(clean_smal
 
     import pytest
 
-    from ovtasks.train import TrainConfig, train_ov_maskrcnn
+    from ovtasks.train.ov_maskrcnn import TrainConfig, train_ov_maskrcnn
 
     pl = tmp_path / "labelled"
     shutil.copytree(labelled, pl)

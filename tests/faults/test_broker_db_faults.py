@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from airflow_stack import Stack, annotations, celery_env, free_port, shard_docs
-from ovtasks.config import load_settings
+from ovtasks.core.config import load_settings
 
 DAG = "ovtasks_pseudo_label"
 
@@ -67,8 +67,8 @@ def _terminate_connections(db: str) -> int:
 
 
 def test_redis_restart_and_dropped_db_connections_during_a_run(synth_small, seaweed, postgres_db, tmp_path, record_fault):
-    from ovtasks.ingest import ingest
-    from ovtasks.storage import open_store
+    from ovtasks.ingest.pipeline import ingest
+    from ovtasks.core.storage import open_store
 
     s3 = seaweed.env()
     bucket = f"ovt-faults-{uuid.uuid4().hex[:6]}"

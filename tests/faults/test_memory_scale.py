@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ovtasks.config import load_settings
+from ovtasks.core.config import load_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
 
@@ -18,9 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
 # import-time peak (the same in every process) does not hide what the stage itself uses.
 _STAGE = """
 import json, sys, time
-from ovtasks.config import load_settings
-from ovtasks.ingest import ingest
-from ovtasks.pseudo_label import pseudo_label
+from ovtasks.core.config import load_settings
+from ovtasks.ingest.pipeline import ingest
+from ovtasks.pseudolabel.runner import pseudo_label
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -52,7 +52,7 @@ def _run(stage, src, out, env):
 
 
 def test_peak_rss_flat_from_1k_to_10k_images(tiny_grounded, tmp_path, record_fault):
-    from ovtasks.synth import SynthSpec, generate
+    from ovtasks.data.synth import SynthSpec, generate
 
     env = {"OVTASKS_GROUNDED__GDINO_MODEL": tiny_grounded[0], "OVTASKS_GROUNDED__SAM_MODEL": tiny_grounded[1],
            "OVTASKS_DATA_DIR": str(tmp_path / "data")}

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from airflow_stack import PartialWatcher
-from ovtasks.storage import open_store
+from ovtasks.core.storage import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 OVTASKS = str(Path(sys.executable).parent / "ovtasks")

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from ovtasks.config import load_settings
-from ovtasks.storage import StoreError, open_store
+from ovtasks.core.config import load_settings
+from ovtasks.core.storage import StoreError, open_store
 from seaweed import start_seaweed, weed_binary
 
 

@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from ovtasks.config import load_settings
-from ovtasks.ingest import ingest
-from ovtasks.shards import ShardReadError, iter_tar_samples
+from ovtasks.core.config import load_settings
+from ovtasks.ingest.pipeline import ingest
+from ovtasks.core.shards import ShardReadError, iter_tar_samples
 from bounded import call_within
 from tar_bytes import BLOCK, member as _member, header as _header, pax as _pax
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ovtasks.groundtruth import decode_rle
+from ovtasks.data.groundtruth import decode_rle
 from ovtasks.models.grounding_dino import DOT_ID, GroundingDino, resolve_dtype
 from ovtasks.models.sam import SamSegmenter
 

@@ -62,8 +62,8 @@ def test_models_upload_command_then_the_pipeline_loads_from_the_store(tmp_path, 
 
     import pytest
 
-    from ovtasks.cli import main
-    from ovtasks.groundtruth import GroundTruth
+    from ovtasks.cli.main import main
+    from ovtasks.data.groundtruth import GroundTruth
 
     for k, v in seaweed.env().items():
         monkeypatch.setenv(k, v)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ovtasks.activation import activation_maps, normalise
+from ovtasks.pseudolabel.maskfree.activation import activation_maps, normalise
 from ovtasks.models.itm import ItmModel, build_word_tokenizer, install_conv_stem, prompt_span, tiny_blip_config
 
 WORDS = "a photo of ball box star ring heart".split()
@@ -101,9 +101,9 @@ def test_normalise_constant_map_is_zero():
 def test_train_itm_two_stages_save_and_load(synth_small, tmp_path):
     """Both stages run on real (small) ingested shards; the stem's pretraining fits its batch; the saved
     model loads through the same path as real BLIP and gives word maps on its patch grid."""
-    from ovtasks.config import load_settings
-    from ovtasks.ingest import ingest
-    from ovtasks.train_itm import ItmTrainConfig, train_itm
+    from ovtasks.core.config import load_settings
+    from ovtasks.ingest.pipeline import ingest
+    from ovtasks.train.itm import ItmTrainConfig, train_itm
 
     settings = load_settings(env={})
     ingest(synth_small[0], str(tmp_path / "clean"), settings, workers=1)
@@ -130,7 +130,7 @@ def test_grounding_loss_moves_the_word_attention_onto_the_named_object(tmp_path)
     """The word-grounding loss alone, on images with two of four coloured squares (one colour per name) in
     random cells of the 4x4 patch grid: after training, the named word's cross-attention lies on its own
     square (with two objects of four possible names, pooling both cannot tell which one was named)."""
-    from ovtasks.train_itm import _Grounder
+    from ovtasks.train.itm import _Grounder
 
     names = ["ball", "box", "star", "ring"]
     colors = torch.tensor([[230.0, 20, 20], [20, 20, 230], [20, 230, 20], [230, 230, 20]])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ovtasks.config import load_settings
+from ovtasks.core.config import load_settings
 from ovtasks.models.semantic_sam import NUM_MASKS, build, contrastive_losses, dice_loss, focal_loss, mask_losses
-from ovtasks.sa1b import iter_sa1b, write_synthetic
+from ovtasks.data.sa1b import iter_sa1b, write_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +103,8 @@ def test_sa1b_format_roundtrip_and_bad_pairs_skipped(tmp_path):
 
 
 def test_train_mixes_1_to_4_resumes_and_evaluates(clean_small, labelled, synth_small, tmp_path, monkeypatch):
-    from ovtasks.train import load_model
-    from ovtasks.train_semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
+    from ovtasks.train.ov_maskrcnn import load_model
+    from ovtasks.train.semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
 
     s = load_settings(env={})
     sa = str(tmp_path / "sa")
@@ -151,7 +151,7 @@ def test_train_mixes_1_to_4_resumes_and_evaluates(clean_small, labelled, synth_s
 
 
 def test_predict_with_no_boxes_and_any_vocabulary(tiny):
-    from ovtasks.train_semantic_sam import predict
+    from ovtasks.train.semantic_sam import predict
 
     img = (np.random.default_rng(1).random((80, 100, 3)) * 255).astype(np.uint8)
     assert predict(tiny, [img], [1], [np.zeros((0, 4))], [7], np.ones((1, 384))) == []

@@ -75,8 +75,8 @@ def test_selective_search_thread_pool_matches_the_loop_in_order():
     import numpy as np
     from PIL import Image
 
-    from ovtasks.proposals import SelectiveSearch
-    from ovtasks.synth import SynthSpec, make_sample
+    from ovtasks.pseudolabel.maskfree.proposals import SelectiveSearch
+    from ovtasks.data.synth import SynthSpec, make_sample
 
     spec = SynthSpec(seed=2, shards=1, images_per_shard=6, failure_rate=0.0)
     images = [np.array(Image.open(io.BytesIO(make_sample(spec, 0, i)["jpeg"])).convert("RGB")) for i in range(6)]

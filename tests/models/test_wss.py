@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from ovtasks.models.wss import BatchedWSS, gather_patches, init_params
-from ovtasks.wss import WssJob, int_box, segment_boxes, segment_boxes_sequential
+from ovtasks.pseudolabel.maskfree.wss import WssJob, int_box, segment_boxes, segment_boxes_sequential
 
 
 def _jobs(n=3):

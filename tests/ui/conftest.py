@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from seaweed import free_port
 
-from ovtasks.config import load_settings
+from ovtasks.core.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORDS = {"admin": "test-only-admin", "viewer": "test-only-viewer", "op": "test-only-op"}
@@ -26,7 +26,7 @@ def world_env(synth_small, clean_small, labelled, data_dir) -> dict:
 
 def register_versions(settings, tmp: Path, aps=(2.0, 3.0)) -> None:
     """Two versions through the real registry code (a model directory with its metadata file)."""
-    from ovtasks.registry import log_and_register
+    from ovtasks.registry.lifecycle import log_and_register
 
     model = tmp / "model"
     model.mkdir(exist_ok=True)

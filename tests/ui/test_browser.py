@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ovtasks.airflow_api import get_token
+from ovtasks.orchestration.rest import get_token
 from webdriver import Chrome, find_browser
 
 ROOT = Path(__file__).resolve().parents[2]

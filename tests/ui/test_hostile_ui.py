@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from ovtasks.config import ConfigError, load_settings
+from ovtasks.core.config import ConfigError, load_settings
 from ovtasks.ui import data
 
 SCRIPT = "<img src=x onerror=alert(document.cookie)>"
@@ -69,7 +69,7 @@ def test_no_unauthenticated_schema_and_no_paths_in_generator(client):
 
 
 def test_thumbnails_of_keys_with_slashes_and_a_hostile_checksum(tmp_path):
-    from ovtasks.ingest import ingest
+    from ovtasks.ingest.pipeline import ingest
     from test_bad_inputs import _flatten, _good, _tar
 
     src = tmp_path / "src"

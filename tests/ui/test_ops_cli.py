@@ -4,7 +4,7 @@ the DAGs are serialized but no scheduler runs, so a triggered run stays queued, 
 import pytest
 from rich.console import Console
 
-from ovtasks.config import load_settings
+from ovtasks.core.config import load_settings
 
 
 def _settings(ui_world, base, password="test-only-admin"):
@@ -15,7 +15,7 @@ def _settings(ui_world, base, password="test-only-admin"):
 
 
 def test_status_and_trigger(ui_world, api_server):
-    from ovtasks.ops_cli import status, trigger
+    from ovtasks.cli.ops import status, trigger
 
     base, _ = api_server
     s = _settings(ui_world, base)
@@ -40,8 +40,8 @@ def test_status_and_trigger(ui_world, api_server):
 
 
 def test_status_without_airflow_still_reports_data_and_models(ui_world, capsys):
-    from ovtasks.cli import main
-    from ovtasks.ops_cli import AirflowUnavailable, connect, status
+    from ovtasks.cli.main import main
+    from ovtasks.cli.ops import AirflowUnavailable, connect, status
 
     with pytest.raises(AirflowUnavailable, match="OVTASKS_AIRFLOW__PASSWORD"):
         connect(_settings(ui_world, "http://127.0.0.1:9", password=None))

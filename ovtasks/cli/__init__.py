@@ -1,0 +1,5 @@
+"""The `ovtasks` command."""
+
+from ovtasks.cli.main import main
+
+__all__ = ["main"]

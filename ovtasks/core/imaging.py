@@ -1,0 +1,163 @@
+"""Image decoding with the ingest guards, RGB normalisation and a 64-bit perceptual hash."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ovtasks.core.config import IngestConfig
+
+
+class ImageRejected(Exception):
+    """The image cannot be used; ``reason`` is a stable quarantine code, ``detail`` is for humans."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # RGB, EXIF orientation applied
+    data: bytes  # JPEG bytes to publish (the original when it needed no change)
+    source_format: str
+    source_mode: str
+    reencoded: bool
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: transparency composited on white, 16/32-bit scaled to 8 bits."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0
+        elif mode == "F":
+            lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+        if mode == "RGB":
+            return im
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def decode_image(data: bytes, cfg: IngestConfig) -> DecodedImage:
+    """Fully decode ``data`` with every guard of the ingest stage; raise :class:`ImageRejected`.
+
+    The declared size is checked against ``cfg.max_pixels`` before any pixel is allocated.
+    """
+    if not data:
+        raise ImageRejected("empty_image", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("decompression_bomb", str(exc)) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected("undecodable_image", str(exc) or type(exc).__name__) from exc
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageRejected("undecodable_image", f"declared size {w}x{h}")
+    if w * h > cfg.max_pixels:
+        raise ImageRejected("decompression_bomb", f"declared {w}x{h} = {w * h} px > {cfg.max_pixels}")
+    try:
+        frames = getattr(im, "n_frames", 1)  # a multi-page TIFF with an empty page raises here (TypeError)
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, it is this image's defect
+        raise ImageRejected("undecodable_image", f"frame count: {type(exc).__name__}: {exc}") from exc
+    if frames > 1 and not cfg.allow_animated:
+        raise ImageRejected("animated_image", f"{im.format} with {frames} frames")
+    fmt, mode = im.format or "", im.mode
+    try:
+        im.load()
+    except OSError as exc:
+        msg = str(exc)
+        reason = "truncated_image" if "truncat" in msg.lower() or "broken data stream" in msg.lower() else "undecodable_image"
+        raise ImageRejected(reason, msg) from exc
+    except (ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as exc:
+        raise ImageRejected("undecodable_image", str(exc) or type(exc).__name__) from exc
+    try:  # EXIF, mode conversion and the JPEG re-encode can still fail on a hostile file
+        orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+        out = ImageOps.exif_transpose(im) if orientation not in (1, None) else im
+        rgb = _to_rgb(out)
+        if fmt == "JPEG" and mode == "RGB" and out is im:
+            return DecodedImage(rgb, data, fmt, mode, reencoded=False)
+        buf = io.BytesIO()
+        rgb.save(buf, format="JPEG", quality=cfg.reencode_quality)
+    except (OSError, ValueError, TypeError, SyntaxError, KeyError, IndexError, ZeroDivisionError, MemoryError) as exc:
+        raise ImageRejected("undecodable_image", f"normalising to RGB JPEG: {type(exc).__name__}: {exc}") from exc
+    return DecodedImage(rgb, buf.getvalue(), fmt, mode, reencoded=True)
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+_DCT8 = _dct_matrix(32)[:8]  # only the 8 lowest frequencies are needed
+
+
+def phash64(image: Image.Image) -> int:
+    """64-bit DCT perceptual hash (8x8 low frequencies of a 32x32 grey thumbnail vs their median).
+
+    Same construction as ``imagehash.phash``; a few bits differ between near-identical images.
+    """
+    thumb = image.resize((32, 32), Image.BOX, reducing_gap=2.0).convert("L")
+    low = _DCT8 @ np.asarray(thumb, dtype=np.float64) @ _DCT8.T
+    flat = low.ravel()
+    median = np.sort(flat)[31:33].mean()
+    return int.from_bytes(np.packbits(flat > median).tobytes(), "big")
+
+
+class NearDuplicateIndex:
+    """Finds a stored 64-bit hash within Hamming distance ``max_distance`` of a query.
+
+    Multi-index hashing: the hash is cut into ``max_distance + 1`` bands; by pigeonhole two hashes
+    within the distance agree exactly on at least one band, so only that band's bucket is scanned.
+    """
+
+    def __init__(self, max_distance: int):
+        self.max_distance = max_distance
+        nb = max_distance + 1
+        edges = np.linspace(0, 64, nb + 1).astype(int)
+        self._bands = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        self._tables: list[dict[int, list[tuple[int, str]]]] = [{} for _ in self._bands]
+
+    def _parts(self, h: int):
+        for (a, b), table in zip(self._bands, self._tables):
+            yield table, (h >> a) & ((1 << (b - a)) - 1)
+
+    def find(self, h: int) -> str | None:
+        for table, part in self._parts(h):
+            for other, ident in table.get(part, ()):
+                if (h ^ other).bit_count() <= self.max_distance:
+                    return ident
+        return None
+
+    def add(self, h: int, ident: str) -> None:
+        for table, part in self._parts(h):
+            table.setdefault(part, []).append((h, ident))
+
+    def find_or_add(self, h: int, ident: str) -> str | None:
+        """The earlier near copy's ident, or None after storing ``h`` as ``ident``."""
+        original = self.find(h)
+        if original is None:
+            self.add(h, ident)
+        return original

@@ -1,0 +1,1 @@
+"""Stage 1: LAION shards in, clean shards and a quarantine with reasons out."""

@@ -1,0 +1,85 @@
+"""The grounded pseudo-label generator (thesis pipeline): object candidates → Grounding-DINO boxes → SAM masks.
+
+Per micro-batch of images: every image's candidate names go into one Grounding-DINO prompt (chunked
+past the model's text length), boxes are decoded per image with NMS per category, and SAM decodes all
+of an image's boxes against one image embedding. One :class:`~ovtasks.pseudolabel.runner.PairResult` per
+kept box (the category is the candidate the box was grounded to, the score Grounding-DINO's); a
+candidate that got no box is reported as skipped (``no_box``).
+
+The same Grounding-DINO model serves the maskfree generator as its proposal source
+(``maskfree.proposals: gdino``, :class:`ovtasks.pseudolabel.maskfree.proposals.GDinoProposals`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ovtasks.pseudolabel.candidates import Candidate
+from ovtasks.core.config import Settings
+from ovtasks.data.clean import CleanSample
+
+
+def load_gdino(settings: Settings):
+    from ovtasks.models.grounding_dino import GroundingDino
+
+    g = settings.grounded
+    if not g.gdino_model:
+        raise ValueError("grounded.gdino_model is not set: point it at GroundingDinoForObjectDetection weights (HF id, directory or store URI)")
+    return GroundingDino.load(g.gdino_model, settings.device, g.dtype, settings.s3, box_threshold=g.box_threshold,
+                              text_threshold=g.text_threshold, nms_iou=g.nms_iou, max_detections=g.max_detections,
+                              batch_size=g.batch_size)
+
+
+@dataclass
+class GroundedModels:
+    gdino: object  # GroundingDino
+    sam: object  # SamSegmenter
+    versions: dict
+    name: str = "grounded"
+
+    def chunk_size(self, settings: Settings) -> int:
+        return settings.grounded.batch_size
+
+    def label(self, samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], settings: Settings) -> list:
+        return label_grounded(samples, candidates, self)
+
+
+def load_grounded(settings: Settings) -> GroundedModels:
+    from ovtasks.models.sam import SamSegmenter
+    from ovtasks.pseudolabel.runner import check_device, model_version
+
+    g = settings.grounded
+    check_device(settings.device)
+    if not g.sam_model:
+        raise ValueError("grounded.sam_model is not set: point it at SamModel weights (HF id, directory or store URI)")
+    gdino = load_gdino(settings)
+    sam = SamSegmenter.load(g.sam_model, settings.device, g.dtype, settings.s3, batch_size=g.batch_size, box_batch=g.box_batch)
+    versions = {"gdino": model_version(g.gdino_model, settings), "sam": model_version(g.sam_model, settings),
+                "dtype": str(gdino.dtype).replace("torch.", "")}
+    return GroundedModels(gdino, sam, versions)
+
+
+def label_grounded(samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], models: GroundedModels) -> list:
+    from ovtasks.pseudolabel.runner import PairResult
+
+    todo = [i for i, c in enumerate(candidates) if c]
+    if not todo:
+        return []
+    images = [samples[i].image for i in todo]
+    dets = models.gdino.detect(images, [[c.name for c in candidates[i]] for i in todo],
+                               [[c.category_id for c in candidates[i]] for i in todo])
+    masks = models.sam.segment(images, [d.boxes for d in dets])
+    results = []
+    for i, det, bm in zip(todo, dets, masks):
+        cands = candidates[i]
+        for j, box in enumerate(det.boxes):
+            r = PairResult(i, cands[int(det.labels[j])], float(det.scores[j]), box=box, mask_iou=float(bm.iou[j]))
+            if bm.areas[j] > 0:
+                r.rle = bm.rles[j]
+            else:
+                r.reason = "empty_mask"
+            results.append(r)
+        found = {int(k) for k in det.labels}
+        results += [PairResult(i, c, reason="no_box") for j, c in enumerate(cands) if j not in found]
+    return results

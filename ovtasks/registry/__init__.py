@@ -1,0 +1,1 @@
+"""Stage 6: MLflow registration, the promotion gate, champion / challenger, serving."""

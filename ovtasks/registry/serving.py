@@ -1,0 +1,207 @@
+"""Registered models that answer images: an MLflow pyfunc around a trained model directory.
+
+Each registered version (OV Mask R-CNN or Semantic-SAM) is a pyfunc model (``MLmodel``, a signature, an
+input example; the trained directory, safetensors inside, as its artifact), so ``mlflow models serve -m
+models:/ovtasks-ov-maskrcnn@champion`` answers HTTP requests and :func:`predict_images` (``ovtasks
+predict``) runs a champion on a folder of images.
+
+Input: a table with a column ``image`` (the encoded image file, JPEG or PNG, base64), an optional column
+``names`` (a comma-separated vocabulary; empty: the model's own training vocabulary) and, for Semantic-SAM
+(a promptable model), ``boxes``: a JSON list of ``[x1, y1, x2, y2]`` pixel box prompts. Output: one row
+per image, column ``instances``: a JSON list of ``{"name", "score", "bbox" (x, y, w, h), "segmentation"
+(COCO RLE)}`` (for Semantic-SAM also ``prompt``, the index of the box it answers).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ovtasks import __version__
+
+MODEL_ARTIFACT = "model_dir"
+SCORE_THRESHOLD = 0.3
+
+
+def encode_image(path_or_bytes) -> str:
+    data = Path(path_or_bytes).read_bytes() if isinstance(path_or_bytes, (str, Path)) else bytes(path_or_bytes)
+    return base64.b64encode(data).decode()
+
+
+def _decode_image(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(b64, validate=True))) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001 - bad base64 or an undecodable image: a clear error for the caller
+        raise ValueError(f"column 'image' must hold a base64-encoded JPEG or PNG: {type(exc).__name__}: {exc}") from exc
+
+
+class Segmenter:
+    """A trained model directory with what it needs to answer: the model, its vocabulary and, for other
+    vocabularies, the text encoder (loaded on first use)."""
+
+    def __init__(self, model_dir: str, device: str = "cpu", text_encoder: str | None = None):
+        from ovtasks.train.ov_maskrcnn import load_model
+
+        self.model, self.meta = load_model(model_dir, device)
+        self.architecture = self.meta.get("architecture", "ov-maskrcnn")
+        self.device = device
+        self.categories = self.meta["categories"]
+        self.embeddings = np.load(Path(model_dir) / "text_embeddings.npy")
+        self._text_encoder_ref = text_encoder
+        self._encoder = None
+
+    def _vocabulary(self, names: str | None):
+        wanted = [n.strip() for n in (names or "").split(",") if n.strip()]
+        if not wanted:
+            return [c["name"] for c in self.categories], self.embeddings
+        if self._encoder is None:
+            from ovtasks.core.config import load_settings
+            from ovtasks.models.text_encoder import TextEncoder
+
+            ref = self._text_encoder_ref or load_settings().candidates.text_encoder
+            self._encoder = TextEncoder(ref, self.device)
+        return wanted, self._encoder.encode(wanted)
+
+    def segment(self, images: Sequence[np.ndarray], names: str | None = None, score_threshold: float = SCORE_THRESHOLD,
+                boxes: Sequence[Sequence[Sequence[float]]] | None = None) -> list[list[dict]]:
+        """Instances per image; ``boxes`` (per image, xyxy prompts) are required by Semantic-SAM, unused otherwise."""
+        vocab, emb = self._vocabulary(names)
+        ids, cat_ids = list(range(len(images))), list(range(len(vocab)))
+        if self.architecture == "semantic-sam":
+            from ovtasks.train.semantic_sam import predict as predict_prompted
+
+            if boxes is None:
+                raise ValueError("Semantic-SAM answers box prompts: give a column 'boxes' (JSON list of [x1, y1, x2, y2])")
+            prompts = [np.asarray(b, np.float32).reshape(-1, 4) for b in boxes]
+            preds = predict_prompted(self.model, list(images), ids, prompts, cat_ids, emb, self.device)
+        else:
+            from ovtasks.train.ov_maskrcnn import predict
+
+            preds = predict(self.model, list(images), ids, cat_ids, emb, self.device, score_thresh=score_threshold)
+        out: list[list[dict]] = [[] for _ in images]
+        for p in preds:
+            out[p["image_id"]].append({"name": vocab[p["category_id"]], "score": round(p["score"], 4),
+                                       "bbox": [round(v, 1) for v in p["bbox"]], "segmentation": p["segmentation"],
+                                       **({"prompt": p["prompt"]} if "prompt" in p else {})})
+        return out
+
+
+def _python_model_class():
+    import mlflow.pyfunc
+
+    class OvtasksPyfunc(mlflow.pyfunc.PythonModel):
+        """The pyfunc MLflow stores with each registered version (see the module doc)."""
+
+        def load_context(self, context):
+            import os
+
+            self.segmenter = Segmenter(context.artifacts[MODEL_ARTIFACT], os.environ.get("OVTASKS_DEVICE", "cpu"))
+
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+
+            df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+            if "image" not in df.columns:
+                raise ValueError(f"input needs a column 'image' (base64 JPEG/PNG); got {list(df.columns)}")
+            names = df["names"].fillna("") if "names" in df.columns else pd.Series([""] * len(df))
+            boxes = df["boxes"] if "boxes" in df.columns else pd.Series([None] * len(df))
+            rows = []
+            for b64, vocab, bx in zip(df["image"], names, boxes):  # one image at a time: each may have its own vocabulary
+                prompts = [json.loads(bx)] if isinstance(bx, str) and bx.strip() else None
+                rows.append(json.dumps(self.segmenter.segment([_decode_image(b64)], vocab, boxes=prompts)[0]))
+            return pd.DataFrame({"instances": rows})
+
+    return OvtasksPyfunc
+
+
+def signature():
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "image"), ColSpec("string", "names", required=False),
+                                         ColSpec("string", "boxes", required=False)]),
+                          outputs=Schema([ColSpec("string", "instances")]))
+
+
+def input_example(architecture: str = "ov-maskrcnn"):
+    """One small PNG, the model's own vocabulary and, for Semantic-SAM, one box prompt."""
+    import pandas as pd
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 127, np.uint8)).save(buf, format="PNG")
+    return pd.DataFrame({"image": [encode_image(buf.getvalue())], "names": [""],
+                         "boxes": [json.dumps([[8, 8, 40, 40]]) if architecture == "semantic-sam" else ""]})
+
+
+def log_pyfunc(mlflow, model_dir: str, architecture: str = "ov-maskrcnn"):
+    """Log ``model_dir`` as this run's pyfunc model ``model``; returns MLflow's ModelInfo."""
+    return mlflow.pyfunc.log_model(name="model", python_model=_python_model_class()(), artifacts={MODEL_ARTIFACT: model_dir},
+                                   signature=signature(), input_example=input_example(architecture),
+                                   pip_requirements=[f"ovtasks=={__version__}"])
+
+
+def trained_dir(local: str | Path) -> str:
+    """The trained model directory inside a downloaded registered model (a pyfunc keeps it under
+    ``artifacts/``; older versions were the directory itself)."""
+    local = Path(local)
+    if (local / "ovtasks_model.json").exists():
+        return str(local)
+    found = sorted(local.rglob("ovtasks_model.json"))
+    if not found:
+        raise FileNotFoundError(f"no trained model (ovtasks_model.json) under {local}")
+    return str(found[0].parent)
+
+
+def predict_images(model_ref: str, paths: Sequence[str | Path], out_dir: str | Path, settings, names: str | None = None,
+                   progress: bool = True) -> dict:
+    """``ovtasks predict``: run a registered (``models:/NAME@alias`` / ``models:/NAME/N``) or local model on
+    image files; write ``predictions.json`` (COCO results + images + categories) and one overlay picture per
+    image under ``out_dir``. Unreadable files are listed in ``skipped``, not fatal."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from ovtasks.demo import overlay_instances
+
+    local = model_ref
+    if model_ref.startswith(("models:/", "runs:/")):
+        from ovtasks.registry.lifecycle import _client
+
+        mlflow, _ = _client(settings)
+        local = mlflow.artifacts.download_artifacts(model_ref)
+    seg = Segmenter(trained_dir(local), settings.device)
+    if seg.architecture == "semantic-sam":
+        raise ValueError("Semantic-SAM answers box prompts, which `ovtasks predict` does not take: serve it "
+                         "(`mlflow models serve`) and send a 'boxes' column with each image")
+    out = Path(out_dir)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    images, results, skipped, cat_ids = [], [], {}, {}
+    for i, path in enumerate(tqdm(list(paths), desc="predict", unit="img", disable=not progress), start=1):
+        path = Path(path)
+        try:
+            with Image.open(path) as im:
+                rgb = im.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - one bad file never stops the folder
+            skipped[str(path)] = f"{type(exc).__name__}: {exc}"
+            continue
+        arr = np.asarray(rgb)
+        images.append({"id": i, "file_name": str(path), "height": arr.shape[0], "width": arr.shape[1]})
+        anns = []
+        for inst in seg.segment([arr], names)[0]:
+            cid = cat_ids.setdefault(inst["name"], len(cat_ids) + 1)
+            anns.append({"image_id": i, "category_id": cid, "score": inst["score"], "bbox": inst["bbox"],
+                         "segmentation": inst["segmentation"]})
+        results += anns
+        overlay_instances(rgb, anns, {v: k for k, v in cat_ids.items()}).save(out / "overlays" / f"{path.stem}.png")
+    doc = {"model": model_ref, "images": images, "annotations": results,
+           "categories": [{"id": v, "name": k} for k, v in cat_ids.items()], "skipped": skipped}
+    (out / "predictions.json").write_text(json.dumps(doc))
+    return {"images": len(images), "instances": len(results), "skipped": len(skipped), "out": str(out)}

@@ -1,0 +1,1 @@
+"""Stage 3: the Great Expectations gate over pseudo-label shards."""

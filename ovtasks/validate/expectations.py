@@ -1,0 +1,275 @@
+"""``ovtasks validate``: a Great Expectations gate over each shard's pseudo-labels.
+
+Per shard of ``pseudo/<generator>/`` (complete manifests only), two tables are built from the shard
+JSON and checked by GX 1.x (an ephemeral context made inside the call, never at import or DAG-parse
+time):
+
+* one row per annotation — the box inside the image (``box_overflow`` ≤ ``max_box_overflow_px``),
+  mask area / box area within bounds (``mostly`` a fraction), score in [0, 1], the RLE decodes to a
+  non-empty mask of the image's size, the category is in the vocabulary (or a well-formed
+  open-vocabulary name), and at most ``max_duplicate_rate`` near-identical duplicates (same
+  category, mask IoU > ``duplicate_iou``);
+* one row per image — instances per image within bounds, and at least
+  ``min_labelled_image_fraction`` of the images with an instance scoring ``instance_score_floor``
+  or more.
+
+Thresholds live in ``Settings.validation``. Written next to the shard (atomically, the JSON last)::
+
+    pseudo/<generator>/validation/NNNNN/annotations.html, images.html   GX data docs pages
+    pseudo/<generator>/NNNNN.validation.json                           success, failed checks, GX results
+
+and for the run ``pseudo/<generator>/validation_report.json``: every shard passed or failed with its
+reasons, and ``training_shards`` (the passing ones). Training reads that list; a failing shard is
+never dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ovtasks import __version__
+
+from ovtasks.core import history
+from ovtasks.pseudolabel.candidates import OPEN_VOCAB_ID_BASE, Vocabulary
+from ovtasks.core.config import Settings, ValidateConfig
+from ovtasks.data.groundtruth import to_pycoco
+from ovtasks.core.storage import open_store
+
+log = logging.getLogger(__name__)
+
+
+def _rle_ok(seg, h: int, w: int) -> bool:
+    """The RLE decodes to a non-empty (h, w) mask and re-encodes to itself (pycocotools decodes some
+    garbage strings without complaint; a real RLE round-trips)."""
+    from ovtasks.data.groundtruth import decode_rle, encode_rle
+
+    try:
+        m = decode_rle(seg)
+        counts = seg["counts"]
+        same = encode_rle(m)["counts"] == (counts.decode() if isinstance(counts, bytes) else counts)
+    except Exception:  # noqa: BLE001 - any malformed RLE is just "not ok"
+        return False
+    return same and m.shape == (h, w) and bool(m.any())
+
+
+def _duplicates(anns: list[dict], iou_thr: float) -> list[bool]:
+    """Per annotation: True when an earlier, higher-scored one of its image and category overlaps it
+    with mask IoU above ``iou_thr``."""
+    from pycocotools import mask as mask_utils
+
+    flags = [False] * len(anns)
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(anns):
+        groups.setdefault((a.get("image_id"), a.get("category_id")), []).append(i)
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        idx = sorted(idx, key=lambda i: -float(anns[i].get("score") or 0))
+        rles = []
+        for i in idx:
+            try:
+                rles.append(to_pycoco(anns[i].get("segmentation")))
+            except (TypeError, KeyError):
+                rles.append(None)
+        ok = [k for k, r in enumerate(rles) if r is not None]
+        if len(ok) < 2:
+            continue
+        try:
+            iou = mask_utils.iou([rles[k] for k in ok], [rles[k] for k in ok], [0] * len(ok))
+        except Exception:  # noqa: BLE001 - mismatched sizes: the RLE check reports those
+            continue
+        for a in range(1, len(ok)):
+            if (np.asarray(iou)[a, :a] > iou_thr).any():
+                flags[idx[ok[a]]] = True
+    return flags
+
+
+def tables(doc: dict, vocab: Vocabulary, cfg: ValidateConfig):
+    """(annotations, images) pandas tables of one shard JSON, with the columns the suite checks."""
+    import pandas as pd
+
+    sizes = {im["id"]: (int(im["height"]), int(im["width"])) for im in doc.get("images", [])}
+    anns = doc.get("annotations", [])
+    dup = _duplicates(anns, cfg.duplicate_iou)
+    rows = []
+    for a, is_dup in zip(anns, dup):
+        h, w = sizes.get(a.get("image_id"), (0, 0))
+        x, y, bw, bh = (float(v) for v in (a.get("pseudo_box") or a.get("bbox") or (0, 0, 0, 0)))
+        overflow = max(-x, -y, x + bw - w, y + bh - h) if (h and w) else float("inf")
+        box_area = bw * bh
+        cid, name = a.get("category_id"), a.get("category_name")
+        entry = vocab.by_id.get(cid) if isinstance(cid, int) else None
+        if a.get("known_category", True):
+            cat_ok = entry is not None and entry.name == name
+        else:
+            cat_ok = isinstance(cid, int) and cid >= OPEN_VOCAB_ID_BASE and isinstance(name, str) and bool(name.strip())
+        score = a.get("score")
+        rows.append({
+            "image_id": a.get("image_id"), "category_name": name, "box_overflow": float(overflow),
+            "mask_box_ratio": float(a.get("area", 0)) / box_area if box_area > 0 else float("inf"),
+            "score": float(score) if isinstance(score, (int, float)) else float("nan"),
+            "rle_valid": _rle_ok(a.get("segmentation"), h, w) if h else False,
+            "category_valid": bool(cat_ok), "duplicate": float(is_dup),
+        })
+    cols = ["image_id", "category_name", "box_overflow", "mask_box_ratio", "score", "rle_valid", "category_valid", "duplicate"]
+    ann_df = pd.DataFrame(rows, columns=cols)
+    per_image = {i: [] for i in sizes}
+    for a in anns:
+        if a.get("image_id") in per_image:
+            per_image[a["image_id"]].append(float(a.get("score") or 0))
+    img_df = pd.DataFrame([{"image_id": i, "instances": len(s), "labelled": float(any(v >= cfg.instance_score_floor for v in s))}
+                           for i, s in per_image.items()], columns=["image_id", "instances", "labelled"])
+    return ann_df, img_df
+
+
+def suites(cfg: ValidateConfig):
+    """The two expectation suites (annotations, images) as GX expectation objects."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    ann = [
+        E.ExpectColumnValuesToBeBetween(column="box_overflow", max_value=cfg.max_box_overflow_px),
+        E.ExpectColumnValuesToBeBetween(column="mask_box_ratio", min_value=cfg.min_mask_box_ratio,
+                                        max_value=cfg.max_mask_box_ratio, mostly=cfg.mask_box_ratio_mostly),
+        E.ExpectColumnValuesToBeBetween(column="score", min_value=0.0, max_value=1.0),
+        E.ExpectColumnValuesToNotBeNull(column="score"),
+        E.ExpectColumnValuesToBeInSet(column="rle_valid", value_set=[True]),
+        E.ExpectColumnValuesToBeInSet(column="category_valid", value_set=[True]),
+    ]
+    if cfg.max_duplicate_rate < 1.0:
+        ann.append(E.ExpectColumnMeanToBeBetween(column="duplicate", min_value=0.0, max_value=cfg.max_duplicate_rate))
+    img = [
+        E.ExpectColumnValuesToBeBetween(column="instances", min_value=0, max_value=cfg.max_instances_per_image),
+        E.ExpectColumnMeanToBeBetween(column="labelled", min_value=cfg.min_labelled_image_fraction, max_value=1.0),
+        E.ExpectTableRowCountToBeBetween(min_value=1),
+    ]
+    return {"annotations": ann, "images": img}
+
+
+@dataclass
+class ShardValidation:
+    shard: str
+    success: bool
+    failed: list[dict]
+    results: dict
+    html: dict[str, str]  # table -> local HTML path
+
+
+def _mean_of_empty_is_fine(table: str, df, exp_type: str) -> bool:
+    """A shard with no annotations has nothing to average: its duplicate rate is 0, not a failure."""
+    return table == "annotations" and df.empty and exp_type == "expect_column_mean_to_be_between"
+
+
+def validate_tables(shard: str, ann_df, img_df, cfg: ValidateConfig, docs_dir: str) -> ShardValidation:
+    """Run the suites with an ephemeral GX context; data docs pages land under ``docs_dir``."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines drown the run's own
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    ctx.add_data_docs_site(site_name="ovtasks", site_config={
+        "class_name": "SiteBuilder", "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": docs_dir},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
+    source = ctx.data_sources.add_pandas("pseudo_labels")
+    failed, results, defs = [], {}, []
+    frames = {"annotations": ann_df, "images": img_df}
+    for table, expectations in suites(cfg).items():
+        suite = ctx.suites.add(gx.ExpectationSuite(name=f"pseudo_{table}"))
+        for e in expectations:
+            suite.add_expectation(e)
+        batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("shard")
+        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{shard}_{table}", data=batch, suite=suite))
+        defs.append((table, vd))
+    for table, vd in defs:
+        df = frames[table]
+        res = vd.run(batch_parameters={"dataframe": df})
+        results[table] = res.to_json_dict()
+        for r in res.results:
+            cfg_ = r.expectation_config
+            if r.success or _mean_of_empty_is_fine(table, df, cfg_.type):
+                continue
+            kw = {k: v for k, v in cfg_.kwargs.items() if k not in ("batch_id",)}
+            failed.append({"table": table, "expectation": cfg_.type, "column": kw.get("column"), "kwargs": kw,
+                           "observed": r.result.get("observed_value"), "unexpected_count": r.result.get("unexpected_count"),
+                           "unexpected_percent": r.result.get("unexpected_percent"),
+                           "partial_unexpected_list": (r.result.get("partial_unexpected_list") or [])[:5]})
+    ctx.build_data_docs(site_names=["ovtasks"])
+    html = {}
+    for table in frames:
+        pages = sorted(Path(docs_dir, "validations", f"pseudo_{table}").rglob("*.html"))
+        if pages:
+            html[table] = str(pages[-1])
+    return ShardValidation(shard, not failed, failed, results, html)
+
+
+def reason_text(f: dict) -> str:
+    col = f" on {f['column']}" if f.get("column") else ""
+    obs = f"observed {f['observed']}" if f.get("observed") is not None else f"{f.get('unexpected_count')} unexpected"
+    return f"{f['table']}: {f['expectation']}{col} ({obs})"
+
+
+@dataclass(frozen=True)
+class ValidateResult:
+    report: dict
+    report_uri: str
+
+
+def validate(src_uri: str, settings: Settings, generator: str = "maskfree", progress=None) -> ValidateResult:
+    """Validate every complete pseudo-label shard under ``src_uri/pseudo/<generator>/``."""
+    store = open_store(src_uri, settings.s3)
+    prefix = f"pseudo/{generator}"
+    shards = sorted(k.rsplit("/", 1)[-1][: -len(".manifest.json")] for k in store.list(prefix) if k.endswith(".manifest.json"))
+    if not shards:
+        raise FileNotFoundError(f"no pseudo-label shards ({prefix}/*.manifest.json) under {store.uri}")
+    vocab = Vocabulary.load(settings.candidates.vocabulary)
+    cfg = settings.validation
+    tick = progress("validate", len(shards)) if progress else None
+    entries = []
+    for shard in shards:
+        manifest = json.loads(store.get_bytes(f"{prefix}/{shard}.manifest.json"))
+        if manifest.get("status") != "complete":
+            entries.append({"shard": shard, "success": False, "reasons": ["pseudo-label manifest is not complete"]})
+            continue
+        blob = store.get_bytes(f"{prefix}/{shard}.json")
+        sha = hashlib.sha256(blob).hexdigest()
+        recorded = ((manifest.get("files") or {}).get(f"{prefix}/{shard}.json") or {}).get("sha256")
+        if sha != recorded:  # changed after its manifest was written (a relabel in flight, an edit): not what was labelled
+            entries.append({"shard": shard, "success": False, "sha256": sha,
+                            "reasons": [f"pseudo-label JSON does not match its manifest (sha256 {sha[:12]} != {str(recorded)[:12]})"]})
+            continue
+        doc = json.loads(blob)
+        ann_df, img_df = tables(doc, vocab, cfg)
+        with tempfile.TemporaryDirectory(prefix="ovtasks-gx-") as docs:
+            v = validate_tables(shard, ann_df, img_df, cfg, docs)
+            pages = {}
+            for table, path in v.html.items():
+                key = f"{prefix}/validation/{shard}/{table}.html"
+                store.put_file(key, path)
+                pages[table] = key
+        reasons = [reason_text(f) for f in v.failed]
+        out = {"shard": shard, "success": v.success, "reasons": reasons, "failed": v.failed, "data_docs": pages,
+               "rows": {"annotations": len(ann_df), "images": len(img_df)}, "thresholds": cfg.model_dump(mode="json"),
+               "pseudo_manifest_sha256": recorded, "sha256": sha,
+               "code_version": __version__, "results": v.results}
+        store.put_bytes(f"{prefix}/{shard}.validation.json", json.dumps(out, indent=2, default=str).encode())
+        entries.append({k: out[k] for k in ("shard", "success", "reasons", "data_docs", "rows", "sha256")})
+        if not v.success:
+            log.warning("shard failed validation; excluded from training", extra={"shard": shard, "reasons": reasons})
+        if tick:
+            tick()
+    report = {"stage": "validate", "generator": generator, "src": store.uri, "shards": entries,
+              "passed": sum(e["success"] for e in entries), "failed": sum(not e["success"] for e in entries),
+              "training_shards": [e["shard"] for e in entries if e["success"]],
+              "excluded": {e["shard"]: e["reasons"] for e in entries if not e["success"]},
+              "thresholds": cfg.model_dump(mode="json"), "code_version": __version__}
+    store.put_bytes(f"{prefix}/validation_report.json", json.dumps(report, indent=2).encode())
+    history.record(store, "validate", report)
+    return ValidateResult(report, store.uri_for(f"{prefix}/validation_report.json"))
