@@ -36,11 +36,15 @@ from ovtasks.core.config import load_settings  # noqa: E402
 from ovtasks.evaluate.coco import evaluation_table, format_eval_table  # noqa: E402
 from ovtasks.data.groundtruth import GroundTruth  # noqa: E402
 from ovtasks.ingest.pipeline import ingest  # noqa: E402
-from ovtasks.pseudolabel.runner import load_maskfree, pseudo_label  # noqa: E402
+from ovtasks.pseudolabel.maskfree.generator import load_maskfree  # noqa: E402
+from ovtasks.pseudolabel.runner import pseudo_label  # noqa: E402
 from ovtasks.core.storage import open_store  # noqa: E402
 from ovtasks.data.synth import SynthSpec, generate  # noqa: E402
-from ovtasks.train.ov_maskrcnn import (TrainConfig, eval_image_ids, evaluate_model, fit_ov_maskrcnn, gt_training_data, load_model,  # noqa: E402
-                           training_data)
+from ovtasks.data.holdout import eval_image_ids  # noqa: E402
+from ovtasks.evaluate.models import evaluate_model  # noqa: E402
+from ovtasks.models.loading import load_model  # noqa: E402
+from ovtasks.train.data import gt_training_data, training_data  # noqa: E402
+from ovtasks.train.ov_maskrcnn import TrainConfig, fit_ov_maskrcnn  # noqa: E402
 from ovtasks.train.wspn import WspnTrainConfig, train_wspn  # noqa: E402
 from ovtasks.validate.expectations import validate  # noqa: E402
 

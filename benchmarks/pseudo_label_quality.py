@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ovtasks.core.config import load_settings  # noqa: E402
 from ovtasks.ingest.pipeline import ingest  # noqa: E402
-from ovtasks.pseudolabel.runner import load_maskfree  # noqa: E402
+from ovtasks.pseudolabel.maskfree.generator import load_maskfree  # noqa: E402
 from ovtasks.data.groundtruth import GroundTruth  # noqa: E402
-from ovtasks.evaluate.pseudo_labels import error_budget, evaluate_pseudo_labels, format_budget, format_table, overlay_grid  # noqa: E402
+from ovtasks.evaluate.pseudo_labels import error_budget, evaluate_pseudo_labels, format_budget, format_table  # noqa: E402
+from ovtasks.report.pictures import overlay_grid  # noqa: E402
 from ovtasks.data.synth import SynthSpec, generate  # noqa: E402
 from ovtasks.train.wspn import WspnTrainConfig, train_wspn  # noqa: E402
 

@@ -9,116 +9,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
 from ovtasks.core.config import Settings
-from ovtasks.core.shards import iter_tar_samples
-from ovtasks.core.storage import open_store
-
-_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-            (170, 110, 40), (128, 0, 0)]
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def overlay_instances(image: Image.Image, anns: list[dict], names: dict[int, str]) -> Image.Image:
-    """Draw COCO RLE instance masks (translucent fill + box + name) onto an RGB image."""
-    from pycocotools import mask as mask_utils
-
-    base = np.asarray(image.convert("RGB"), np.float32)
-    draw_boxes = []
-    for ann in anns:
-        rle = dict(ann["segmentation"])
-        m = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
-        colour = np.array(_PALETTE[(ann["category_id"] - 1) % len(_PALETTE)], np.float32)
-        base[m] = base[m] * 0.45 + colour * 0.55
-        draw_boxes.append((ann["bbox"], tuple(int(c) for c in colour), names.get(ann["category_id"], "?")))
-    out = Image.fromarray(base.astype(np.uint8))
-    d = ImageDraw.Draw(out)
-    font = _font(11)
-    for (x, y, w, h), colour, name in draw_boxes:
-        d.rectangle([x, y, x + w - 1, y + h - 1], outline=colour, width=1)
-        d.text((x + 2, y + 1), name, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
-    return out
-
-
-def _wrap(text: str, width: int) -> str:
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        if len(line) + len(w) + 1 > width:
-            lines.append(line)
-            line = w
-        else:
-            line = f"{line} {w}".strip()
-    lines.append(line)
-    return "\n".join(lines[:3])
-
-
-def _tile(img: Image.Image, caption: str, label: str, label_colour, cell: int) -> Image.Image:
-    tile = Image.new("RGB", (cell, cell + 58), (250, 250, 250))
-    im = img.copy()
-    im.thumbnail((cell, cell))
-    tile.paste(im, ((cell - im.width) // 2, (cell - im.height) // 2))
-    d = ImageDraw.Draw(tile)
-    d.text((4, cell + 2), label, fill=label_colour, font=_font(12))
-    d.text((4, cell + 17), _wrap(caption, cell // 6), fill=(40, 40, 40), font=_font(10))
-    return tile
-
-
-def ingest_overview(synth_uri: str, ingest_uri: str, settings: Settings, path: Path, n_kept: int = 12, n_rejected: int = 6) -> Path:
-    """A picture: kept samples with their GT masks, then quarantined samples with their reasons."""
-    import io
-
-    src, out = open_store(synth_uri, settings.s3), open_store(ingest_uri, settings.s3)
-    gt = json.loads(src.get_bytes("gt/instances.json"))
-    names = {c["id"]: c["name"] for c in gt["categories"]}
-    anns: dict[int, list] = {}
-    for a in gt["annotations"]:
-        anns.setdefault(a["image_id"], []).append(a)
-    shard_keys = sorted(k for k in out.list("shards") if k.endswith(".tar"))
-    tiles = []
-    with out.open_read(shard_keys[0]) as fh:
-        for raw in iter_tar_samples(fh, {}, default_limit=1 << 30):
-            meta = json.loads(raw.members["json"])
-            img = Image.open(io.BytesIO(raw.members["jpg"])).convert("RGB")
-            tiles.append(_tile(overlay_instances(img, anns.get(int(raw.key), []), names), meta["caption"], f"kept {raw.key}", (20, 120, 40), 192))
-            if len(tiles) >= n_kept:
-                break
-    rejected = []
-    for qkey in sorted(k for k in out.list("quarantine") if k.endswith(".tar")):
-        with out.open_read(qkey) as fh:
-            for raw in iter_tar_samples(fh, {}, default_limit=1 << 30):
-                reason = json.loads(raw.members["reason.json"])
-                if "jpg" not in raw.members or reason["reason"] in {r for r, _ in rejected}:
-                    continue
-                try:
-                    img = Image.open(io.BytesIO(raw.members["jpg"])).convert("RGB")
-                except Exception:
-                    continue
-                caption = raw.members.get("txt", b"").decode("utf-8", "replace")
-                rejected.append((reason["reason"], _tile(img, caption, f"quarantined: {reason['reason']}", (190, 20, 20), 192)))
-                if len(rejected) >= n_rejected:
-                    break
-        if len(rejected) >= n_rejected:
-            break
-    tiles += [t for _, t in rejected]
-    cols = 6
-    rows = (len(tiles) + cols - 1) // cols
-    tw, th = tiles[0].size
-    sheet = Image.new("RGB", (cols * (tw + 6) + 6, rows * (th + 6) + 34), (255, 255, 255))
-    ImageDraw.Draw(sheet).text((8, 8), "ovtasks ingest: kept samples with ground-truth masks, then one quarantined sample per reason", fill=(0, 0, 0), font=_font(16))
-    for i, t in enumerate(tiles):
-        sheet.paste(t, (6 + (i % cols) * (tw + 6), 34 + (i // cols) * (th + 6)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+from ovtasks.report.pictures import ingest_overview, overlay_grid
 
 
 def _airflow_chain(root: Path, settings: Settings, synth_uri: str, ingest_uri: str, train_steps: int, eval_images: int):
@@ -170,14 +62,18 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     training (they are what the models are scored on). Step 10's weekly retrain trains a second, shorter
     model (``airflow_train_steps``), so its promotion shows the gate comparing two models on the same images."""
     from ovtasks.ingest.pipeline import ingest
-    from ovtasks.pseudolabel.runner import load_maskfree, pseudo_label
+    from ovtasks.pseudolabel.maskfree.generator import load_maskfree
+    from ovtasks.pseudolabel.runner import pseudo_label
     from ovtasks.data.groundtruth import GroundTruth
-    from ovtasks.evaluate.pseudo_labels import error_budget, evaluate_pseudo_labels, format_budget, format_table, overlay_grid
+    from ovtasks.evaluate.pseudo_labels import error_budget, evaluate_pseudo_labels, format_budget, format_table
     from ovtasks.data.synth import SynthSpec, generate
     from ovtasks.train.itm import ItmTrainConfig, train_itm
     from ovtasks.train.wspn import WspnTrainConfig, train_wspn
     from ovtasks.registry.lifecycle import log_and_register, promote, tracking_uri
-    from ovtasks.train.ov_maskrcnn import TrainConfig, eval_image_ids, evaluate_model, load_model, train_ov_maskrcnn
+    from ovtasks.data.holdout import eval_image_ids
+    from ovtasks.evaluate.models import evaluate_model
+    from ovtasks.models.loading import load_model
+    from ovtasks.train.ov_maskrcnn import train_ov_maskrcnn, TrainConfig
     from ovtasks.validate.expectations import validate
 
     root = Path(out).absolute()
@@ -226,7 +122,8 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     print(f"[9/10] Semantic-SAM: SA-1B-format masks ({sa1b_uri}) + the pseudo-labels' names, 1:4, {semantic_sam_steps} steps "
           f"-> {ssam_dir}; box-prompted evaluation; registered as its own model", flush=True)
     from ovtasks.data.sa1b import write_synthetic
-    from ovtasks.train.semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
+    from ovtasks.evaluate.models import evaluate_semantic_sam
+    from ovtasks.train.semantic_sam import SemanticSamConfig, train_semantic_sam
 
     write_synthetic(sa1b_uri, settings, images=512, image_size=settings.synth.image_size)
     ssam = train_semantic_sam(ingest_uri, str(root), sa1b_uri, ssam_dir, settings, SemanticSamConfig(steps=semantic_sam_steps),

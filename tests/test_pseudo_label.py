@@ -8,7 +8,8 @@ import torch
 
 from ovtasks.core.config import load_settings
 from ovtasks.pseudolabel.maskfree.pseudo_box import box_scores, pseudo_box
-from ovtasks.pseudolabel.runner import load_maskfree, pseudo_label
+from ovtasks.pseudolabel.maskfree.generator import load_maskfree
+from ovtasks.pseudolabel.runner import pseudo_label
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,8 @@ def test_eq6_pseudo_box_cases():
 def test_images_without_candidates_get_no_annotations(tmp_path, itm_dir):
     from ovtasks.pseudolabel.candidates import Candidate
     from ovtasks.data.clean import CleanSample
-    from ovtasks.pseudolabel.runner import label_images, to_coco
+    from ovtasks.pseudolabel.maskfree.generator import label_images
+    from ovtasks.pseudolabel.runner import to_coco
 
     s = _settings(itm_dir)
     models = load_maskfree(s)

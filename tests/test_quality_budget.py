@@ -9,7 +9,7 @@ from ovtasks.pseudolabel.candidates import Candidate
 from ovtasks.core.config import load_settings
 from ovtasks.data.clean import iter_clean
 from ovtasks.data.groundtruth import GroundTruth, decode_rle
-from ovtasks.pseudolabel.runner import PairResult
+from ovtasks.pseudolabel.base import PairResult
 from ovtasks.evaluate.pseudo_labels import error_budget, format_budget
 
 

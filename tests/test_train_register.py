@@ -10,7 +10,9 @@ from ovtasks.core.config import load_settings
 from ovtasks.data.clean import complete_shards, iter_shard
 from ovtasks.data.groundtruth import GroundTruth
 from ovtasks.core.storage import open_store
-from ovtasks.train.ov_maskrcnn import TrainConfig, evaluate_model, load_model, train_ov_maskrcnn
+from ovtasks.evaluate.models import evaluate_model
+from ovtasks.models.loading import load_model
+from ovtasks.train.ov_maskrcnn import train_ov_maskrcnn, TrainConfig
 from ovtasks.validate.expectations import validate
 
 
@@ -104,7 +106,8 @@ def test_train_resume_evaluate_register_promote(clean_small, labelled, synth_sma
 
 
 def test_base_gt_finetune_holds_out_eval_images_and_novel_gt(clean_small, labelled, synth_small, tmp_path):
-    from ovtasks.train.ov_maskrcnn import eval_image_ids, gt_training_data
+    from ovtasks.data.holdout import eval_image_ids
+    from ovtasks.train.data import gt_training_data
 
     s = load_settings(env={})
     held = eval_image_ids(synth_small[0], clean_small, s, limit=6)
@@ -265,7 +268,7 @@ def test_registry_on_a_real_mlflow_server_with_postgresql(synth_small, clean_sma
 def test_evaluation_must_be_the_held_out_split():
     """The retrain DAG's register step scores a model only on the images its training held out."""
     from ovtasks.orchestration.tasks import check_held_out
-    from ovtasks.train.ov_maskrcnn import held_out_record
+    from ovtasks.data.holdout import held_out_record
 
     gt = {"images": [{"id": 3}, {"id": 1}, {"id": 2}]}
     check_held_out({"held_out": held_out_record([1, 2, 3])}, gt)  # same ids, any order

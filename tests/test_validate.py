@@ -198,7 +198,7 @@ def test_a_shard_that_does_not_match_its_manifest_fails_and_training_rechecks(tm
     relabel that lands between validation and training is left out instead of trained on unvalidated."""
     import shutil
 
-    from ovtasks.train.ov_maskrcnn import training_data
+    from ovtasks.train.data import training_data
 
     run = tmp_path / "run"
     shutil.copytree(labelled, run)

@@ -144,7 +144,7 @@ def cmd_models_upload(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
-    from ovtasks.registry.serving import predict_images
+    from ovtasks.registry.predict import predict_images
 
     paths: list[Path] = []
     for p in map(Path, args.images):
@@ -206,7 +206,10 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.registry.lifecycle import log_and_register
-    from ovtasks.train.ov_maskrcnn import TrainConfig, eval_image_ids, evaluate_model, load_model, train_ov_maskrcnn
+    from ovtasks.data.holdout import eval_image_ids
+    from ovtasks.evaluate.models import evaluate_model
+    from ovtasks.models.loading import load_model
+    from ovtasks.train.ov_maskrcnn import train_ov_maskrcnn, TrainConfig
 
     settings = _on_device(args, settings)
     progress = lambda r: print(json.dumps(r), file=sys.stderr, flush=True)  # noqa: E731
@@ -214,7 +217,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         print("ovtasks: --finetune-steps needs --gt (the base-category GT to fine-tune on)", file=sys.stderr)
         return 2
     if args.model == "semantic-sam":
-        from ovtasks.train.semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
+        from ovtasks.evaluate.models import evaluate_semantic_sam
+        from ovtasks.train.semantic_sam import SemanticSamConfig, train_semantic_sam
 
         if args.finetune_steps:
             print("ovtasks: --finetune-steps is for --model ov-maskrcnn", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -110,3 +111,9 @@ def _locate(uri: str, settings: Settings):
         parent, _, name = uri.rpartition("/")
         return open_store(parent or ".", settings.s3), name
     return open_store(uri, settings.s3), "gt/instances.json"
+
+
+def boxes_xyxy(anns: Sequence[dict]) -> np.ndarray:
+    b = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
+    b[:, 2:] += b[:, :2]
+    return b

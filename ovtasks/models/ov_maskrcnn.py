@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -152,6 +154,16 @@ def build(embed_dim: int, backbone: str = "small", **kwargs) -> OVMaskRCNN:
     return OVMaskRCNN(embed_dim, backbone, **kwargs)
 
 
+# the training config's architecture fields and their defaults (``ovtasks train``'s TrainConfig uses these)
+ARCHITECTURE = {"backbone": "small", "temperature": 0.05, "background_weight": 0.2, "min_size": 192, "max_size": 320}
+
+
+def build_from_config(embed_dim: int, config: dict) -> OVMaskRCNN:
+    """The network a training config (``ovtasks_model.json``'s ``config``) describes; missing fields take their defaults."""
+    arch = {k: config.get(k, v) for k, v in ARCHITECTURE.items()}
+    return build(embed_dim, arch.pop("backbone"), **arch)
+
+
 def targets_from_coco(anns: Sequence[dict], cat_index: dict[int, int], hw: tuple[int, int]) -> dict:
     """COCO annotations of one image → a torchvision target (boxes xyxy, 1-based labels, masks)."""
     from ovtasks.data.groundtruth import decode_rle
@@ -169,3 +181,31 @@ def targets_from_coco(anns: Sequence[dict], cat_index: dict[int, int], hw: tuple
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
             "masks": torch.stack(masks).to(torch.uint8) if masks else torch.zeros((0, *hw), dtype=torch.uint8)}
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 → ``(3, H, W)`` float in [0, 1], the detector's input."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
+@torch.no_grad()
+def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], category_ids: Sequence[int],
+            text_embeddings: np.ndarray, device: str = "cpu", score_thresh: float = 0.05, batch_size: int = 4) -> list[dict]:
+    """COCO predictions (RLE masks, xywh boxes) for ``images`` with vocabulary ``category_ids``."""
+    from ovtasks.data.groundtruth import encode_rle
+
+    model.set_vocabulary(torch.from_numpy(np.asarray(text_embeddings)))
+    model.roi_heads.score_thresh = score_thresh
+    model.eval()
+    preds = []
+    for b0 in range(0, len(images), batch_size):
+        outs = model([to_tensor(im).to(device) for im in images[b0:b0 + batch_size]])
+        for image_id, o in zip(image_ids[b0:b0 + batch_size], outs):
+            for box, label, score, mask in zip(o["boxes"], o["labels"], o["scores"], o["masks"]):
+                m = (mask[0] > 0.5).cpu().numpy()
+                if not m.any():
+                    continue
+                x1, y1, x2, y2 = (float(v) for v in box)
+                preds.append({"image_id": int(image_id), "category_id": int(category_ids[int(label) - 1]), "score": float(score),
+                              "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": encode_rle(m)})
+    return preds

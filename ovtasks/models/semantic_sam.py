@@ -20,6 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -231,3 +232,38 @@ def contrastive_losses(semantic: torch.Tensor, score: torch.Tensor, labels: torc
     ce = F.cross_entropy(logits.reshape(-1, len(present)), target.repeat_interleave(semantic.shape[1]))
     cos = (semantic * t[target][:, None, :]).sum(-1)
     return {"loss_contrastive": ce, "loss_score": F.mse_loss(score.float(), cos.detach())}
+
+
+@torch.no_grad()
+def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes: Sequence[np.ndarray], category_ids: Sequence[int],
+            text_embeddings: np.ndarray, device: str = "cpu", mask_threshold: float = 0.0, names: dict | None = None) -> list[dict]:
+    """COCO predictions for box prompts ``boxes[i]`` ((n, 4) pixel xyxy) in ``images[i]``: SAM's single-output
+    mask (box prompts are unambiguous), named by its semantic token's nearest text embedding; score =
+    softmax probability of that name x predicted IoU; ``prompt``: the box's index in ``boxes[i]`` (a prompt
+    whose mask is empty gives no prediction). ``names``, when given, receives ``{(image_id, prompt): category_id}``
+    for every prompt, empty mask or not."""
+    from ovtasks.data.groundtruth import encode_rles, mask_bbox
+
+    model.eval()
+    text = F.normalize(torch.from_numpy(np.asarray(text_embeddings, np.float32)).to(device), dim=-1)
+    preds = []
+    for image, image_id, bx in zip(images, image_ids, boxes):
+        if not len(bx):
+            continue
+        h, w = image.shape[:2]
+        rh, rw, scale = model.resized(h, w)
+        emb = model.embed(model.pixels(image, device)[None])
+        d = model.decode(emb, torch.from_numpy(np.asarray(bx, np.float32) * scale).to(device))
+        prob = (model.scale() * d.semantic[:, 0] @ text.T).softmax(-1)
+        p, label = prob.max(-1)
+        score = p * d.iou[:, 0].clamp(0, 1)
+        up = F.interpolate(d.masks[:, :1].float(), size=(model.image_size, model.image_size), mode="bilinear", align_corners=False)
+        masks = (F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[:, 0] > mask_threshold).cpu().numpy()
+        rles = encode_rles(masks.transpose(1, 2, 0).astype(np.uint8))
+        for k, (m, rle, lab, sc) in enumerate(zip(masks, rles, label.tolist(), score.tolist())):
+            if names is not None:
+                names[(int(image_id), k)] = int(category_ids[lab])
+            if m.any():
+                preds.append({"image_id": int(image_id), "category_id": int(category_ids[lab]), "score": float(sc),
+                              "bbox": mask_bbox(m), "segmentation": rle, "prompt": k})
+    return preds

@@ -313,7 +313,7 @@ def train_model(model: str, clean_uri: str, pseudo_uri: str, out_dir: str, setti
     """Train into ``out_dir`` (resumes from its checkpoint when a killed task is retried). With ``eval_gt_uri``,
     the evaluation split (the first ``eval_images`` clean images that have GT, what ``evaluate_and_register``
     scores) is held out of training and recorded in the model's data manifest."""
-    from ovtasks.train.ov_maskrcnn import eval_image_ids
+    from ovtasks.data.holdout import eval_image_ids
 
     held: list[int] = []
     if eval_gt_uri:
@@ -339,7 +339,7 @@ def train_model(model: str, clean_uri: str, pseudo_uri: str, out_dir: str, setti
 def check_held_out(data_manifest: dict, eval_gt: dict) -> None:
     """Refuse to score a model on images it may have trained on: the evaluated image ids must be exactly
     the split its training run held out (``data_manifest["held_out"]``)."""
-    from ovtasks.train.ov_maskrcnn import held_out_record
+    from ovtasks.data.holdout import held_out_record
 
     held = data_manifest.get("held_out") or {}
     evaluated = held_out_record(img["id"] for img in eval_gt.get("images", []))
@@ -355,7 +355,7 @@ def evaluate_and_register(model_dir: str, gt_uri: str, clean_uri: str, pseudo_ur
                           eval_images: int = 64, dag_run: str | None = None, require_held_out: bool = False) -> dict:
     from ovtasks.data.groundtruth import GroundTruth
     from ovtasks.registry.lifecycle import log_and_register
-    from ovtasks.train.ov_maskrcnn import load_model
+    from ovtasks.models.loading import load_model
 
     GroundTruth.require(gt_uri, settings)
     from ovtasks.models.hub import resolve_model
@@ -363,9 +363,9 @@ def evaluate_and_register(model_dir: str, gt_uri: str, clean_uri: str, pseudo_ur
     model_dir = resolve_model(model_dir, settings.s3)  # a store URI (the retrain DAG's) is fetched once, complete
     model, meta = load_model(model_dir, settings.device)
     if meta["architecture"] == "semantic-sam":
-        from ovtasks.train.semantic_sam import evaluate_semantic_sam as evaluate
+        from ovtasks.evaluate.models import evaluate_semantic_sam as evaluate
     else:
-        from ovtasks.train.ov_maskrcnn import evaluate_model as evaluate
+        from ovtasks.evaluate.models import evaluate_model as evaluate
     ev = evaluate(model, gt_uri, clean_uri, settings, limit=eval_images)
     if require_held_out:
         check_held_out(meta.get("data_manifest") or {}, ev["gt"])

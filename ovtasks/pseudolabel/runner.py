@@ -36,7 +36,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -44,177 +44,14 @@ import numpy as np
 from ovtasks import __version__
 
 from ovtasks.core import history
-from ovtasks.pseudolabel.candidates import Candidate, Vocabulary, build_extractor
 from ovtasks.core.config import Settings
+from ovtasks.core.storage import open_store
 from ovtasks.data.clean import CleanSample, chunks, complete_shards, iter_shard
 from ovtasks.data.groundtruth import encode_rle, mask_bbox, rle_area, rle_bbox
-from ovtasks.core.storage import open_store
+from ovtasks.pseudolabel.base import GENERATORS, Generator, PairResult
+from ovtasks.pseudolabel.candidates import Candidate, Vocabulary, build_extractor
 
 log = logging.getLogger(__name__)
-
-GENERATORS = ("maskfree", "grounded")
-
-
-@dataclass
-class MaskFreeModels:
-    itm: object  # ItmModel
-    proposals: object  # ProposalSource
-    versions: dict
-    name: str = "maskfree"
-
-    def chunk_size(self, settings: Settings) -> int:
-        return settings.label_chunk
-
-    def label(self, samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], settings: Settings) -> list["PairResult"]:
-        return label_images(samples, candidates, self, settings)
-
-
-def _digest_path(path: str) -> str:
-    import os
-
-    h = hashlib.sha256()
-    if os.path.isdir(path):
-        for root, _, files in sorted(os.walk(path)):
-            for f in sorted(files):
-                if f.endswith((".safetensors", ".pt", ".bin", ".json", ".txt")):
-                    with open(os.path.join(root, f), "rb") as fh:
-                        h.update(f.encode())
-                        h.update(fh.read())
-    elif os.path.isfile(path):
-        with open(path, "rb") as fh:
-            h.update(fh.read())
-    else:
-        h.update(path.encode())  # a hub id: its name is all we know
-    return h.hexdigest()[:16]
-
-
-def model_version(ref: str, settings: Settings) -> dict:
-    """What names a model in manifests: the reference given and a digest of its files."""
-    from ovtasks.models.hub import resolve_model
-
-    return {"ref": ref, "digest": _digest_path(resolve_model(ref, settings.s3))}
-
-
-def check_device(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-
-
-def load_maskfree(settings: Settings) -> MaskFreeModels:
-    """The ITM model and proposal source named by ``settings.maskfree`` (ids, directories or store URIs)."""
-    from ovtasks.models.hub import resolve_model
-    from ovtasks.models.itm import ItmModel
-    from ovtasks.models.wspn import load_wspn
-    from ovtasks.pseudolabel.maskfree.proposals import GDinoProposals, SelectiveSearch, WSPNProposals
-
-    cfg = settings.maskfree
-    check_device(settings.device)
-    if not cfg.itm_model:
-        raise ValueError("maskfree.itm_model is not set: train one with `ovtasks train-itm` or point it at BLIP ITM weights")
-    itm_path = resolve_model(cfg.itm_model, settings.s3)
-    itm = ItmModel.load(itm_path, settings.device, cfg.itm_layer)
-    versions = {"itm": {"ref": cfg.itm_model, "digest": _digest_path(itm_path), "layer": itm.layer}, "code": __version__}
-    if cfg.proposals == "wspn":
-        if not cfg.wspn_model:
-            raise ValueError("maskfree.wspn_model is not set: train one with `ovtasks train-wspn` or use proposals=selective_search")
-        wspn_path = resolve_model(cfg.wspn_model, settings.s3)
-        import os
-
-        if os.path.isdir(wspn_path):
-            wspn_path = os.path.join(wspn_path, "wspn.pt")
-        model, _ = load_wspn(wspn_path, settings.device)
-        proposals = WSPNProposals(model, cfg.top_k, settings.device)
-        versions["wspn"] = {"ref": cfg.wspn_model, "digest": _digest_path(wspn_path), "top_k": cfg.top_k}
-    elif cfg.proposals == "gdino":
-        from ovtasks.pseudolabel.grounded.generator import load_gdino
-
-        proposals = GDinoProposals(load_gdino(settings), cfg.top_k)
-        versions["gdino"] = {**model_version(settings.grounded.gdino_model, settings), "top_k": cfg.top_k}
-    else:
-        proposals = SelectiveSearch()
-        versions["proposals"] = "selective_search"
-    return MaskFreeModels(itm, proposals, versions)
-
-
-@dataclass
-class PairResult:
-    """What the generator made of one (image, candidate) pair; ``mask`` None means skipped (``reason``)."""
-
-    image_index: int
-    candidate: Candidate
-    score: float = 0.0
-    activation: object = None  # ActivationMap
-    box: np.ndarray | None = None  # xyxy
-    mask: np.ndarray | None = None  # (H, W) bool
-    reason: str | None = None
-    proposals: np.ndarray | None = field(default=None, repr=False)
-    rle: dict | None = None  # the mask as COCO RLE (generators that encode as they go)
-    mask_iou: float | None = None  # the mask model's own quality estimate, when it has one
-
-    @property
-    def has_mask(self) -> bool:
-        return self.mask is not None or self.rle is not None
-
-
-def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], models: MaskFreeModels,
-                 settings: Settings, keep_maps: bool = False) -> list[PairResult]:
-    """Run stages 2-5 for already-extracted candidates; one :class:`PairResult` per (image, candidate)."""
-    from ovtasks.pseudolabel.maskfree.activation import activation_maps
-    from ovtasks.pseudolabel.maskfree.pseudo_box import pseudo_box
-    from ovtasks.pseudolabel.maskfree.wss import WssJob, grow_box
-
-    cfg = settings.maskfree
-    pairs = [PairResult(i, c) for i, cands in enumerate(candidates) for c in cands]
-    if not pairs:
-        return []
-    maps = activation_maps(models.itm, [samples[p.image_index].image for p in pairs], [p.candidate.name for p in pairs],
-                           cfg.prompt, cfg.masking_rounds, cfg.mask_fraction, cfg.batch_size)
-    with_cands = sorted({p.image_index for p in pairs})
-    boxes = dict(zip(with_cands, models.proposals.propose([samples[i].image for i in with_cands],
-                                                          [[c.name for c in candidates[i]] for i in with_cands])))
-    jobs, job_pairs = [], []
-    nth: Counter = Counter()
-    for p, amap in zip(pairs, maps):
-        k = nth[p.image_index]  # the seed depends on the image and the candidate, not on the chunk
-        nth[p.image_index] += 1
-        p.score, p.activation = amap.score, amap
-        if keep_maps:
-            p.proposals = boxes[p.image_index]
-        if p.score < cfg.min_score:
-            p.reason = "low_itm_score"
-            continue
-        phi = amap.binary.astype(np.float32) if cfg.box_map == "binary" else amap.soft
-        box, reason = pseudo_box(phi, boxes[p.image_index], cfg.box_area_exponent)
-        if box is None:
-            p.reason = reason
-            continue
-        p.box = box
-        sample = samples[p.image_index]
-        jobs.append(WssJob(sample.image, grow_box(box, cfg.wss_box_margin, sample.image.shape[:2]), amap.soft,
-                           cfg.seed * 1_000_003 + sample.image_id * 31 + k))
-        job_pairs.append(p)
-    for p, m in zip(job_pairs, wss_masks(jobs, settings)):
-        if m.any():
-            p.mask = m
-        else:
-            p.reason = "empty_mask"
-    if not keep_maps:
-        for p in pairs:
-            p.activation = None
-    return pairs
-
-
-def wss_masks(jobs: Sequence, settings: Settings) -> list[np.ndarray]:
-    """Eq. 7 masks for ``WssJob``s with the ``maskfree.wss_*`` settings, 256 boxes trained at once (bounded memory)."""
-    from ovtasks.pseudolabel.maskfree.wss import segment_boxes
-
-    cfg, out = settings.maskfree, []
-    for j0 in range(0, len(jobs), 256):
-        out += segment_boxes(jobs[j0:j0 + 256], cfg.wss_crop, cfg.wss_points, cfg.wss_iterations, cfg.wss_lr,
-                             cfg.wss_hidden, settings.device, cfg.wss_fg_fraction, cfg.wss_bg_fraction)
-    return out
 
 
 def to_coco(samples: Sequence[CleanSample], results: Sequence[PairResult], generator: str, versions: dict,
@@ -262,7 +99,7 @@ def run_fingerprint(settings: Settings, generator: str, versions: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def label_guarded(models, samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]],
+def label_guarded(models: Generator, samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]],
                   settings: Settings) -> tuple[list[PairResult], dict[int, str]]:
     """``models.label`` on a chunk; if it raises, every image is retried alone and an image that fails
     again is quarantined. Returns the results (``image_index`` into ``samples``) and {index: reason}."""
@@ -327,7 +164,7 @@ class _Spool:
         return path, h.hexdigest(), size
 
 
-def pseudo_label_shard(src_uri: str, out_uri: str, shard: str, settings: Settings, models,
+def pseudo_label_shard(src_uri: str, out_uri: str, shard: str, settings: Settings, models: Generator,
                        vocab: Vocabulary, extractor, generator: str = "maskfree") -> dict:
     """Label one clean shard, streaming; writes the shard JSON then its manifest. Returns the report entry."""
     t0 = time.perf_counter()
@@ -374,13 +211,16 @@ def pseudo_label_shard(src_uri: str, out_uri: str, shard: str, settings: Setting
     return {"shard": shard, "status": "done", **manifest["counts"], "seconds": manifest["seconds"]}
 
 
-def load_generator(settings: Settings, generator: str):
+def load_generator(settings: Settings, generator: str) -> Generator:
+    """The models of ``generator``, loaded as ``settings`` names them (the one place that imports generators)."""
     if generator not in GENERATORS:
         raise ValueError(f"unknown generator {generator!r}; available: {', '.join(GENERATORS)}")
     if generator == "grounded":
         from ovtasks.pseudolabel.grounded.generator import load_grounded
 
         return load_grounded(settings)
+    from ovtasks.pseudolabel.maskfree.generator import load_maskfree
+
     return load_maskfree(settings)
 
 
@@ -391,7 +231,7 @@ class PseudoLabelResult:
 
 
 def pseudo_label(src_uri: str, out_uri: str, settings: Settings, generator: str = "maskfree",
-                 progress: Callable[[str, int], Callable[[], None]] | None = None, models=None) -> PseudoLabelResult:
+                 progress: Callable[[str, int], Callable[[], None]] | None = None, models: Generator | None = None) -> PseudoLabelResult:
     """Pseudo-label every complete clean shard under ``src_uri``; resumable (see module doc)."""
     if generator not in GENERATORS:
         raise ValueError(f"unknown generator {generator!r}; available: {', '.join(GENERATORS)}")
@@ -417,7 +257,7 @@ def pseudo_label(src_uri: str, out_uri: str, settings: Settings, generator: str 
     return finalize(src_uri, out_uri, settings, generator, statuses)
 
 
-def label_shard_unless_complete(src_uri: str, out_uri: str, shard: str, settings: Settings, models, vocab, extractor,
+def label_shard_unless_complete(src_uri: str, out_uri: str, shard: str, settings: Settings, models: Generator, vocab, extractor,
                                 generator: str, fingerprint: str) -> dict:
     """Label ``shard`` unless its manifest says it is complete for this exact run fingerprint (same models,
     config and code): the unit a retried or re-run task repeats."""

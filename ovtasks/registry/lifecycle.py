@@ -292,7 +292,7 @@ def load_registered(settings: Settings, alias: str = "champion", device: str = "
         raise LookupError(f"registered model {name!r} has no {alias!r} alias")
     local = mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}")
     from ovtasks.registry.serving import trained_dir
-    from ovtasks.train.ov_maskrcnn import load_model
+    from ovtasks.models.loading import load_model
 
     model, meta = load_model(trained_dir(local), device)
     return model, meta, str(mv.version)

@@ -2,7 +2,7 @@
 
 Each registered version (OV Mask R-CNN or Semantic-SAM) is a pyfunc model (``MLmodel``, a signature, an
 input example; the trained directory, safetensors inside, as its artifact), so ``mlflow models serve -m
-models:/ovtasks-ov-maskrcnn@champion`` answers HTTP requests and :func:`predict_images` (``ovtasks
+models:/ovtasks-ov-maskrcnn@champion`` answers HTTP requests and :func:`ovtasks.registry.predict.predict_images` (``ovtasks
 predict``) runs a champion on a folder of images.
 
 Input: a table with a column ``image`` (the encoded image file, JPEG or PNG, base64), an optional column
@@ -48,7 +48,7 @@ class Segmenter:
     vocabularies, the text encoder (loaded on first use)."""
 
     def __init__(self, model_dir: str, device: str = "cpu", text_encoder: str | None = None):
-        from ovtasks.train.ov_maskrcnn import load_model
+        from ovtasks.models.loading import load_model
 
         self.model, self.meta = load_model(model_dir, device)
         self.architecture = self.meta.get("architecture", "ov-maskrcnn")
@@ -76,14 +76,14 @@ class Segmenter:
         vocab, emb = self._vocabulary(names)
         ids, cat_ids = list(range(len(images))), list(range(len(vocab)))
         if self.architecture == "semantic-sam":
-            from ovtasks.train.semantic_sam import predict as predict_prompted
+            from ovtasks.models.semantic_sam import predict as predict_prompted
 
             if boxes is None:
                 raise ValueError("Semantic-SAM answers box prompts: give a column 'boxes' (JSON list of [x1, y1, x2, y2])")
             prompts = [np.asarray(b, np.float32).reshape(-1, 4) for b in boxes]
             preds = predict_prompted(self.model, list(images), ids, prompts, cat_ids, emb, self.device)
         else:
-            from ovtasks.train.ov_maskrcnn import predict
+            from ovtasks.models.ov_maskrcnn import predict
 
             preds = predict(self.model, list(images), ids, cat_ids, emb, self.device, score_thresh=score_threshold)
         out: list[list[dict]] = [[] for _ in images]
@@ -159,49 +159,3 @@ def trained_dir(local: str | Path) -> str:
     if not found:
         raise FileNotFoundError(f"no trained model (ovtasks_model.json) under {local}")
     return str(found[0].parent)
-
-
-def predict_images(model_ref: str, paths: Sequence[str | Path], out_dir: str | Path, settings, names: str | None = None,
-                   progress: bool = True) -> dict:
-    """``ovtasks predict``: run a registered (``models:/NAME@alias`` / ``models:/NAME/N``) or local model on
-    image files; write ``predictions.json`` (COCO results + images + categories) and one overlay picture per
-    image under ``out_dir``. Unreadable files are listed in ``skipped``, not fatal."""
-    from PIL import Image
-    from tqdm import tqdm
-
-    from ovtasks.demo import overlay_instances
-
-    local = model_ref
-    if model_ref.startswith(("models:/", "runs:/")):
-        from ovtasks.registry.lifecycle import _client
-
-        mlflow, _ = _client(settings)
-        local = mlflow.artifacts.download_artifacts(model_ref)
-    seg = Segmenter(trained_dir(local), settings.device)
-    if seg.architecture == "semantic-sam":
-        raise ValueError("Semantic-SAM answers box prompts, which `ovtasks predict` does not take: serve it "
-                         "(`mlflow models serve`) and send a 'boxes' column with each image")
-    out = Path(out_dir)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    images, results, skipped, cat_ids = [], [], {}, {}
-    for i, path in enumerate(tqdm(list(paths), desc="predict", unit="img", disable=not progress), start=1):
-        path = Path(path)
-        try:
-            with Image.open(path) as im:
-                rgb = im.convert("RGB")
-        except Exception as exc:  # noqa: BLE001 - one bad file never stops the folder
-            skipped[str(path)] = f"{type(exc).__name__}: {exc}"
-            continue
-        arr = np.asarray(rgb)
-        images.append({"id": i, "file_name": str(path), "height": arr.shape[0], "width": arr.shape[1]})
-        anns = []
-        for inst in seg.segment([arr], names)[0]:
-            cid = cat_ids.setdefault(inst["name"], len(cat_ids) + 1)
-            anns.append({"image_id": i, "category_id": cid, "score": inst["score"], "bbox": inst["bbox"],
-                         "segmentation": inst["segmentation"]})
-        results += anns
-        overlay_instances(rgb, anns, {v: k for k, v in cat_ids.items()}).save(out / "overlays" / f"{path.stem}.png")
-    doc = {"model": model_ref, "images": images, "annotations": results,
-           "categories": [{"id": v, "name": k} for k, v in cat_ids.items()], "skipped": skipped}
-    (out / "predictions.json").write_text(json.dumps(doc))
-    return {"images": len(images), "instances": len(results), "skipped": len(skipped), "out": str(out)}

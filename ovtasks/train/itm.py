@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import tempfile
 import time
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from ovtasks import __version__
 from ovtasks.pseudolabel.candidates import LexiconExtractor, Vocabulary
 from ovtasks.core.config import Settings
+from ovtasks.train.engine import warmup_cosine
 from ovtasks.data.clean import iter_clean
 from ovtasks.models.hub import publish_model
 from ovtasks.models.itm import ConvStem, ItmModel, build_word_tokenizer, install_conv_stem, prompt_span, tiny_blip_config, word_mean
@@ -191,7 +191,7 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
         grounder = _Grounder(itm, vocab_names, template, min(cfg.gradcam_layer, cfg.text_layers - 1))
         groups.append({"params": list(grounder.head.parameters()), "lr": cfg.lr})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
     model.train()
     run_loss, run_acc = 0.0, 0.0
     for step in range(cfg.steps):
@@ -252,10 +252,6 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     return TrainedItm(uri, metrics, history)
 
 
-def _warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
-    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-
-
 def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Random horizontal flips per image and one random quarter turn per batch (captions never say
     which way up a shape is)."""
@@ -284,7 +280,7 @@ def _pretrain_stem(itm: ItmModel, stem: ConvStem, images: torch.Tensor, names, v
     params = list(stem.convs.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     steps = cfg.pretrain_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup, steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, steps))
 
     def logits(x: torch.Tensor) -> torch.Tensor:
         return head(stem.features(itm.preprocess(x)).amax((2, 3)))

@@ -16,32 +16,32 @@ Output directory (a model, loadable without unpickling anything)::
                             ``train`` on pseudo-labels, then the optional ``finetune`` on base-category GT);
                             gone once the model is written
 
-:func:`predict` runs a trained model with any vocabulary; :func:`evaluate_model` scores it on COCO GT
-(generalized and constrained, base / novel) with :mod:`ovtasks.evaluate.coco`.
+The loop is :mod:`ovtasks.train.engine`'s; :func:`ovtasks.models.ov_maskrcnn.predict` runs a trained model with any
+vocabulary and :func:`ovtasks.evaluate.models.evaluate_model` scores it on COCO GT (generalized and constrained,
+base / novel).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ovtasks import __version__
 from ovtasks.core.config import Settings
-from ovtasks.data.clean import complete_shards, iter_shard
-from ovtasks.core.storage import open_store
+from ovtasks.models.loading import META
+from ovtasks.models.ov_maskrcnn import ARCHITECTURE, build_from_config, to_tensor
+from ovtasks.report.pictures import loss_curve
+from ovtasks.train.data import gt_training_data, training_data
+from ovtasks.train.engine import checkpoint, make_optimizer, optimizer_step, resume, warmup_cosine
 
 log = logging.getLogger(__name__)
-META = "ovtasks_model.json"
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,11 @@ class TrainConfig:
     # "adamw" (default: from scratch on CPU-sized data it learns ~10x faster than SGD, see docs/model-quality.md)
     # or "sgd" (torchvision's reference recipe, lr 0.01-0.02, for a pretrained backbone)
     optimizer: str = "adamw"
-    backbone: str = "small"
-    min_size: int = 192
-    max_size: int = 320
-    background_weight: float = 0.2
-    temperature: float = 0.05
+    backbone: str = ARCHITECTURE["backbone"]
+    min_size: int = ARCHITECTURE["min_size"]
+    max_size: int = ARCHITECTURE["max_size"]
+    background_weight: float = ARCHITECTURE["background_weight"]
+    temperature: float = ARCHITECTURE["temperature"]
     seed: int = 0
     checkpoint_every: int = 50
     generator: str = "maskfree"
@@ -74,134 +74,8 @@ class TrainedModel:
     data_manifest: dict
 
 
-def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator: str = "maskfree", exclude_ids=(),
-                  window_shards: int = 0):
-    """(samples [(image, annotations)], categories, text embeddings, data manifest) of the validated shards;
-    ``exclude_ids``: images held out (the evaluation images of a benchmark)."""
-    src, pl = open_store(clean_uri, settings.s3), open_store(pseudo_uri, settings.s3)
-    prefix = f"pseudo/{generator}"
-    if not pl.exists(f"{prefix}/validation_report.json"):
-        raise FileNotFoundError(f"no {prefix}/validation_report.json under {pl.uri}: run `ovtasks validate` first "
-                                "(only shards that pass the gate are trained on)")
-    report = json.loads(pl.get_bytes(f"{prefix}/validation_report.json"))
-    validated = {e["shard"]: e.get("sha256") for e in report.get("shards", [])}
-    shards = [s for s in report["training_shards"] if s in set(complete_shards(src))]
-    if window_shards:
-        shards = sorted(shards)[-window_shards:]
-    if not shards:
-        raise ValueError(f"no shard passed validation (excluded: {report.get('excluded')})")
-    cats, emb, no_embedding = usable_categories(json.loads(pl.get_bytes(f"{prefix}/categories.json")),
-                                                np.load(io.BytesIO(pl.get_bytes(f"{prefix}/text_embeddings.npy"))))
-    known = {c["id"] for c in cats}
-    dropped: dict[str, int] = {}
-    samples, digest, exclude = [], hashlib.sha256(), set(exclude_ids)
-    changed: dict[str, list[str]] = {}
-    for shard in shards:
-        blob = pl.get_bytes(f"{prefix}/{shard}.json")
-        if hashlib.sha256(blob).hexdigest() != validated.get(shard):  # relabelled (or edited) since the gate passed it
-            changed[shard] = ["pseudo-label JSON changed since validation: run validate again"]
-            continue
-        digest.update(shard.encode() + hashlib.sha256(blob).digest())
-        doc = json.loads(blob)
-        by_image: dict[int, list] = {}
-        for a in doc["annotations"]:
-            if a["category_id"] not in known:
-                why = "no_text_embedding" if a["category_id"] in no_embedding else "unknown_category"
-                dropped[why] = dropped.get(why, 0) + 1
-                continue
-            by_image.setdefault(a["image_id"], []).append(a)
-        for s in iter_shard(src, shard):
-            if s.image_id in by_image and s.image_id not in exclude:
-                samples.append((s.image, by_image[s.image_id]))
-    if changed:
-        log.warning("shards left out of training: changed since validation", extra={"shards": sorted(changed)})
-        shards = [s for s in shards if s not in changed]
-        if not shards:
-            raise ValueError(f"every validated shard changed since validation ({sorted(changed)}): run `ovtasks validate` again")
-    if exclude:
-        digest.update(json.dumps(sorted(exclude)).encode())
-    manifest = {"source": "pseudo", "shards": shards, "excluded": {**report.get("excluded", {}), **changed}, "generator": generator,
-                "images": len(samples), "annotations": sum(len(a) for _, a in samples), "sha256": digest.hexdigest(),
-                "held_out": held_out_record(exclude),
-                "dropped_annotations": dropped, "categories_without_embedding": sorted(no_embedding.values())}
-    if dropped:
-        log.warning("annotations left out of training", extra={"dropped": dropped, "categories": sorted(no_embedding.values())})
-    return samples, cats, emb, manifest
-
-
-def usable_categories(cats: list[dict], emb: np.ndarray) -> tuple[list[dict], np.ndarray, dict[int, str]]:
-    """Categories that have a finite, non-zero text embedding (row i of ``emb`` belongs to ``cats[i]``), their
-    embeddings, and {id: name} of those that do not (their annotations are left out with that reason)."""
-    keep, missing = [], {}
-    for i, c in enumerate(cats):
-        row = emb[i] if i < len(emb) else None
-        if row is None or not np.all(np.isfinite(row)) or not np.any(row):
-            missing[c["id"]] = c.get("name", str(c["id"]))
-        else:
-            keep.append(i)
-    if not keep:
-        raise ValueError(f"no category has a text embedding ({len(cats)} categories, embeddings {emb.shape})")
-    return [cats[i] for i in keep], emb[keep], missing
-
-
-def eval_image_ids(gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None) -> list[int]:
-    """The clean images that have GT, in shard order, the first ``limit`` of them: what :func:`evaluate_model`
-    scores, and what GT-trained models (the oracle, the base fine-tune) must never train on."""
-    from ovtasks.data.groundtruth import GroundTruth
-
-    have = set(GroundTruth.load(gt_uri, settings).images)
-    src, ids = open_store(clean_uri, settings.s3), []
-    for shard in complete_shards(src):
-        for s in iter_shard(src, shard):
-            if s.image_id in have:
-                ids.append(s.image_id)
-            if limit and len(ids) >= limit:
-                return ids
-    return ids
-
-
-def held_out_record(ids) -> dict:
-    """What a training run recorded of the images it never trained on (the evaluation split)."""
-    ids = sorted(int(i) for i in ids)
-    return {"images": len(ids), "ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}
-
-
-def gt_training_data(gt_uri: str, clean_uri: str, settings: Settings, split: str | None = None, exclude_ids=()):
-    """Like :func:`training_data` but with the synthetic benchmark's GT masks: only for the GT oracle of
-    ``benchmarks/model_quality.py`` and the optional base-category fine-tune (``split="base"``); the held-out
-    evaluation images (``exclude_ids``) are never used."""
-    from ovtasks.data.groundtruth import GroundTruth
-    from ovtasks.models.text_encoder import TextEncoder
-
-    gt = GroundTruth.load(gt_uri, settings)
-    cats = [c for c in gt.coco["categories"] if split is None or c.get("split") == split]
-    if not cats:
-        raise ValueError(f"no GT category has split {split!r}")
-    keep, exclude = {c["id"] for c in cats}, set(exclude_ids)
-    src, samples, digest = open_store(clean_uri, settings.s3), [], hashlib.sha256()
-    for shard in complete_shards(src):
-        for s in iter_shard(src, shard):
-            anns = [a for a in gt.annotations(s.image_id) if a["category_id"] in keep]
-            if anns and s.image_id not in exclude:
-                samples.append((s.image, anns))
-                digest.update(str(s.image_id).encode() + b",")
-    if not samples:
-        raise ValueError(f"no training image with {split or 'any'} GT outside the {len(exclude)} held-out images")
-    emb = TextEncoder(settings.candidates.text_encoder, settings.device, s3=settings.s3).encode([c["name"] for c in cats])
-    manifest = {"source": "gt", "split": split, "images": len(samples), "annotations": sum(len(a) for _, a in samples),
-                "held_out": held_out_record(exclude), "sha256": digest.hexdigest()}
-    return samples, [{"id": c["id"], "name": c["name"], "split": c.get("split")} for c in cats], np.asarray(emb, np.float32), manifest
-
-
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-
-
 def build_model(embed_dim: int, cfg: TrainConfig):
-    from ovtasks.models.ov_maskrcnn import build
-
-    return build(embed_dim, cfg.backbone, temperature=cfg.temperature, background_weight=cfg.background_weight,
-                 min_size=cfg.min_size, max_size=cfg.max_size)
+    return build_from_config(embed_dim, asdict(cfg))
 
 
 def train_ov_maskrcnn(clean_uri: str, pseudo_uri: str, out_dir: str, settings: Settings, cfg: TrainConfig = TrainConfig(),
@@ -260,8 +134,7 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg, lr or cfg.lr)
-    warm = min(50, max(1, steps // 4))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(50, max(1, steps // 4)), steps))
     start, history = 0, []
     ckpt, hist_path, key = out / f"checkpoint-{phase}.pt", out / f"history-{phase}.json", json.dumps(asdict(cfg), sort_keys=True)
     done = out / f"done-{phase}.safetensors"
@@ -279,7 +152,7 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
         torch.manual_seed(cfg.seed * 1_000_003 + step0 + step)
         pick = np.random.default_rng([cfg.seed, step0 + step]).choice(len(samples), size=min(cfg.batch_size, len(samples)), replace=False)
         batch = [samples[i] for i in pick]
-        images = [_to_tensor(im).to(device) for im, _ in batch]
+        images = [to_tensor(im).to(device) for im, _ in batch]
         targets = [{k: v.to(device) for k, v in targets_from_coco(anns, cat_index, im.shape[:2]).items()} for im, anns in batch]
         rec = {"step": step0 + step, "phase": phase,
                **optimizer_step(model(images, targets), opt, sched, params, 10.0, f"{phase} step {step}", t0, lr_digits=6)}
@@ -294,157 +167,3 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(done))
     ckpt.unlink(missing_ok=True)
     return history
-
-
-def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adamw")
-
-
-def optimizer_step(losses: dict, opt, sched, params, clip: float, where: str, t0: float, lr_digits: int = 6) -> dict:
-    """Sum the losses, refuse a non-finite total, step with gradient clipping; the history record's numbers."""
-    total = sum(losses.values())
-    if not torch.isfinite(total):
-        raise FloatingPointError(f"non-finite loss at {where}: {({k: float(v) for k, v in losses.items()})}")
-    opt.zero_grad()
-    total.backward()
-    torch.nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-    sched.step()
-    return {"loss": round(total.item(), 5), **{k: round(v.item(), 5) for k, v in losses.items()},
-            "lr": round(sched.get_last_lr()[0], lr_digits), "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def resume(ckpt: Path, hist_path: Path, model, opt, sched, key: str, data_sha: str, device: str, step0: int = 0) -> tuple[int, list]:
-    """(first step to run, history so far) from a checkpoint written by :func:`checkpoint` for the same
-    config and data; (0, []) otherwise. ``weights_only``: a checkpoint never unpickles arbitrary objects."""
-    state = torch.load(ckpt, map_location=device, weights_only=True)
-    if state.get("config") != key or state.get("data") != data_sha:
-        log.warning("checkpoint ignored: other config or data", extra={"checkpoint": str(ckpt)})
-        return 0, []
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    start = int(state["step"])
-    history = json.loads(hist_path.read_text()) if hist_path.exists() else []
-    log.info("resumed training", extra={"step": start, "checkpoint": str(ckpt)})
-    return start, [h for h in history if h["step"] < step0 + start]
-
-
-def checkpoint(ckpt: Path, hist_path: Path, model, opt, sched, step: int, key: str, data_sha: str, history: list) -> None:
-    """Weights, optimizer, scheduler and step, written to a temporary file and renamed (never half-written)."""
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "config": key, "data": data_sha}, tmp)
-    hist_path.write_text(json.dumps(history))
-    tmp.replace(ckpt)
-
-
-def loss_curve(history: Sequence[dict], path: Path, title: str = "OV Mask R-CNN training on pseudo-labels") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    steps = [h["step"] for h in history]
-    keys = ["loss"] + sorted({k for h in history for k in h if k.startswith("loss_")})
-    for key in keys:
-        vals = np.array([h.get(key, np.nan) for h in history], float)
-        if len(vals):
-            k = max(1, len(vals) // 30)
-            ax.plot(steps[k - 1:], np.convolve(vals, np.ones(k) / k, mode="valid"), label=key, lw=1.5 if key == "loss" else 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (moving mean)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def load_model(model_dir: str, device: str = "cpu"):
-    """(model, meta) from a trained directory (OV Mask R-CNN or Semantic-SAM); safetensors only."""
-    from safetensors.torch import load_file
-
-    meta = json.loads((Path(model_dir) / META).read_text())
-    if meta.get("architecture") == "semantic-sam":
-        from ovtasks.models.semantic_sam import load
-
-        return load(model_dir, device), meta
-    cfg = TrainConfig(**meta["config"])
-    model = build_model(meta["embed_dim"], cfg)
-    model.set_vocabulary(torch.from_numpy(np.load(Path(model_dir) / "text_embeddings.npy")))
-    model.load_state_dict(load_file(str(Path(model_dir) / "model.safetensors")))
-    return model.to(device).eval(), meta
-
-
-@torch.no_grad()
-def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], category_ids: Sequence[int],
-            text_embeddings: np.ndarray, device: str = "cpu", score_thresh: float = 0.05, batch_size: int = 4) -> list[dict]:
-    """COCO predictions (RLE masks, xywh boxes) for ``images`` with vocabulary ``category_ids``."""
-    from ovtasks.data.groundtruth import encode_rle
-
-    model.set_vocabulary(torch.from_numpy(np.asarray(text_embeddings)))
-    model.roi_heads.score_thresh = score_thresh
-    model.eval()
-    preds = []
-    for b0 in range(0, len(images), batch_size):
-        outs = model([_to_tensor(im).to(device) for im in images[b0:b0 + batch_size]])
-        for image_id, o in zip(image_ids[b0:b0 + batch_size], outs):
-            for box, label, score, mask in zip(o["boxes"], o["labels"], o["scores"], o["masks"]):
-                m = (mask[0] > 0.5).cpu().numpy()
-                if not m.any():
-                    continue
-                x1, y1, x2, y2 = (float(v) for v in box)
-                preds.append({"image_id": int(image_id), "category_id": int(category_ids[int(label) - 1]), "score": float(score),
-                              "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": encode_rle(m)})
-    return preds
-
-
-def evaluation_inputs(gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None):
-    """What both models are evaluated on: (gt, image ids, {id: image}, COCO subset, categories, their text
-    embeddings, base/novel split ids)."""
-    from ovtasks.evaluate.coco import split_ids
-    from ovtasks.data.groundtruth import GroundTruth
-    from ovtasks.models.text_encoder import TextEncoder
-
-    gt = GroundTruth.load(gt_uri, settings)
-    ids = eval_image_ids(gt_uri, clean_uri, settings, limit)
-    wanted, images = set(ids), {}
-    src = open_store(clean_uri, settings.s3)
-    for shard in complete_shards(src):
-        for s in iter_shard(src, shard):
-            if s.image_id in wanted:
-                images[s.image_id] = s.image
-        if len(images) == len(wanted):
-            break
-    doc = gt.subset(ids)
-    cats = doc["categories"]
-    emb = TextEncoder(settings.candidates.text_encoder, settings.device, s3=settings.s3).encode([c["name"] for c in cats])
-    return gt, ids, images, doc, cats, emb, split_ids(doc)
-
-
-def evaluate_model(model, gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None) -> dict:
-    """Evaluation table on COCO GT for the clean images that have GT: generalized (all categories) and
-    constrained (novel-only and base-only vocabularies). ``gt`` (the evaluation set) and ``predictions``
-    (generalized) are returned too: the promotion gate pairs two models' predictions image by image."""
-    from ovtasks.evaluate.coco import evaluation_table, format_eval_table
-
-    gt, ids, by_id, doc, cats, emb, splits = evaluation_inputs(gt_uri, clean_uri, settings, limit)
-    images = [by_id[i] for i in ids]
-    general = predict(model, images, ids, [c["id"] for c in cats], emb, settings.device)
-    constrained = {}
-    for split in ("novel", "base"):
-        keep = [i for i, c in enumerate(cats) if c["id"] in set(splits[split])]
-        if keep:
-            constrained[split] = predict(model, images, ids, [cats[i]["id"] for i in keep], emb[keep], settings.device)
-    rows = evaluation_table(doc, general, constrained)
-    return {"rows": rows, "table": format_eval_table(rows), "images": len(ids),
-            "novel_mask_AP50": next(r["mask_AP50"] for r in rows if r["setting"] == "generalized" and r["split"] == "novel"),
-            "gt": doc, "predictions": general}

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,7 +37,12 @@ import torch.nn.functional as F
 
 from ovtasks import __version__
 from ovtasks.core.config import Settings
-from ovtasks.train.ov_maskrcnn import META, TrainedModel, checkpoint, loss_curve, optimizer_step, resume, training_data
+from ovtasks.data.groundtruth import boxes_xyxy
+from ovtasks.models.loading import META
+from ovtasks.report.pictures import loss_curve
+from ovtasks.train.data import training_data
+from ovtasks.train.engine import checkpoint, optimizer_step, resume, warmup_cosine
+from ovtasks.train.ov_maskrcnn import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +69,6 @@ class SemanticSamConfig:
     checkpoint_every: int = 50
     generator: str = "maskfree"
     window_shards: int = 0  # train on the newest N validated shards only (0: all)
-
-
-def _boxes_xyxy(anns: Sequence[dict]) -> np.ndarray:
-    b = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
-    b[:, 2:] += b[:, :2]
-    return b
 
 
 def _jitter(boxes: np.ndarray, frac: float, rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
@@ -120,8 +118,7 @@ def train_semantic_sam(clean_uri: str, pseudo_uri: str, sa1b_uri: str | None, ou
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = min(50, max(1, cfg.steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(50, max(1, cfg.steps // 10)), cfg.steps))
     key, ckpt, hist_path = json.dumps(asdict(cfg), sort_keys=True), out / "checkpoint-train.pt", out / "history-train.json"
     data_sha = manifest["sha256"] + f":sa1b={sa_stats.get('images', 0)}"
     start, history = resume(ckpt, hist_path, model, opt, sched, key, data_sha, device) if ckpt.exists() else (0, [])
@@ -144,7 +141,7 @@ def train_semantic_sam(clean_uri: str, pseudo_uri: str, sa1b_uri: str | None, ou
                 continue
             pick = rng.choice(len(anns), size=min(cfg.max_prompts, len(anns)), replace=False)
             anns = [anns[i] for i in sorted(pick)]
-            boxes = _boxes_xyxy(anns)
+            boxes = boxes_xyxy(anns)
             if kind == "sa1b":
                 boxes = _jitter(boxes, cfg.box_jitter, rng, image.shape[:2])
             scale = model.resized(*image.shape[:2])[2]
@@ -182,67 +179,3 @@ def train_semantic_sam(clean_uri: str, pseudo_uri: str, sa1b_uri: str | None, ou
     ckpt.unlink(missing_ok=True)
     hist_path.unlink(missing_ok=True)
     return TrainedModel(str(out), metrics, history, manifest)
-
-
-@torch.no_grad()
-def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes: Sequence[np.ndarray], category_ids: Sequence[int],
-            text_embeddings: np.ndarray, device: str = "cpu", mask_threshold: float = 0.0, names: dict | None = None) -> list[dict]:
-    """COCO predictions for box prompts ``boxes[i]`` ((n, 4) pixel xyxy) in ``images[i]``: SAM's single-output
-    mask (box prompts are unambiguous), named by its semantic token's nearest text embedding; score =
-    softmax probability of that name x predicted IoU; ``prompt``: the box's index in ``boxes[i]`` (a prompt
-    whose mask is empty gives no prediction). ``names``, when given, receives ``{(image_id, prompt): category_id}``
-    for every prompt, empty mask or not."""
-    from ovtasks.data.groundtruth import encode_rles, mask_bbox
-
-    model.eval()
-    text = F.normalize(torch.from_numpy(np.asarray(text_embeddings, np.float32)).to(device), dim=-1)
-    preds = []
-    for image, image_id, bx in zip(images, image_ids, boxes):
-        if not len(bx):
-            continue
-        h, w = image.shape[:2]
-        rh, rw, scale = model.resized(h, w)
-        emb = model.embed(model.pixels(image, device)[None])
-        d = model.decode(emb, torch.from_numpy(np.asarray(bx, np.float32) * scale).to(device))
-        prob = (model.scale() * d.semantic[:, 0] @ text.T).softmax(-1)
-        p, label = prob.max(-1)
-        score = p * d.iou[:, 0].clamp(0, 1)
-        up = F.interpolate(d.masks[:, :1].float(), size=(model.image_size, model.image_size), mode="bilinear", align_corners=False)
-        masks = (F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[:, 0] > mask_threshold).cpu().numpy()
-        rles = encode_rles(masks.transpose(1, 2, 0).astype(np.uint8))
-        for k, (m, rle, lab, sc) in enumerate(zip(masks, rles, label.tolist(), score.tolist())):
-            if names is not None:
-                names[(int(image_id), k)] = int(category_ids[lab])
-            if m.any():
-                preds.append({"image_id": int(image_id), "category_id": int(category_ids[lab]), "score": float(sc),
-                              "bbox": mask_bbox(m), "segmentation": rle, "prompt": k})
-    return preds
-
-
-def evaluate_semantic_sam(model, gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None) -> dict:
-    """Box-prompted evaluation on the held-out GT images (GT boxes as prompts), generalized and constrained."""
-    from ovtasks.evaluate.coco import evaluation_table, format_eval_table
-    from ovtasks.train.ov_maskrcnn import evaluation_inputs
-
-    gt, ids, images, doc, cats, emb, splits = evaluation_inputs(gt_uri, clean_uri, settings, limit)
-
-    def run(keep: list[int], names: dict | None = None) -> list[dict]:
-        kept = {cats[i]["id"] for i in keep}
-        boxes = [_boxes_xyxy([a for a in gt.annotations(i) if a["category_id"] in kept]) for i in ids]
-        return predict(model, [images[i] for i in ids], ids, boxes, [cats[i]["id"] for i in keep], emb[keep], settings.device,
-                       names=names)
-
-    named: dict = {}
-    general = run(list(range(len(cats))), named)
-    constrained = {split: run([i for i, c in enumerate(cats) if c["id"] in set(splits[split])]) for split in ("novel", "base")
-                   if splits[split]}
-    rows = evaluation_table(doc, general, constrained)
-    # names: the share of GT-box prompts whose predicted name (over the whole vocabulary) is the GT category
-    truth = [((i, k), a["category_id"], gt.categories[a["category_id"]].get("split")) for i in ids for k, a in enumerate(gt.annotations(i))]
-    acc = {split: (sum(named.get(key) == c for key, c, sp in truth if split in ("all", sp))
-                   / max(1, sum(1 for *_, sp in truth if split in ("all", sp)))) for split in ("all", "base", "novel")}
-    return {"rows": rows, "table": format_eval_table(rows) + "\n\nnames right for GT-box prompts: "
-            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()),
-            "name_accuracy": {k: round(100 * v, 2) for k, v in acc.items()}, "images": len(ids), "prompts": "gt-boxes",
-            "novel_mask_AP50": next(r["mask_AP50"] for r in rows if r["setting"] == "generalized" and r["split"] == "novel"),
-            "gt": doc, "predictions": general}

@@ -21,7 +21,7 @@ def _evil(path, marker, wrap=lambda p: p):
 
 
 def test_training_checkpoint_refuses_a_malicious_pickle(tmp_path, record_fault):
-    from ovtasks.train.ov_maskrcnn import resume
+    from ovtasks.train.engine import resume
 
     marker = tmp_path / "pwned-checkpoint"
     ckpt = _evil(tmp_path / "checkpoint-train.pt", marker, lambda p: {"model": p, "config": "k", "data": "d", "step": 5})

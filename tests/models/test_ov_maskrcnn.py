@@ -100,7 +100,8 @@ def test_clear_errors():
 def test_the_mask_head_learns_shapes_not_a_constant():
     """The class-agnostic mask head must leave ln 2 (what a constant gives when half of a box is the object):
     triangles in their boxes, 60 AdamW steps on GT targets (the demo's plateau at 0.69 was a constant head)."""
-    from ovtasks.train.ov_maskrcnn import TrainConfig, make_optimizer
+    from ovtasks.train.engine import make_optimizer
+    from ovtasks.train.ov_maskrcnn import TrainConfig
 
     torch.manual_seed(0)
     m = build(EMB, min_size=96, max_size=128)

@@ -103,8 +103,9 @@ def test_sa1b_format_roundtrip_and_bad_pairs_skipped(tmp_path):
 
 
 def test_train_mixes_1_to_4_resumes_and_evaluates(clean_small, labelled, synth_small, tmp_path, monkeypatch):
-    from ovtasks.train.ov_maskrcnn import load_model
-    from ovtasks.train.semantic_sam import SemanticSamConfig, evaluate_semantic_sam, train_semantic_sam
+    from ovtasks.models.loading import load_model
+    from ovtasks.evaluate.models import evaluate_semantic_sam
+    from ovtasks.train.semantic_sam import SemanticSamConfig, train_semantic_sam
 
     s = load_settings(env={})
     sa = str(tmp_path / "sa")
@@ -151,7 +152,7 @@ def test_train_mixes_1_to_4_resumes_and_evaluates(clean_small, labelled, synth_s
 
 
 def test_predict_with_no_boxes_and_any_vocabulary(tiny):
-    from ovtasks.train.semantic_sam import predict
+    from ovtasks.models.semantic_sam import predict
 
     img = (np.random.default_rng(1).random((80, 100, 3)) * 255).astype(np.uint8)
     assert predict(tiny, [img], [1], [np.zeros((0, 4))], [7], np.ones((1, 384))) == []

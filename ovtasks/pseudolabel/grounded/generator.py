@@ -2,7 +2,7 @@
 
 Per micro-batch of images: every image's candidate names go into one Grounding-DINO prompt (chunked
 past the model's text length), boxes are decoded per image with NMS per category, and SAM decodes all
-of an image's boxes against one image embedding. One :class:`~ovtasks.pseudolabel.runner.PairResult` per
+of an image's boxes against one image embedding. One :class:`~ovtasks.pseudolabel.base.PairResult` per
 kept box (the category is the candidate the box was grounded to, the score Grounding-DINO's); a
 candidate that got no box is reported as skipped (``no_box``).
 
@@ -15,20 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ovtasks.pseudolabel.candidates import Candidate
 from ovtasks.core.config import Settings
 from ovtasks.data.clean import CleanSample
-
-
-def load_gdino(settings: Settings):
-    from ovtasks.models.grounding_dino import GroundingDino
-
-    g = settings.grounded
-    if not g.gdino_model:
-        raise ValueError("grounded.gdino_model is not set: point it at GroundingDinoForObjectDetection weights (HF id, directory or store URI)")
-    return GroundingDino.load(g.gdino_model, settings.device, g.dtype, settings.s3, box_threshold=g.box_threshold,
-                              text_threshold=g.text_threshold, nms_iou=g.nms_iou, max_detections=g.max_detections,
-                              batch_size=g.batch_size)
+from ovtasks.pseudolabel.base import PairResult, check_device, load_gdino, model_version
+from ovtasks.pseudolabel.candidates import Candidate
 
 
 @dataclass
@@ -47,8 +37,7 @@ class GroundedModels:
 
 def load_grounded(settings: Settings) -> GroundedModels:
     from ovtasks.models.sam import SamSegmenter
-    from ovtasks.pseudolabel.runner import check_device, model_version
-
+    
     g = settings.grounded
     check_device(settings.device)
     if not g.sam_model:
@@ -61,7 +50,6 @@ def load_grounded(settings: Settings) -> GroundedModels:
 
 
 def label_grounded(samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], models: GroundedModels) -> list:
-    from ovtasks.pseudolabel.runner import PairResult
 
     todo = [i for i, c in enumerate(candidates) if c]
     if not todo:

@@ -1,0 +1,123 @@
+"""The Mask-free OVIS generator (patent FIG. 2): per chunk of a shard, stages 2-5 for every (image, candidate)
+pair: the ITM activation map with iterative masking, proposals, the eq. 6 pseudo box, the eq. 7 WSS mask."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ovtasks import __version__
+from ovtasks.core.config import Settings
+from ovtasks.data.clean import CleanSample
+from ovtasks.pseudolabel.base import PairResult, check_device, digest_path, load_gdino, model_version
+from ovtasks.pseudolabel.candidates import Candidate
+
+
+@dataclass
+class MaskFreeModels:
+    itm: object  # ItmModel
+    proposals: object  # ProposalSource
+    versions: dict
+    name: str = "maskfree"
+
+    def chunk_size(self, settings: Settings) -> int:
+        return settings.label_chunk
+
+    def label(self, samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], settings: Settings) -> list[PairResult]:
+        return label_images(samples, candidates, self, settings)
+
+
+def load_maskfree(settings: Settings) -> MaskFreeModels:
+    """The ITM model and proposal source named by ``settings.maskfree`` (ids, directories or store URIs)."""
+    from ovtasks.models.hub import resolve_model
+    from ovtasks.models.itm import ItmModel
+    from ovtasks.models.wspn import load_wspn
+    from ovtasks.pseudolabel.maskfree.proposals import GDinoProposals, SelectiveSearch, WSPNProposals
+
+    cfg = settings.maskfree
+    check_device(settings.device)
+    if not cfg.itm_model:
+        raise ValueError("maskfree.itm_model is not set: train one with `ovtasks train-itm` or point it at BLIP ITM weights")
+    itm_path = resolve_model(cfg.itm_model, settings.s3)
+    itm = ItmModel.load(itm_path, settings.device, cfg.itm_layer)
+    versions = {"itm": {"ref": cfg.itm_model, "digest": digest_path(itm_path), "layer": itm.layer}, "code": __version__}
+    if cfg.proposals == "wspn":
+        if not cfg.wspn_model:
+            raise ValueError("maskfree.wspn_model is not set: train one with `ovtasks train-wspn` or use proposals=selective_search")
+        wspn_path = resolve_model(cfg.wspn_model, settings.s3)
+        import os
+
+        if os.path.isdir(wspn_path):
+            wspn_path = os.path.join(wspn_path, "wspn.pt")
+        model, _ = load_wspn(wspn_path, settings.device)
+        proposals = WSPNProposals(model, cfg.top_k, settings.device)
+        versions["wspn"] = {"ref": cfg.wspn_model, "digest": digest_path(wspn_path), "top_k": cfg.top_k}
+    elif cfg.proposals == "gdino":
+        proposals = GDinoProposals(load_gdino(settings), cfg.top_k)
+        versions["gdino"] = {**model_version(settings.grounded.gdino_model, settings), "top_k": cfg.top_k}
+    else:
+        proposals = SelectiveSearch()
+        versions["proposals"] = "selective_search"
+    return MaskFreeModels(itm, proposals, versions)
+
+
+def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], models: MaskFreeModels,
+                 settings: Settings, keep_maps: bool = False) -> list[PairResult]:
+    """Run stages 2-5 for already-extracted candidates; one :class:`PairResult` per (image, candidate)."""
+    from ovtasks.pseudolabel.maskfree.activation import activation_maps
+    from ovtasks.pseudolabel.maskfree.pseudo_box import pseudo_box
+    from ovtasks.pseudolabel.maskfree.wss import WssJob, grow_box
+
+    cfg = settings.maskfree
+    pairs = [PairResult(i, c) for i, cands in enumerate(candidates) for c in cands]
+    if not pairs:
+        return []
+    maps = activation_maps(models.itm, [samples[p.image_index].image for p in pairs], [p.candidate.name for p in pairs],
+                           cfg.prompt, cfg.masking_rounds, cfg.mask_fraction, cfg.batch_size)
+    with_cands = sorted({p.image_index for p in pairs})
+    boxes = dict(zip(with_cands, models.proposals.propose([samples[i].image for i in with_cands],
+                                                          [[c.name for c in candidates[i]] for i in with_cands])))
+    jobs, job_pairs = [], []
+    nth: Counter = Counter()
+    for p, amap in zip(pairs, maps):
+        k = nth[p.image_index]  # the seed depends on the image and the candidate, not on the chunk
+        nth[p.image_index] += 1
+        p.score, p.activation = amap.score, amap
+        if keep_maps:
+            p.proposals = boxes[p.image_index]
+        if p.score < cfg.min_score:
+            p.reason = "low_itm_score"
+            continue
+        phi = amap.binary.astype(np.float32) if cfg.box_map == "binary" else amap.soft
+        box, reason = pseudo_box(phi, boxes[p.image_index], cfg.box_area_exponent)
+        if box is None:
+            p.reason = reason
+            continue
+        p.box = box
+        sample = samples[p.image_index]
+        jobs.append(WssJob(sample.image, grow_box(box, cfg.wss_box_margin, sample.image.shape[:2]), amap.soft,
+                           cfg.seed * 1_000_003 + sample.image_id * 31 + k))
+        job_pairs.append(p)
+    for p, m in zip(job_pairs, wss_masks(jobs, settings)):
+        if m.any():
+            p.mask = m
+        else:
+            p.reason = "empty_mask"
+    if not keep_maps:
+        for p in pairs:
+            p.activation = None
+    return pairs
+
+
+def wss_masks(jobs: Sequence, settings: Settings) -> list[np.ndarray]:
+    """Eq. 7 masks for ``WssJob``s with the ``maskfree.wss_*`` settings, 256 boxes trained at once (bounded memory)."""
+    from ovtasks.pseudolabel.maskfree.wss import segment_boxes
+
+    cfg, out = settings.maskfree, []
+    for j0 in range(0, len(jobs), 256):
+        out += segment_boxes(jobs[j0:j0 + 256], cfg.wss_crop, cfg.wss_points, cfg.wss_iterations, cfg.wss_lr,
+                             cfg.wss_hidden, settings.device, cfg.wss_fg_fraction, cfg.wss_bg_fraction)
+    return out

@@ -1,0 +1,57 @@
+"""``ovtasks predict``: a registered or local model on image files, predictions and overlay pictures out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ovtasks.registry.serving import Segmenter, trained_dir
+
+
+def predict_images(model_ref: str, paths: Sequence[str | Path], out_dir: str | Path, settings, names: str | None = None,
+                   progress: bool = True) -> dict:
+    """``ovtasks predict``: run a registered (``models:/NAME@alias`` / ``models:/NAME/N``) or local model on
+    image files; write ``predictions.json`` (COCO results + images + categories) and one overlay picture per
+    image under ``out_dir``. Unreadable files are listed in ``skipped``, not fatal."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from ovtasks.report.draw import overlay_instances
+
+    local = model_ref
+    if model_ref.startswith(("models:/", "runs:/")):
+        from ovtasks.registry.lifecycle import _client
+
+        mlflow, _ = _client(settings)
+        local = mlflow.artifacts.download_artifacts(model_ref)
+    seg = Segmenter(trained_dir(local), settings.device)
+    if seg.architecture == "semantic-sam":
+        raise ValueError("Semantic-SAM answers box prompts, which `ovtasks predict` does not take: serve it "
+                         "(`mlflow models serve`) and send a 'boxes' column with each image")
+    out = Path(out_dir)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    images, results, skipped, cat_ids = [], [], {}, {}
+    for i, path in enumerate(tqdm(list(paths), desc="predict", unit="img", disable=not progress), start=1):
+        path = Path(path)
+        try:
+            with Image.open(path) as im:
+                rgb = im.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - one bad file never stops the folder
+            skipped[str(path)] = f"{type(exc).__name__}: {exc}"
+            continue
+        arr = np.asarray(rgb)
+        images.append({"id": i, "file_name": str(path), "height": arr.shape[0], "width": arr.shape[1]})
+        anns = []
+        for inst in seg.segment([arr], names)[0]:
+            cid = cat_ids.setdefault(inst["name"], len(cat_ids) + 1)
+            anns.append({"image_id": i, "category_id": cid, "score": inst["score"], "bbox": inst["bbox"],
+                         "segmentation": inst["segmentation"]})
+        results += anns
+        overlay_instances(rgb, anns, {v: k for k, v in cat_ids.items()}).save(out / "overlays" / f"{path.stem}.png")
+    doc = {"model": model_ref, "images": images, "annotations": results,
+           "categories": [{"id": v, "name": k} for k, v in cat_ids.items()], "skipped": skipped}
+    (out / "predictions.json").write_text(json.dumps(doc))
+    return {"images": len(images), "instances": len(results), "skipped": len(skipped), "out": str(out)}
