@@ -73,8 +73,9 @@ def main() -> int:
         settings = base.model_copy(update={"device": args.device, "maskfree": maskfree})
         models = load_maskfree(settings)
         table, samples, results = evaluate_pseudo_labels(clean, laion, settings, models)
-        budget = error_budget(samples, results, GroundTruth.load(laion, settings), settings)
-        picture = overlay_grid(samples, results, results_dir / "pseudo_label_overlays.png")
+        gt = GroundTruth.load(laion, settings)
+        budget = error_budget(samples, results, gt, settings)
+        picture = overlay_grid(samples, results, results_dir / "pseudo_label_overlays.png", novel=gt.names("novel"))
     a, c = table["gradcam"]["novel"], table["wss"]["novel"]
     ratio = (c / a) if a else None
     meta = json.loads((Path(args.itm_model) / "ovtasks_itm.json").read_text()) if (Path(args.itm_model) / "ovtasks_itm.json").exists() else {}

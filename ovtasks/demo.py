@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ovtasks.core.config import Settings
 from ovtasks.report.pictures import ingest_overview, overlay_grid
@@ -55,6 +57,25 @@ ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard
               "--pretrain-steps 4000 --steps 6000 --lr 1e-3")
 
 
+def _itm_model(settings: Settings, root: Path, ingest_uri: str, synth_uri: str, train_itm_steps: int | None) -> str:
+    """Step 3: the configured ITM, else the committed checkpoint, else one trained here for ``train_itm_steps``."""
+    itm_uri = settings.maskfree.itm_model
+    if itm_uri:
+        print(f"[3/10] train-itm: skipped, using maskfree.itm_model={itm_uri}", flush=True)
+    elif train_itm_steps is None and (Path(settings.paths.committed_itm) / "model.safetensors").exists():
+        itm_uri = str(Path(settings.paths.committed_itm).absolute())
+        print(f"[3/10] train-itm: using the committed checkpoint {itm_uri}\n      (made by: {ITM_RECIPE};"
+              " pass --train-itm-steps N to train one here)", flush=True)
+    else:
+        from ovtasks.train.itm import ItmTrainConfig, train_itm
+
+        itm_uri = str(root / "models" / "itm")
+        steps = train_itm_steps or 300
+        print(f"[3/10] train-itm: {steps} steps on {ingest_uri} -> {itm_uri}", flush=True)
+        train_itm(ingest_uri, itm_uri, settings, ItmTrainConfig(steps=steps, pretrain_steps=steps, lr=1e-3, batch_size=24, holdout=32), gt_uri=synth_uri)
+    return itm_uri
+
+
 def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: int = 64, seed: int = 0, workers: int | None = None,
              train_itm_steps: int | None = None, wspn_steps: int = 100, eval_images: int = 64, train_steps: int = 600,
              semantic_sam_steps: int = 500, airflow: bool = True, airflow_train_steps: int = 150) -> int:
@@ -65,9 +86,8 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     from ovtasks.pseudolabel.maskfree.generator import load_maskfree
     from ovtasks.pseudolabel.runner import pseudo_label
     from ovtasks.data.groundtruth import GroundTruth
-    from ovtasks.evaluate.pseudo_labels import error_budget, evaluate_pseudo_labels, format_budget, format_table
+    from ovtasks.evaluate.pseudo_labels import error_budget, evaluate_pseudo_labels
     from ovtasks.data.synth import SynthSpec, generate
-    from ovtasks.train.itm import ItmTrainConfig, train_itm
     from ovtasks.train.wspn import WspnTrainConfig, train_wspn
     from ovtasks.registry.lifecycle import log_and_register, promote, tracking_uri
     from ovtasks.data.holdout import eval_image_ids
@@ -87,18 +107,7 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     print(f"[2/10] ingest -> {ingest_uri}", flush=True)
     result = ingest(synth_uri, ingest_uri, settings, workers=workers)
     picture = ingest_overview(synth_uri, ingest_uri, settings, root / "report" / "ingest_overview.png")
-    itm_uri = settings.maskfree.itm_model
-    if itm_uri:
-        print(f"[3/10] train-itm: skipped, using maskfree.itm_model={itm_uri}", flush=True)
-    elif train_itm_steps is None and (Path(settings.paths.committed_itm) / "model.safetensors").exists():
-        itm_uri = str(Path(settings.paths.committed_itm).absolute())
-        print(f"[3/10] train-itm: using the committed checkpoint {itm_uri}\n      (made by: {ITM_RECIPE};"
-              " pass --train-itm-steps N to train one here)", flush=True)
-    else:
-        itm_uri = str(root / "models" / "itm")
-        steps = train_itm_steps or 300
-        print(f"[3/10] train-itm: {steps} steps on {ingest_uri} -> {itm_uri}", flush=True)
-        train_itm(ingest_uri, itm_uri, settings, ItmTrainConfig(steps=steps, pretrain_steps=steps, lr=1e-3, batch_size=24, holdout=32), gt_uri=synth_uri)
+    itm_uri = _itm_model(settings, root, ingest_uri, synth_uri, train_itm_steps)
     wspn_uri = str(root / "models" / "wspn")
     print(f"[4/10] train-wspn: {wspn_steps} steps on the clean shards' captions -> {wspn_uri}", flush=True)
     wspn = train_wspn(ingest_uri, wspn_uri, settings, WspnTrainConfig(steps=wspn_steps))
@@ -132,61 +141,109 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     ssam_reg = log_and_register(settings, ssam_dir, {"steps": semantic_sam_steps}, ssam.history, gate, ssam_ev,
                                 [f"{ssam_dir}/loss_curve.png"], ssam.data_manifest)
     table, samples, results = evaluate_pseudo_labels(ingest_uri, synth_uri, settings, models, limit=eval_images)
-    budget = error_budget(samples, results, GroundTruth.load(synth_uri, settings), settings)
-    overlays = overlay_grid(samples, results, root / "report" / "pseudo_label_overlays.png")
+    gt = GroundTruth.load(synth_uri, settings)
+    budget = error_budget(samples, results, gt, settings)
+    overlays = overlay_grid(samples, results, root / "report" / "pseudo_label_overlays.png", novel=gt.names("novel"))
     (root / "report" / "pseudo_label_quality.json").write_text(json.dumps({**table, "error_budget": budget}, indent=2))
     chain, af_outcome, ui_script = [], "", None
     if airflow:
         chain, af_outcome, ui_script = _airflow_chain(root, settings, synth_uri, ingest_uri, airflow_train_steps, eval_images)
     else:
         print("[10/10] Airflow: skipped (--no-airflow)", flush=True)
-    rep = result.report
-    dt = time.perf_counter() - t0
+    run = DemoRun(root, settings, synth_uri, ingest_uri, itm_uri, wspn_uri, model_dir, ssam_dir, summary, result, wspn, pl, gate,
+                  trained, train_steps, reg, promo, ssam, semantic_sam_steps, ssam_reg, table, budget, ev, ssam_ev, chain, af_outcome,
+                  ui_script, picture, overlays, time.perf_counter() - t0)
+    print_summary(run)
+    return 1 if result.failed_shards else 0
+
+
+@dataclass
+class DemoRun:
+    """What each step of the demo produced; :func:`print_summary` shows it."""
+
+    root: Path
+    settings: Settings
+    synth_uri: str
+    ingest_uri: str
+    itm_uri: str
+    wspn_uri: str
+    model_dir: str
+    ssam_dir: str
+    synth: dict
+    ingest: Any
+    wspn: Any
+    pseudo: Any
+    gate: dict
+    trained: Any
+    train_steps: int
+    reg: Any
+    promo: Any
+    ssam: Any
+    ssam_steps: int
+    ssam_reg: Any
+    table: dict
+    budget: dict
+    ev: dict
+    ssam_ev: dict
+    chain: list
+    airflow_outcome: str
+    ui_script: Any
+    picture: Path
+    overlays: Path
+    seconds: float
+
+
+def print_summary(run: DemoRun) -> None:
+    """The table a newcomer reads at the end of ``make demo``: every stage's counts, the pseudo-label quality and
+    its error budget, both models' evaluations, and where each result is."""
+    from ovtasks.evaluate.pseudo_labels import format_budget, format_table
+    from ovtasks.registry.lifecycle import tracking_uri
+
+    rep = run.ingest.report
     print("\n== ovtasks demo summary ==")
     print(f"{'stage':<14}{'in':>8}{'out':>8}{'dropped':>9}  details")
-    print(f"{'synth':<14}{summary['images']:>8}{summary['images']:>8}{0:>9}  {summary['instances']} GT instances, "
-          f"made to fail: {', '.join(f'{k}={v}' for k, v in sorted(summary['expected'].items()) if k != 'clean')}")
+    print(f"{'synth':<14}{run.synth['images']:>8}{run.synth['images']:>8}{0:>9}  {run.synth['instances']} GT instances, "
+          f"made to fail: {', '.join(f'{k}={v}' for k, v in sorted(run.synth['expected'].items()) if k != 'clean')}")
     q = sum(rep["quarantined"].values())
     print(f"{'ingest':<14}{rep['seen']:>8}{rep['kept']:>8}{q:>9}  {', '.join(f'{k}={v}' for k, v in rep['quarantined'].items())}")
-    print(f"{'train-wspn':<14}{wspn.metrics['images']:>8}{'':>8}{'':>9}  image-label accuracy {wspn.metrics['label_accuracy']}")
-    plr = pl.report
+    print(f"{'train-wspn':<14}{run.wspn.metrics['images']:>8}{'':>8}{'':>9}  image-label accuracy {run.wspn.metrics['label_accuracy']}")
+    plr = run.pseudo.report
     print(f"{'pseudo-label':<14}{plr['candidates']:>8}{plr['annotations']:>8}{sum(plr['skipped'].values()):>9}  "
           f"candidates -> masks; skipped: {', '.join(f'{k}={v}' for k, v in plr['skipped'].items()) or 'none'}")
-    print(f"{'validate':<14}{len(gate['shards']):>8}{gate['passed']:>8}{gate['failed']:>9}  shards passing the GX gate"
-          + "".join(f"; {sh} excluded: {'; '.join(r)}" for sh, r in gate["excluded"].items()))
-    print(f"{'train':<14}{trained.metrics['images']:>8}{'':>8}{'':>9}  OV Mask R-CNN, {train_steps} steps, "
-          f"final loss {trained.metrics['final_loss']:.3f}")
-    print(f"{'register':<14}{'':>8}{'':>8}{'':>9}  {reg.name} v{reg.version}: challenger; promotion "
-          f"{'accepted' if promo.promoted else 'refused'}: {promo.reason}")
-    print(f"{'semantic-sam':<14}{ssam.metrics['images']:>8}{'':>8}{'':>9}  + {ssam.metrics['sa1b_images']} SA-1B-format images, "
-          f"{semantic_sam_steps} steps, final loss {ssam.metrics['final_loss']:.3f}; {ssam_reg.name} v{ssam_reg.version}: challenger")
-    if chain:
-        print(f"{'airflow':<14}{'':>8}{'':>8}{'':>9}  " + ", ".join(f"{r.dag_id} {r.state} ({r.seconds:.0f}s)" for r in chain)
-              + (f"; {af_outcome}" if af_outcome else ""))
-    print(f"\npseudo-label quality on {table['_meta']['images']} images (mask AP50 %, synthetic GT; torch threads "
-          f"{table['_meta']['torch_threads']}: a run with another thread count gives other floating-point sums and "
+    print(f"{'validate':<14}{len(run.gate['shards']):>8}{run.gate['passed']:>8}{run.gate['failed']:>9}  shards passing the GX gate"
+          + "".join(f"; {sh} excluded: {'; '.join(r)}" for sh, r in run.gate["excluded"].items()))
+    print(f"{'train':<14}{run.trained.metrics['images']:>8}{'':>8}{'':>9}  OV Mask R-CNN, {run.train_steps} steps, "
+          f"final loss {run.trained.metrics['final_loss']:.3f}")
+    print(f"{'register':<14}{'':>8}{'':>8}{'':>9}  {run.reg.name} v{run.reg.version}: challenger; promotion "
+          f"{'accepted' if run.promo.promoted else 'refused'}: {run.promo.reason}")
+    print(f"{'semantic-sam':<14}{run.ssam.metrics['images']:>8}{'':>8}{'':>9}  + {run.ssam.metrics['sa1b_images']} SA-1B-format images, "
+          f"{run.ssam_steps} steps, final loss {run.ssam.metrics['final_loss']:.3f}; {run.ssam_reg.name} v{run.ssam_reg.version}: challenger")
+    if run.chain:
+        print(f"{'airflow':<14}{'':>8}{'':>8}{'':>9}  " + ", ".join(f"{r.dag_id} {r.state} ({r.seconds:.0f}s)" for r in run.chain)
+              + (f"; {run.airflow_outcome}" if run.airflow_outcome else ""))
+    print(f"\npseudo-label quality on {run.table['_meta']['images']} images (mask AP50 %, synthetic GT; torch threads "
+          f"{run.table['_meta']['torch_threads']}: a run with another thread count gives other floating-point sums and "
           "moves these by a few points):")
-    print(format_table(table))
+    print(format_table(run.table))
     print("\nerror budget: one stage at a time replaced by its ground-truth version (mask AP50 %):")
-    print(format_budget(budget))
-    print(f"\nOV Mask R-CNN trained on the pseudo-labels, evaluated on {ev['images']} images (%):")
-    print(ev["table"])
-    print(f"\nSemantic-SAM, GT boxes as prompts (names and masks, not detection), {ssam_ev['images']} images (%):")
-    print(ssam_ev["table"])
-    print(f"\nfinished in {dt:.1f}s. Results:")
-    print(f"  synthetic LAION shards + COCO GT : {synth_uri}  (gt/instances.json, gt/categories.json)")
-    print(f"  clean shards + manifests        : {ingest_uri}/shards/")
-    print(f"  quarantine (with reasons)       : {ingest_uri}/quarantine/")
-    print(f"  pseudo-masks (COCO per shard)   : {root}/pseudo/maskfree/  (report.json, categories.json, text_embeddings.npy)")
-    print(f"  validation (GX)                 : {root}/pseudo/maskfree/validation_report.json, "
-          f"data docs {root}/pseudo/maskfree/validation/<shard>/annotations.html")
-    print(f"  models                          : ITM {itm_uri}, WSPN {wspn_uri}, OV Mask R-CNN {model_dir}, Semantic-SAM {ssam_dir}")
-    print(f"  MLflow (runs, registry)         : {tracking_uri(settings)}  -> open with: "
-          f".venv/bin/mlflow ui --backend-store-uri {tracking_uri(settings)}")
-    if ui_script:
-        print(f"  Airflow (embedded, SQLite)      : {root / 'airflow'}  -> open the UI with: sh {ui_script}"
+    print(format_budget(run.budget))
+    print(f"\nOV Mask R-CNN trained on the pseudo-labels, evaluated on {run.ev['images']} images (%):")
+    print(run.ev["table"])
+    print(f"\nSemantic-SAM, GT boxes as prompts (names and masks, not detection), {run.ssam_ev['images']} images (%):")
+    print(run.ssam_ev["table"])
+    print(f"\nfinished in {run.seconds:.1f}s. Results:")
+    print(f"  synthetic LAION shards + COCO GT : {run.synth_uri}  (gt/instances.json, gt/categories.json)")
+    print(f"  clean shards + manifests        : {run.ingest_uri}/shards/")
+    print(f"  quarantine (with reasons)       : {run.ingest_uri}/quarantine/")
+    print(f"  pseudo-masks (COCO per shard)   : {run.root}/pseudo/maskfree/  (report.json, categories.json, text_embeddings.npy)")
+    print(f"  validation (GX)                 : {run.root}/pseudo/maskfree/validation_report.json, "
+          f"data docs {run.root}/pseudo/maskfree/validation/<shard>/annotations.html")
+    print(f"  models                          : ITM {run.itm_uri}, WSPN {run.wspn_uri}, OV Mask R-CNN {run.model_dir}, Semantic-SAM {run.ssam_dir}")
+    print(f"  MLflow (runs, registry)         : {tracking_uri(run.settings)}  -> open with: "
+          f".venv/bin/mlflow ui --backend-store-uri {tracking_uri(run.settings)}")
+    if run.ui_script:
+        print(f"  Airflow (embedded, SQLite)      : {run.root / 'airflow'}  -> open the UI with: sh {run.ui_script}"
               "  (http://127.0.0.1:8080, user admin, password printed at start)")
-    print(f"  loss curves                     : {model_dir}/loss_curve.png, {ssam_dir}/loss_curve.png")
-    print(f"  pictures                        : {picture}")
-    print(f"                                    {overlays}")
-    return 1 if result.failed_shards else 0
+    print(f"  loss curves                     : {run.model_dir}/loss_curve.png, {run.ssam_dir}/loss_curve.png")
+    print(f"  pictures                        : {run.picture}")
+    print(f"                                    {run.overlays}")

@@ -1,5 +1,2 @@
-"""The `ovtasks` command."""
-
-from ovtasks.cli.main import main
-
-__all__ = ["main"]
+"""The `ovtasks` command: `main` parses the configuration once and dispatches; the sub-commands live by group
+(`data`, `models`, `ops`)."""

@@ -1,12 +1,14 @@
-"""Operator commands over a running Airflow (``apache-airflow-client``, token auth) and the registry:
-``ovtasks status`` (latest DAG runs, shards per stage, champion / challenger) and ``ovtasks trigger DAG``
-(with a progress bar over the run's task instances)."""
+"""Operator commands: ``status`` (latest DAG runs through the Airflow REST API, shards per stage, champion /
+challenger), ``trigger DAG`` (with a progress bar over the run's task instances), ``plan`` (capacity for N
+images a week), ``demo`` and ``config``."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from ovtasks.core.config import Settings
 
@@ -41,7 +43,7 @@ def status(settings: Settings, console=None, airflow=None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from ovtasks.ui.data import datasets
+    from ovtasks.data.catalog import datasets
 
     console = console or Console()
     out: dict = {"runs": [], "airflow_error": None}
@@ -87,7 +89,7 @@ def status(settings: Settings, console=None, airflow=None) -> dict:
 
 def _aliases(settings: Settings) -> list[dict]:
     from ovtasks.registry.lifecycle import registry_exists
-    from ovtasks.ui.data import models
+    from ovtasks.registry.listing import models
 
     if not registry_exists(settings):
         return []
@@ -171,3 +173,85 @@ def main_trigger(settings: Settings, dag_id: str, conf_text: str | None, wait: b
         print(f"ovtasks trigger: {exc}", file=sys.stderr)
         return 3
     return {"success": 0, "queued": 0, "failed": 1}.get(state, 5)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.cli.ops import main_status
+
+    return main_status(settings)
+
+
+def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.cli.ops import main_trigger
+
+    return main_trigger(settings, args.dag, args.conf, not args.no_wait, args.timeout)
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    import yaml
+
+    from ovtasks.orchestration.capacity import helm_values, measured, plan, render
+
+    m = None
+    gpu, ingest = args.gpu_images_per_s, args.ingest_images_per_core_s
+    if gpu is None or ingest is None:
+        m = measured(settings.paths.benchmark_results, generator=args.generator)  # FileNotFoundError: no benchmark yet (exit 2, one line)
+        gpu, ingest = gpu or m.gpu_images_per_s, ingest or m.ingest_images_per_core_s
+    p = plan(args.images_per_week, gpu, ingest, args.window_hours, args.efficiency, args.shard_size, args.image_kb,
+             max_map_length=settings.pipeline.max_map_length)
+    if args.values_out:
+        Path(args.values_out).write_text(yaml.safe_dump(helm_values(p), sort_keys=False))
+    print(json.dumps(p.as_dict(), indent=2) if args.json else render(p, m))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    print(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.demo import run_demo
+
+    return run_demo(args.out or str(settings.data_dir / "demo"), settings, shards=args.shards,
+                    images_per_shard=args.images_per_shard, seed=args.seed, workers=args.workers,
+                    train_itm_steps=args.train_itm_steps, airflow=not args.no_airflow)
+
+
+def add_commands(sub) -> None:
+    """This group's sub-commands on ``sub`` (the top-level parser's sub-parsers)."""
+    st = sub.add_parser("status", help="latest DAG runs (Airflow REST API), shards per stage, champion / challenger")
+    st.set_defaults(func=cmd_status)
+
+    tr = sub.add_parser("trigger", help="trigger a DAG through the Airflow REST API and follow it with a progress bar")
+    tr.add_argument("dag", help="e.g. ovtasks_retrain")
+    tr.add_argument("--conf", default=None, help='JSON params, e.g. \'{"steps": 300}\'')
+    tr.add_argument("--no-wait", action="store_true", help="return once triggered")
+    tr.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to follow the run (exit 5 past it)")
+    tr.set_defaults(func=cmd_trigger)
+
+    pn = sub.add_parser("plan", help="GPU workers, pool slots, mapped tasks and helm values for N images a week (from measured throughput)")
+    pn.add_argument("--images-per-week", type=float, required=True, help="e.g. 10e6")
+    pn.add_argument("--generator", default="grounded", choices=("maskfree", "grounded"))
+    pn.add_argument("--gpu-images-per-s", type=float, default=None, help="default: the last GPU benchmark (grounded)")
+    pn.add_argument("--ingest-images-per-core-s", type=float, default=None, help="default: benchmarks/results/ingest.json")
+    pn.add_argument("--window-hours", type=float, default=72.0, help="pseudo-labelling must finish within (default 72)")
+    pn.add_argument("--efficiency", type=float, default=0.7, help="fraction of the measured rate sustained (default 0.7)")
+    pn.add_argument("--shard-size", type=int, default=10_000, help="images per source shard (img2dataset default 10000)")
+    pn.add_argument("--image-kb", type=float, default=50.0, help="mean JPEG size")
+    pn.add_argument("--values-out", default=None, help="write the helm overrides to this file")
+    pn.add_argument("--json", action="store_true")
+    pn.set_defaults(func=cmd_plan)
+
+    d = sub.add_parser("demo", help="run the pipeline end to end on embedded defaults and print where results are")
+    d.add_argument("--out", default=None, help="default: <data_dir>/demo")
+    d.add_argument("--shards", type=int, default=8)
+    d.add_argument("--images-per-shard", type=int, default=64)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--train-itm-steps", type=int, default=None, help="train the ITM here instead of using the committed checkpoint")
+    d.add_argument("--no-airflow", action="store_true", help="skip step 10 (the same chain through the DAGs with `airflow dags test`)")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("config", help="print the effective configuration (secrets masked)")
+    c.set_defaults(func=cmd_config)

@@ -87,6 +87,10 @@ class GroundTruth:
                 "COCO instances JSON of images the models are not trained on, put in the store with "
                 "`ovtasks models upload instances.json s3://BUCKET/eval/instances.json` (README: Evaluation set)")
 
+    def names(self, split: str) -> set[str]:
+        """The names of the categories of ``split`` ("base" or "novel"; a category without one is base)."""
+        return {c["name"] for c in self.categories.values() if c.get("split", "base") == split}
+
     def annotations(self, image_id: int) -> list[dict]:
         """The raw COCO annotations of one image (empty when it has none)."""
         return list(self._anns.get(image_id, []))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ovtasks.data.groundtruth import encode_rles
-from ovtasks.models.grounding_dino import resize_normalise, resolve_dtype
+from ovtasks.models.preprocess import resize_normalise, resolve_dtype
 from ovtasks.models.hub import image_processor_config, resolve_model
 
 

@@ -77,7 +77,7 @@ class SemanticSam(nn.Module):
 
     def pixels(self, image: np.ndarray, device, dtype=torch.float32) -> torch.Tensor:
         """SAM's preprocessing: long side to ``image_size``, normalise, pad bottom/right to a square."""
-        from ovtasks.models.grounding_dino import resize_normalise
+        from ovtasks.models.preprocess import resize_normalise
 
         h, w = image.shape[:2]
         rh, rw, _ = self.resized(h, w)

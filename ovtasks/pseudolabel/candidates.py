@@ -112,12 +112,14 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path | None) -> "Vocabulary":
-        """A JSON or YAML file holding a list of entries (or ``{"categories": [...]}``); None = built-in."""
+        """A JSON or YAML file holding a list of entries (or ``{"categories": [...]}``); None = the built-in
+        vocabulary (``ovtasks/data/categories.json``: the synthetic data set's categories)."""
         if path is None:
-            from ovtasks.data.synth import categories_doc
+            from importlib.resources import files
 
-            return cls.from_records(categories_doc())
-        text = Path(path).read_text()
+            text, path = (files("ovtasks.data") / "categories.json").read_text(), "categories.json"
+        else:
+            text = Path(path).read_text()
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
         if isinstance(data, dict):
             data = data.get("categories")

@@ -65,3 +65,33 @@ def tile(img: Image.Image, caption: str, label: str, label_colour, cell: int) ->
 def heat(a: np.ndarray) -> np.ndarray:
     a = np.clip(a, 0, 1)
     return np.stack([a * 255, np.clip(a * 2 - 1, 0, 1) * 255, (1 - a) * 80], -1).astype(np.uint8)
+
+
+# the gallery's colours, one per instance of a thumbnail (the palette without its two palest / darkest entries)
+GALLERY_PALETTE = [c for c in PALETTE if c not in ((220, 190, 255), (128, 0, 0))]
+
+
+def annotate_thumbnail(base: Image.Image, anns: list[dict], sx: float, sy: float) -> Image.Image:
+    """A gallery thumbnail: each annotation's RLE mask tinted, its box (scaled by ``sx``, ``sy`` from the image
+    to the thumbnail) outlined and labelled with its category and score."""
+    from pycocotools import mask as mask_utils
+
+    arr = np.asarray(base).astype(np.float32)
+    for i, a in enumerate(anns):
+        seg = dict(a["segmentation"])
+        if isinstance(seg.get("counts"), str):
+            seg["counts"] = seg["counts"].encode()
+        m = mask_utils.decode(seg).astype(bool)
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(base.size, Image.NEAREST)) > 127
+        arr[m] = 0.5 * arr[m] + 0.5 * np.array(GALLERY_PALETTE[i % len(GALLERY_PALETTE)], np.float32)
+    out = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    for i, a in enumerate(anns):
+        x, y, w, h = a["bbox"]
+        box = [x * sx, y * sy, (x + w) * sx, (y + h) * sy]
+        colour = GALLERY_PALETTE[i % len(GALLERY_PALETTE)]
+        draw.rectangle(box, outline=colour, width=2)
+        label = f"{a['category']} {a['score']:.2f}"
+        draw.rectangle([box[0], max(0, box[1] - 12), box[0] + 6 * len(label) + 4, max(12, box[1])], fill=colour)
+        draw.text((box[0] + 2, max(0, box[1] - 12)), label, fill=(0, 0, 0))
+    return out

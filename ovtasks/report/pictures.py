@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -63,8 +63,9 @@ def ingest_overview(synth_uri: str, ingest_uri: str, settings: Settings, path: P
     return path
 
 
-def overlay_grid(samples, results, path: Path, n: int = 8) -> Path:
-    """Rows of (image + caption name, activation map, pseudo box, WSS mask) for the first ``n`` masks."""
+def overlay_grid(samples, results, path: Path, n: int = 8, novel: Collection[str] = ()) -> Path:
+    """Rows of (image + caption name, activation map, pseudo box, WSS mask) for the first ``n`` masks; names in
+    ``novel`` are labelled novel, the others base."""
     rows = [r for r in results if r.mask is not None][:n]
     cell, pad = 160, 4
     sheet = Image.new("RGB", (4 * (cell + pad) + pad, len(rows) * (cell + 18 + pad) + 30), "white")
@@ -88,18 +89,11 @@ def overlay_grid(samples, results, path: Path, n: int = 8) -> Path:
             t = t.copy()
             t.thumbnail((cell, cell))
             sheet.paste(t, (pad + j * (cell + pad), y0))
-        d.text((pad, y0 + cell + 2), f"'{r.candidate.name}' ({'novel' if _is_novel(r) else 'base'}) itm={r.score:.2f}  {s.caption[:60]}",
+        d.text((pad, y0 + cell + 2), f"'{r.candidate.name}' ({'novel' if r.candidate.name in novel else 'base'}) itm={r.score:.2f}  {s.caption[:60]}",
                fill=(30, 30, 30), font=font(11))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
-
-
-def _is_novel(r) -> bool:
-    from ovtasks.data.synth import CATEGORY_BY_NAME
-
-    c = CATEGORY_BY_NAME.get(r.candidate.name)
-    return bool(c and c.split == "novel")
 
 
 def loss_curve(history: Sequence[dict], path: Path, title: str = "OV Mask R-CNN training on pseudo-labels") -> Path:

@@ -24,7 +24,8 @@ from ovtasks.core.config import Settings
 from ovtasks.data.clean import chunks, iter_clean
 from ovtasks.models.hub import publish_model
 from ovtasks.models.wspn import WSPN, WSPNConfig, save_wspn, wspn_loss
-from ovtasks.pseudolabel.maskfree.proposals import SelectiveSearch, wspn_input
+from ovtasks.models.preprocess import wspn_input
+from ovtasks.pseudolabel.maskfree.proposals import SelectiveSearch
 
 log = logging.getLogger(__name__)
 

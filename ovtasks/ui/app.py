@@ -14,6 +14,8 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
+from ovtasks.data import catalog
+from ovtasks.registry import listing
 from ovtasks.ui import data
 
 PAGE = Path(__file__).with_name("page.html")
@@ -93,7 +95,7 @@ def create_app(settings_factory=_settings, auth_dependency=None) -> FastAPI:
 
     @app.get("/api/datasets")
     def datasets(generator: GENERATOR = None, user=user_dep):
-        return data.datasets(settings_factory(), generator)
+        return catalog.datasets(settings_factory(), generator)
 
     @app.get("/api/gallery")
     def gallery(category: str | None = None, min_score: float = Query(0.0, ge=0, le=1), page: int = Query(1, ge=1),
@@ -111,7 +113,7 @@ def create_app(settings_factory=_settings, auth_dependency=None) -> FastAPI:
 
     @app.get("/api/models")
     def models(user=user_dep):
-        return {"models": data.models(settings_factory())}
+        return {"models": listing.models(settings_factory())}
 
     @app.post("/api/promote")
     def promote(body: PromoteBody, user=user_dep):

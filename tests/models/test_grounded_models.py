@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ovtasks.data.groundtruth import decode_rle
-from ovtasks.models.grounding_dino import DOT_ID, GroundingDino, resolve_dtype
+from ovtasks.models.grounding_dino import DOT_ID, GroundingDino
+from ovtasks.models.preprocess import resolve_dtype
 from ovtasks.models.sam import SamSegmenter
 
 RNG = np.random.default_rng(0)

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ovtasks.core.config import ConfigError, load_settings
+from ovtasks.data import catalog
 from ovtasks.ui import data
 
 SCRIPT = "<img src=x onerror=alert(document.cookie)>"
@@ -31,7 +32,7 @@ def test_counts_from_manifests_reach_the_page_only_as_numbers(tmp_path):
     _write(tmp_path / "pseudo" / "maskfree" / "00000.manifest.json", {"status": SCRIPT, "counts": {"images": SCRIPT, "annotations": 7}})
     _write(tmp_path / "pseudo" / "maskfree" / "00001.manifest.json", "just a string")
     _write(tmp_path / "pseudo" / "maskfree" / "validation_report.json", {"shards": [{"shard": "00000", "success": "yes", "reasons": SCRIPT}, 5]})
-    d = data.datasets(_settings(tmp_path))
+    d = catalog.datasets(_settings(tmp_path))
     rows = {r["shard"]: r for r in d["shards"]}
     assert rows["00000"]["ingest"]["seen"] is None and rows["00000"]["ingest"]["kept"] is None
     assert d["quarantine_reasons"] == {"too_small": 3}
@@ -64,8 +65,8 @@ def test_no_unauthenticated_schema_and_no_paths_in_generator(client):
     for url in ("/api/datasets?generator=../x", "/api/gallery?generator=..%2F..%2Fetc", "/api/gallery/00000/1.jpg?generator=../x"):
         assert client.get(url).status_code == 422, url
     assert client.get("/api/datasets?generator=grounded").status_code == 200
-    with pytest.raises(data.NotFound):
-        data.datasets(load_settings(env={}), "../x")
+    with pytest.raises(catalog.NotFound):
+        catalog.datasets(load_settings(env={}), "../x")
 
 
 def test_thumbnails_of_keys_with_slashes_and_a_hostile_checksum(tmp_path):

@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from ovtasks.models.preprocess import wspn_input
 from ovtasks.models.wspn import WSPN, top_proposals
 
 
@@ -74,18 +75,6 @@ class SelectiveSearch:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="selective-search")
         return list(self._pool.map(lambda im: selective_search(im, max_boxes=self.max_boxes), images))
-
-
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
-
-
-def wspn_input(images: Sequence[np.ndarray], device: str = "cpu") -> torch.Tensor:
-    """Same-size uint8 images → normalised ``(B, 3, H, W)``."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().to(device) / 255.0
-    mean = torch.tensor(IMAGE_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 class WSPNProposals:

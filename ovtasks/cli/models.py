@@ -1,0 +1,231 @@
+"""Model commands: ``train-itm``, ``train-wspn``, ``train``, ``promote``, ``predict``, ``models upload``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ovtasks.cli.common import on_device, print_progress, print_table, report_trained
+from ovtasks.core.config import Settings
+
+
+def cmd_train_itm(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.train.itm import ItmTrainConfig, train_itm
+
+    cfg = ItmTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         image_size=args.image_size, max_images=args.max_images, pretrain_steps=args.pretrain_steps,
+                         grounding_weight=args.grounding_weight)
+    command = " ".join(["ovtasks", *(shlex.quote(a) for a in sys.argv[1:])])  # recorded in the checkpoint's JSON
+    return report_trained(train_itm(args.src, args.out, on_device(args, settings), cfg, gt_uri=args.gt,
+                                     progress=print_progress, command=command), "train-itm metrics")
+
+
+def cmd_models_upload(args: argparse.Namespace, settings: Settings) -> int:
+    """Put a model directory (or one file, e.g. an evaluation set) in the store where the pipeline loads it.
+    A directory gets its completion marker last (with each file's size and sha256), so a loader never
+    reads a half-uploaded model."""
+    from ovtasks.models.hub import COMPLETE_MARKER, is_store_uri, publish_model
+
+    src = Path(args.src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    if not is_store_uri(args.uri):
+        raise ValueError(f"{args.uri!r} is not a store URI (s3://bucket/prefix)")
+    if src.is_dir() and not any(p.is_file() for p in src.rglob("*")):
+        raise ValueError(f"{src} holds no files")
+    uri = publish_model(src, args.uri, settings.s3)
+    n = sum(1 for p in src.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER) if src.is_dir() else 1
+    print(f"uploaded {n} file(s) to {uri}" + (f" (marker {COMPLETE_MARKER} written last)" if src.is_dir() else ""))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.registry.predict import predict_images
+
+    paths: list[Path] = []
+    for p in map(Path, args.images):
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"))
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"{p} does not exist")
+    if not paths:
+        raise ValueError("no images to predict on")
+    r = predict_images(args.model, paths, args.out, on_device(args, settings), args.names, progress=sys.stderr.isatty() or args.progress)
+    print(f"{r['images']} image(s), {r['instances']} instance(s), {r['skipped']} skipped -> {r['out']}/predictions.json, "
+          f"{r['out']}/overlays/")
+    return 0
+
+
+def cmd_train_wspn(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.train.wspn import WspnTrainConfig, train_wspn
+
+    cfg = WspnTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          classes=args.classes, max_images=args.max_images)
+    return report_trained(train_wspn(args.src, args.out, on_device(args, settings), cfg, progress=print_progress),
+                           "train-wspn metrics")
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.registry.lifecycle import log_and_register
+    from ovtasks.data.holdout import eval_image_ids
+    from ovtasks.evaluate.models import evaluate_model
+    from ovtasks.models.loading import load_model
+    from ovtasks.train.ov_maskrcnn import train_ov_maskrcnn, TrainConfig
+
+    settings = on_device(args, settings)
+    progress = lambda r: print(json.dumps(r), file=sys.stderr, flush=True)  # noqa: E731
+    if args.finetune_steps and not args.gt:
+        print("ovtasks: --finetune-steps needs --gt (the base-category GT to fine-tune on)", file=sys.stderr)
+        return 2
+    if args.model == "semantic-sam":
+        from ovtasks.evaluate.models import evaluate_semantic_sam
+        from ovtasks.train.semantic_sam import SemanticSamConfig, train_semantic_sam
+
+        if args.finetune_steps:
+            print("ovtasks: --finetune-steps is for --model ov-maskrcnn", file=sys.stderr)
+            return 2
+        cfg = SemanticSamConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or SemanticSamConfig.lr, seed=args.seed,
+                                generator=args.generator,
+                                sam_model=args.sam_model, freeze_image_encoder=args.freeze_image_encoder)
+        trained = train_semantic_sam(args.src, args.pseudo, args.sa1b, args.out, settings, cfg, progress=progress)
+        evaluate = evaluate_semantic_sam
+    else:
+        lr = args.lr or (TrainConfig.lr if args.optimizer == "adamw" else 0.01)
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer, backbone=args.backbone, seed=args.seed,
+                          generator=args.generator, finetune_steps=args.finetune_steps, checkpoint_every=args.checkpoint_every,
+                          min_size=args.min_size, max_size=args.max_size)
+        held_out = eval_image_ids(args.gt, args.src, settings, args.eval_images) if args.finetune_steps else ()
+        trained = train_ov_maskrcnn(args.src, args.pseudo, args.out, settings, cfg, progress=progress, gt_uri=args.gt, exclude_ids=held_out)
+        evaluate = evaluate_model
+    rows = [(k, str(v)) for k, v in trained.metrics.items()]
+    if args.gt:
+        model, _ = load_model(trained.model_dir, settings.device)
+        ev = evaluate(model, args.gt, args.src, settings, limit=args.eval_images)
+        print(ev["table"])
+        if args.register:
+            from ovtasks.core.storage import open_store
+
+            gx = json.loads(open_store(args.pseudo, settings.s3).get_bytes(f"pseudo/{args.generator}/validation_report.json"))
+            reg = log_and_register(settings, trained.model_dir, {**cfg.__dict__}, trained.history, gx, ev,
+                                   [f"{trained.model_dir}/loss_curve.png"], trained.data_manifest)
+            rows += [("registered", f"{reg.name} v{reg.version} (alias challenger)"), ("mlflow run", reg.run_id)]
+    elif args.register:
+        print("ovtasks: --register needs --gt (a version is registered with its evaluation)", file=sys.stderr)
+        return 2
+    print_table(rows, f"train {args.model}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.registry.lifecycle import promote, registry_exists
+
+    if not registry_exists(settings):
+        raise LookupError(f"no model registry at {Path(settings.data_dir).absolute() / 'mlflow'}: register a challenger first "
+                          "(`ovtasks train --register` or the ovtasks_retrain DAG), or point OVTASKS_REGISTRY__TRACKING_URI "
+                          "at the MLflow server")
+
+    from ovtasks.cli.ops import gate_text
+
+    if args.version is not None:
+        from ovtasks.registry.lifecycle import rollback
+
+        try:
+            r = rollback(settings, args.version, args.who, args.reason or "", architecture=args.model)
+        except LookupError as exc:
+            raise ValueError(str(exc)) from exc
+        print_table([("champion set", "yes" if r.promoted else "NO"), ("reason", r.reason), ("champion before", str(r.champion_before)),
+                      ("champion now", str(r.champion_after))], "rollback (no gate)")
+        return 0 if r.promoted else 4
+    r = promote(settings, args.tolerance, args.who, args.reason or "", architecture=args.model)
+    print_table([("promoted", "yes" if r.promoted else "NO"), ("reason", r.reason), ("challenger", str(r.challenger)),
+                  ("champion before", str(r.champion_before)), ("champion now", str(r.champion_after)),
+                  ("gate (challenger - champion, CI)", gate_text(r.gate))], "promotion gate")
+    return 0 if r.promoted else 4
+
+
+def add_commands(sub) -> None:
+    """This group's sub-commands on ``sub`` (the top-level parser's sub-parsers)."""
+    t = sub.add_parser("train-itm", help="train a small BLIP image-text-matching model from scratch on clean shards")
+    t.add_argument("--src", required=True, help="URI of ingested (clean) shards")
+    t.add_argument("--out", required=True, help="directory or store URI for the model")
+    t.add_argument("--gt", default=None, help="synthetic GT root, only to report grounding metrics")
+    t.add_argument("--steps", type=int, default=3500)
+    t.add_argument("--batch-size", type=int, default=24)
+    t.add_argument("--lr", type=float, default=1.5e-3)
+    t.add_argument("--image-size", type=int, default=96)
+    t.add_argument("--pretrain-steps", type=int, default=3000,
+                   help="stage 1: steps of caption-name classification by the conv stem before ITM (0 skips)")
+    t.add_argument("--grounding-weight", type=float, default=0.0,
+                   help="weight of the word-grounding loss (attention-pooled local features classify the word; 0 = off)")
+    t.add_argument("--max-images", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None, help="cpu | cuda (default from config)")
+    t.set_defaults(func=cmd_train_itm)
+
+    w = sub.add_parser("train-wspn", help="train the weakly-supervised proposal network on clean shards")
+    w.add_argument("--src", required=True)
+    w.add_argument("--out", required=True, help="directory or store URI for wspn.pt")
+    w.add_argument("--steps", type=int, default=600)
+    w.add_argument("--batch-size", type=int, default=8)
+    w.add_argument("--lr", type=float, default=1e-3)
+    w.add_argument("--classes", choices=("base", "all"), default="base", help="image labels from base categories only (default)")
+    w.add_argument("--max-images", type=int, default=None)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--device", default=None)
+    w.set_defaults(func=cmd_train_wspn)
+
+    t = sub.add_parser("train", help="train a model on GX-validated pseudo-labels; optionally evaluate and register it")
+    t.add_argument("--model", default="ov-maskrcnn", choices=("ov-maskrcnn", "semantic-sam"))
+    t.add_argument("--src", required=True, help="clean shards URI")
+    t.add_argument("--pseudo", required=True, help="URI holding pseudo/<generator>/ and its validation_report.json")
+    t.add_argument("--out", required=True, help="model directory")
+    t.add_argument("--generator", default="maskfree", choices=("maskfree", "grounded"))
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=None, help="default: the model's (ov-maskrcnn 1e-3 with adamw, 0.01 with sgd; semantic-sam 1e-3)")
+    t.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="ov-maskrcnn optimizer")
+    t.add_argument("--backbone", default="small", choices=("small", "resnet50_fpn"), help="ov-maskrcnn backbone")
+    t.add_argument("--sa1b", default=None, help="semantic-sam: SA-1B-format tars (masks without names), mixed 1:4 with the pseudo-labels")
+    t.add_argument("--sam-model", default=None, help="semantic-sam: pretrained SAM (HF id, directory, model-store URI); default a tiny random one")
+    t.add_argument("--freeze-image-encoder", action="store_true", help="semantic-sam: train the decoder, tokens and heads only")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=50, help="ov-maskrcnn: steps between resumable checkpoints")
+    t.add_argument("--min-size", type=int, default=192, help="ov-maskrcnn: shorter image side fed to the model")
+    t.add_argument("--max-size", type=int, default=320, help="ov-maskrcnn: longer image side cap")
+    t.add_argument("--device", default=None)
+    t.add_argument("--gt", default=None, help="COCO GT (synthetic laion URI) to evaluate on")
+    t.add_argument("--eval-images", type=int, default=64)
+    t.add_argument("--finetune-steps", type=int, default=0,
+                   help="then fine-tune this many steps on the base categories' GT from --gt (the evaluation images are held out)")
+    t.add_argument("--register", action="store_true", help="log the run to MLflow and register a challenger version")
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("promote", help="move the champion alias to the challenger if the gate allows it")
+    pr.add_argument("--model", default="ov-maskrcnn", choices=("ov-maskrcnn", "semantic-sam"))
+    pr.add_argument("--tolerance", type=float, default=None, help="novel mask AP50 points (default registry.promotion_tolerance)")
+    pr.add_argument("--who", default=None)
+    pr.add_argument("--reason", default=None)
+    pr.add_argument("--version", default=None,
+                    help="roll back: make this existing version the champion, without the gate (audited on the version)")
+    pr.set_defaults(func=cmd_promote)
+
+    pd_ = sub.add_parser("predict", help="run a registered (models:/NAME@champion) or local model on image files; COCO JSON + overlays")
+    pd_.add_argument("images", nargs="+", help="image files or folders")
+    pd_.add_argument("--model", default="models:/ovtasks-ov-maskrcnn@champion", help="models:/NAME@alias, models:/NAME/VERSION or a directory")
+    pd_.add_argument("--out", required=True, help="output folder (predictions.json, overlays/)")
+    pd_.add_argument("--names", default=None, help="comma-separated vocabulary (default: the model's own)")
+    pd_.add_argument("--device", default=None)
+    pd_.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    pd_.set_defaults(func=cmd_predict)
+
+    mo = sub.add_parser("models", help="model store: upload a model directory (or an evaluation set) for the pipeline")
+    mo_sub = mo.add_subparsers(dest="models_command", required=True)
+    up = mo_sub.add_parser("upload", help="upload SRC (a model directory or one file) to a store URI, completion marker last")
+    up.add_argument("src", help="local model directory (e.g. models/itm-synth) or file (e.g. instances.json)")
+    up.add_argument("uri", help="s3://bucket/prefix, e.g. s3://ovtasks/models/itm (the URI the config names)")
+    up.set_defaults(func=cmd_models_upload)
