@@ -41,7 +41,7 @@ test-slow: $(STAMP)
 
 # the structure-aware shard fuzzer for longer than the default suite runs it (FUZZ_EXAMPLES=30 there)
 fuzz: $(STAMP)
-	HF_HUB_OFFLINE=1 FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -q -p no:logging tests/fuzz $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -q -p no:logging tests/unit/ingest/test_fuzz_ingest.py $(PYTEST_ARGS)
 
 # the fault-injection and security tests, written up as benchmarks/reliability.md (--slow: + the 1k vs 10k memory test)
 reliability: $(STAMP) browser

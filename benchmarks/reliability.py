@@ -21,29 +21,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FAULT_TESTS = ["tests/faults", "tests/dags/test_celery_integration.py"]
+FAULT_TESTS = ["tests/system/faults", "tests/system/dags/test_celery_integration.py"]
 # security properties proven by tests elsewhere in the suite (they pass or fail here too)
 SECURITY_TESTS = {
-    "tests/test_bad_inputs.py::test_path_traversal_and_links_never_extracted": "tar members with `..`, absolute paths and symlinks are quarantined, never extracted",
-    "tests/test_storage.py": "store keys cannot escape their root (`..`, absolute paths, backslashes, symlinks out)",
-    "tests/test_bad_inputs.py::test_oversized_image_not_read": "an oversized image member is skipped unread",
-    "tests/test_bad_inputs.py::test_rejected_kinds": "bad kinds incl. decompression bombs and oversized captions are quarantined with a reason, bounded before allocation",
-    "tests/test_deploy_files.py": "compose refuses to start without secrets (`${VAR:?}`); helm values without existing Secrets are refused by the schema",
-    "tests/ui/test_plugin_api.py::test_anonymous_and_bad_tokens_are_refused": "every plugin endpoint refuses anonymous, forged and invalid tokens",
-    "tests/ui/test_plugin_api.py::test_promote_needs_admin_and_runs_the_gate": "promotion refused to viewer and op roles",
-    "tests/test_config.py": "no credential has a default; secrets are masked, read from *_FILE and taken verbatim (never YAML-parsed); YAML errors never echo the line",
-    "tests/test_hostile_ingest.py": "hand-built hostile shards (zero-length PAX record, negative / malformed sizes, 20 KB PAX and long-name headers, "
+    "tests/unit/ingest/test_bad_inputs.py::test_path_traversal_and_links_never_extracted": "tar members with `..`, absolute paths and symlinks are quarantined, never extracted",
+    "tests/unit/core/test_storage.py": "store keys cannot escape their root (`..`, absolute paths, backslashes, symlinks out)",
+    "tests/unit/ingest/test_bad_inputs.py::test_oversized_image_not_read": "an oversized image member is skipped unread",
+    "tests/unit/ingest/test_bad_inputs.py::test_rejected_kinds": "bad kinds incl. decompression bombs and oversized captions are quarantined with a reason, bounded before allocation",
+    "tests/unit/deploy/test_deploy_files.py": "compose refuses to start without secrets (`${VAR:?}`); helm values without existing Secrets are refused by the schema",
+    "tests/unit/ui/test_plugin_api.py::test_anonymous_and_bad_tokens_are_refused": "every plugin endpoint refuses anonymous, forged and invalid tokens",
+    "tests/unit/ui/test_plugin_api.py::test_promote_needs_admin_and_runs_the_gate": "promotion refused to viewer and op roles",
+    "tests/unit/core/test_config.py": "no credential has a default; secrets are masked, read from *_FILE and taken verbatim (never YAML-parsed); YAML errors never echo the line",
+    "tests/unit/ingest/test_hostile_ingest.py": "hand-built hostile shards (zero-length PAX record, negative / malformed sizes, 20 KB PAX and long-name headers, "
                                     "5000-char names, a multi-page TIFF with an empty page, a failing re-encode, metadata that bypassed the filters, "
                                     "integer parquet keys, a failed re-ingest, a trailing-newline shard name, 2000 rows without samples, colliding "
                                     "image ids, a SIGKILLed run's scratch): each run ends, every sample is accounted for, the good ones are kept",
-    "tests/fuzz": "structure-aware fuzzer (Hypothesis, seeded; `make fuzz` for thousands of examples): damaged shards never hang the "
+    "tests/unit/ingest/test_fuzz_ingest.py": "structure-aware fuzzer (Hypothesis, seeded; `make fuzz` for thousands of examples): damaged shards never hang the "
                   "reader or ingest, memory stays bounded, seen == kept + quarantined, kept images decode as RGB, nothing is written outside --out",
-    "tests/test_cli_errors.py": "each subcommand against bad arguments (missing / wrong paths, a file as a store, unwritable output, unreachable S3, "
+    "tests/unit/cli/test_cli_errors.py": "each subcommand against bad arguments (missing / wrong paths, a file as a store, unwritable output, unreachable S3, "
                                 "bad config): one line and exit 2, never a traceback; a closed pipe ends quietly",
-    "tests/ui/test_hostile_ui.py": "script in manifest counts, manifests that are not objects, generator=../x, keys with '/', a checksum of '/../..', "
+    "tests/unit/ui/test_hostile_ui.py": "script in manifest counts, manifests that are not objects, generator=../x, keys with '/', a checksum of '/../..', "
                                    "a quote in the model name: numbers only on the page, 422 / 404, no path escapes; no unauthenticated schema",
-    "tests/models/test_hub.py::test_object_names_never_escape_the_model_cache": "a store model with an object named ../../x is refused, nothing written outside the cache",
-    "tests/test_validate.py::test_a_shard_that_does_not_match_its_manifest_fails_and_training_rechecks":
+    "tests/unit/models/test_hub.py::test_object_names_never_escape_the_model_cache": "a store model with an object named ../../x is refused, nothing written outside the cache",
+    "tests/unit/validate/test_validate.py::test_a_shard_that_does_not_match_its_manifest_fails_and_training_rechecks":
         "pseudo-label JSON edited after its manifest, and a relabel landing between validation and training: the shard is left out",
 }
 
@@ -79,12 +79,12 @@ def render(r: dict) -> str:
              f"{r['seconds']:.0f} s.", ""]
     recorded = r["records"]
     lost = sum(x["data_lost"] for x in recorded.values())
-    fault_cases = {k: v for k, v in r["results"].items() if k.startswith(("tests/faults", "tests/dags/test_celery"))}
+    fault_cases = {k: v for k, v in r["results"].items() if k.startswith(("tests/system/faults", "tests/system/dags/test_celery"))}
     passed = sum(1 for v in fault_cases.values() if v["state"] == "passed")
     lines += ["## Summary", "",
               f"**{passed}/{len(fault_cases)} fault-injection tests passed; data lost across all of them: {lost}.** "
-              f"Security checks: {sum(1 for k, v in r['results'].items() if not k.startswith(('tests/faults', 'tests/dags')) and v['state'] == 'passed')} "
-              f"passed, {sum(1 for k, v in r['results'].items() if not k.startswith(('tests/faults', 'tests/dags')) and v['state'] != 'passed')} not.", "",
+              f"Security checks: {sum(1 for k, v in r['results'].items() if not k.startswith(('tests/system/faults', 'tests/system/dags')) and v['state'] == 'passed')} "
+              f"passed, {sum(1 for k, v in r['results'].items() if not k.startswith(('tests/system/faults', 'tests/system/dags')) and v['state'] != 'passed')} not.", "",
               "## Faults", "", "| fault | injected | what happened | data lost | test |", "|---|---|---|---:|---|"]
     for test, res in sorted(fault_cases.items()):
         rec = recorded.get(test)

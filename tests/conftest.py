@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from seaweed import start_seaweed, weed_binary  # noqa: E402
-
 from ovtasks.core.config import Settings, load_settings  # noqa: E402
+from tests.support import ROOT  # noqa: E402
+from tests.support.seaweed import start_seaweed, weed_binary  # noqa: E402
+
+pytest_plugins = ["tests.support.ui_world"]  # the UI's world and api-server fixtures (unit/ui and the browser test)
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def labelled(synth_small, clean_small, tmp_path_factory):
 @pytest.fixture
 def record_fault(request):
     def record(fault: str, injected: str, outcome: str, data_lost: int) -> None:
-        out = Path(os.environ.get("TEST_OUT", Path(__file__).resolve().parents[1] / "test-output")) / "reliability"
+        out = Path(os.environ.get("TEST_OUT", ROOT / "test-output")) / "reliability"
         out.mkdir(parents=True, exist_ok=True)
         entry = {"test": request.node.nodeid, "fault": fault, "injected": injected, "outcome": outcome, "data_lost": data_lost}
         (out / f"{request.node.name}.json").write_text(json.dumps(entry, indent=2))
@@ -154,7 +155,7 @@ def smtp_server():
     from aiosmtpd.controller import Controller
     from aiosmtpd.handlers import Message
 
-    from mail import smtp_env
+    from tests.support.mail import smtp_env
 
     got = []
 

@@ -1,0 +1,63 @@
+"""benchmarks/run_all.py: rows from each benchmark's JSON, the Markdown table, the README block, and the
+scaling benchmark's process-tree memory sampler (the benchmarks themselves run in `make bench`, not here)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+
+from tests.support import ROOT
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rows_table_and_readme_block(tmp_path, monkeypatch):
+    ra = _load("run_all")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "coco_eval.json").write_text(json.dumps({"speedup": 4.2, "images": 10, "predictions": 7}))
+    monkeypatch.setattr(ra, "RESULTS", results)
+    bench = next(b for b in ra.BENCHES if b.name == "coco_eval")
+    row = ra.run_bench(bench, reuse=True)
+    assert row["ratio"] == 4.2 and row["met"] is False and row["ran"].startswith("reused")
+    doc = {"date": "2026-01-01", "seconds": 1.0, "rows": [row, {"name": "x", "compared": "a / b", "target": ">= 1", "error": "exit 1"}],
+           "gpu": [], "machine": {"cores": 2, "cpu": "cpu", "memory_gib": 1, "gpu": None, "torch": "t"}}
+    table = ra.markdown(doc)
+    assert "| coco_eval |" in table and "**4.2**" in table and "**no**" in table and "| x | a / b | error |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{ra.START}\nold table\n{ra.END}\nrest\n")
+    monkeypatch.setattr(ra, "README", readme)
+    assert ra.update_readme(table)
+    text = readme.read_text()
+    assert "old table" not in text and "**4.2**" in text and text.startswith("intro\n") and text.endswith("rest\n")
+    readme.write_text("no block\n")
+    assert not ra.update_readme(table)
+
+
+def test_every_benchmark_row_reads_its_committed_result():
+    ra = _load("run_all")
+    for b in ra.BENCHES:
+        path = ra.RESULTS / f"{b.script.removesuffix('.py')}.json"
+        assert (ROOT / "benchmarks" / b.script).exists()
+        if path.exists():
+            doc = json.loads(path.read_text())
+            assert isinstance(b.ratio(doc), (int, float)) and isinstance(b.detail(doc), str)
+    assert {g["name"] for g in ra.gpu_rows()} <= set(ra.GPU_RESULTS)
+
+
+def test_tree_memory_sums_children():
+    sc = _load("scaling")
+    code = "import subprocess, sys, time; x = bytearray(150 << 20); p = subprocess.Popen([sys.executable, '-c', 'x = bytearray(150 << 20); import time; time.sleep(2)']); time.sleep(2); p.wait()"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    with sc.TreeMemory(proc.pid, period=0.02) as mem:
+        proc.wait(timeout=60)
+        time.sleep(0.1)
+    assert mem.peak_single >= 150 << 20
+    assert mem.peak_total >= 300 << 20  # parent and child together
