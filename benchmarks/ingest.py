@@ -9,11 +9,20 @@ Runs alternate (limit, ingest, limit, ingest, ...) and the median of each is com
     python benchmarks/ingest.py --sizes 512 --repeats 5
 
 Prints ``ratio=<x>`` per configuration and writes benchmarks/results/ingest.json. Target >= 0.8.
+
+Two codec rows, side by side on the same data in the same run, that decide what the project keeps:
+``phash``: ``ovtasks.core.imaging.phash64`` against ``imagehash.phash`` on the same decoded images (the
+slower one is a test/benchmark dependency only); ``tar``: the hand-written streaming tar reader and
+``ShardWriter`` against the standard library's ``tarfile`` on the same shards (read every member; write
+the same members).
+
+    python benchmarks/ingest.py --codecs-only   # just the two codec rows
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -57,6 +66,95 @@ def decode_limit(src: Path, workers: int) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def _best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def phash_row(src: Path, repeats: int) -> dict:
+    """Both perceptual hashes over the same decoded images (one process: the hash, not the pool, is measured)."""
+    import imagehash
+
+    from ovtasks.core.imaging import phash64
+
+    images = []
+    for path in sorted(src.glob("*.tar")):
+        with open(path, "rb") as fh:
+            for sample in iter_tar_samples(fh, {}, 1 << 40):
+                ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
+                if ext:
+                    images.append(Image.open(io.BytesIO(sample.members[ext])).convert("RGB"))
+    ours = _best_of(lambda: [phash64(im) for im in images], repeats)
+    theirs = _best_of(lambda: [imagehash.phash(im) for im in images], repeats)
+    agree = sum((phash64(im) ^ int(str(imagehash.phash(im)), 16)).bit_count() for im in images) / len(images)
+    res = {"images": len(images), "phash64_us": round(1e6 * ours / len(images), 1), "imagehash_us": round(1e6 * theirs / len(images), 1),
+           "ratio_imagehash_over_phash64": round(theirs / ours, 2), "mean_bits_differing": round(agree, 2)}
+    print(f"phash: phash64 {res['phash64_us']} us/image, imagehash.phash {res['imagehash_us']} us/image "
+          f"(x{res['ratio_imagehash_over_phash64']}), {res['mean_bits_differing']} of 64 bits differ on average", flush=True)
+    return res
+
+
+def tar_row(src: Path, repeats: int) -> dict:
+    """The project's tar reader and writer against ``tarfile`` on the same shards (page cache warm)."""
+    import tarfile
+
+    from ovtasks.core.shards import ShardWriter
+
+    paths = sorted(src.glob("*.tar"))
+    blobs = [p.read_bytes() for p in paths]
+    members = []
+    for blob in blobs:
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tf:
+            members.append([(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()])
+
+    def read_ours():
+        for blob in blobs:
+            for _ in iter_tar_samples(io.BytesIO(blob), {}, 1 << 40):
+                pass
+
+    def read_tarfile():
+        for blob in blobs:
+            with tarfile.open(fileobj=io.BytesIO(blob), mode="r|") as tf:  # streaming, as ours
+                for m in tf:
+                    if m.isfile():
+                        tf.extractfile(m).read()
+
+    def write_ours():
+        for ms in members:
+            with ShardWriter(io.BytesIO()) as w:
+                for name, data in ms:
+                    key, _, ext = name.rpartition(".")
+                    w.add(key, {ext: data})
+
+    def write_tarfile(digest: bool = False):
+        for ms in members:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+                for name, data in ms:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+            if digest:  # what ShardWriter also gives: the manifest's sha256 of every byte written
+                hashlib.sha256(buf.getvalue()).hexdigest()
+
+    r_ours, r_tf = _best_of(read_ours, repeats), _best_of(read_tarfile, repeats)
+    w_ours, w_tf = _best_of(write_ours, repeats), _best_of(write_tarfile, repeats)
+    w_tf_sha = _best_of(lambda: write_tarfile(digest=True), repeats)
+    mb = sum(len(b) for b in blobs) / 1e6
+    res = {"shards": len(paths), "megabytes": round(mb, 1), "read_ours_mb_s": round(mb / r_ours, 1), "read_tarfile_mb_s": round(mb / r_tf, 1),
+           "read_ratio_ours_over_tarfile": round(r_tf / r_ours, 2), "write_ours_mb_s": round(mb / w_ours, 1),
+           "write_tarfile_mb_s": round(mb / w_tf, 1), "write_ratio_ours_over_tarfile": round(w_tf / w_ours, 2),
+           "write_tarfile_sha256_mb_s": round(mb / w_tf_sha, 1), "write_ratio_ours_over_tarfile_sha256": round(w_tf_sha / w_ours, 2)}
+    print(f"tar: read {res['read_ours_mb_s']} MB/s (ours) vs {res['read_tarfile_mb_s']} MB/s (tarfile, x{res['read_ratio_ours_over_tarfile']}); "
+          f"write {res['write_ours_mb_s']} (ours, with its sha256) vs {res['write_tarfile_mb_s']} MB/s (tarfile, x{res['write_ratio_ours_over_tarfile']}), "
+          f"{res['write_tarfile_sha256_mb_s']} MB/s with the sha256 (x{res['write_ratio_ours_over_tarfile_sha256']})", flush=True)
+    return res
+
+
 def machine() -> dict:
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "pillow": Image.__version__, "platform": platform.platform()}
@@ -95,14 +193,23 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ingest.json"))
+    ap.add_argument("--codecs-only", action="store_true", help="only the phash and tar rows (merged into --out)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ovtasks-bench-"))
     try:
-        results = [run_config(s, args.shards, args.images_per_shard, args.workers, args.repeats, work) for s in args.sizes]
+        size = args.sizes[0]
+        src = work / f"laion{size}"
+        if args.codecs_only:
+            generate(SynthSpec(seed=0, shards=args.shards, images_per_shard=args.images_per_shard, image_size=size), str(src),
+                     load_settings(env={}), workers=args.workers)
+            results = json.loads(Path(args.out).read_text())["results"] if Path(args.out).exists() else []
+        else:
+            results = [run_config(s, args.shards, args.images_per_shard, args.workers, args.repeats, work) for s in args.sizes]
+        codecs = {"image_size": size, "phash": phash_row(src, args.repeats), "tar": tar_row(src, args.repeats)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc = {"benchmark": "ingest throughput / decode-only limit", "target_ratio": 0.8, "machine": machine(),
-           "date": time.strftime("%Y-%m-%d"), "results": results}
+           "date": time.strftime("%Y-%m-%d"), "results": results, "codecs": codecs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"written {args.out}")

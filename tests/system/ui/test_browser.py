@@ -9,11 +9,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from selenium.webdriver.common.by import By
 
 from ovtasks.orchestration.rest import get_token
-from tests.support.webdriver import Chrome, find_browser
-
 from tests.support import ROOT
+from tests.support.browser import chrome, find, find_browser, screenshot, wait_for
+
 OUT = Path(os.environ.get("TEST_OUT", ROOT / "test-output")) / "ui"
 
 
@@ -33,43 +34,43 @@ def test_page_in_headless_chromium(api_server, tmp_path):
     ours = next(p for p in plugins if p["name"] == "ovtasks")
     assert ours["external_views"][0]["href"] == "/ovtasks/ui/" and ours["fastapi_apps"]
 
-    chrome = Chrome(browser, driver, tmp_path / "chromedriver.log")
+    d = chrome(browser, driver, tmp_path / "chromedriver.log")
     try:
-        chrome.get(f"{base}/api/v2/version")  # on the origin first, so the cookie can be set for it
-        chrome.add_cookie("_token", token)
-        chrome.get(f"{base}/ovtasks/ui/")
-        table = chrome.find("table#shards")
-        text = chrome.text(table)
+        d.get(f"{base}/api/v2/version")  # on the origin first, so the cookie can be set for it
+        d.add_cookie({"name": "_token", "value": token, "path": "/"})
+        d.get(f"{base}/ovtasks/ui/")
+        table = find(d, "table#shards")
+        text = table.text
         assert "00000" in text and "00001" in text and "passed" in text
-        page = chrome.text(chrome.find("body"))
+        page = find(d, "body").text
         assert "signed in as admin" in page and "Quarantine reasons" in page and "Trend across runs" in page
-        chrome.screenshot(OUT / "datasets.png")
+        screenshot(d, OUT / "datasets.png")
 
-        chrome.click(chrome.find('nav button[data-tab="gallery"]'))
-        chrome.wait_for("const i = document.querySelectorAll('#g-grid img'); return i.length > 0 && "
+        find(d, 'nav button[data-tab="gallery"]').click()
+        wait_for(d, "const i = document.querySelectorAll('#g-grid img'); return i.length > 0 && "
                         "[...i].every(x => x.complete && x.naturalWidth > 0)", timeout=60)
-        assert len(chrome.find_all("#g-grid .tile")) == 12
-        assert "page 1 of" in chrome.text(chrome.find("#g-page"))
-        chrome.screenshot(OUT / "gallery.png")
+        assert len(d.find_elements(By.CSS_SELECTOR, "#g-grid .tile")) == 12
+        assert "page 1 of" in find(d, "#g-page").text
+        screenshot(d, OUT / "gallery.png")
 
-        chrome.click(chrome.find('nav button[data-tab="models"]'))
-        chrome.wait_for("return document.querySelector('#m-list').innerText.includes('challenger')")
-        models = chrome.text(chrome.find("#m-list"))
+        find(d, 'nav button[data-tab="models"]').click()
+        wait_for(d, "return document.querySelector('#m-list').innerText.includes('challenger')")
+        models = find(d, "#m-list").text
         assert "ovtasks-ov-maskrcnn v2" in models and "generalized" in models and "novel" in models
-        chrome.click(chrome.find("#promote"))
-        chrome.wait_for("return getComputedStyle(document.querySelector('#promote-result')).display !== 'none'")
-        assert chrome.text(chrome.find("#promote-result")).split(":")[0] in ("Promoted", "Not promoted")
-        chrome.wait_for("return document.querySelector('#m-list').innerText.includes('gate vs champion')")  # the gate's verdict
-        chrome.screenshot(OUT / "models.png")
+        find(d, "#promote").click()
+        wait_for(d, "return getComputedStyle(document.querySelector('#promote-result')).display !== 'none'")
+        assert find(d, "#promote-result").text.split(":")[0] in ("Promoted", "Not promoted")
+        wait_for(d, "return document.querySelector('#m-list').innerText.includes('gate vs champion')")  # the gate's verdict
+        screenshot(d, OUT / "models.png")
 
         # Airflow's own UI shows the page from its navigation (an external view in an iframe)
-        chrome.get(f"{base}/plugin/ovtasks")
-        chrome.wait_for("const f = document.querySelector('iframe'); return f && f.src.includes('/ovtasks/ui/')", timeout=60)
-        chrome.screenshot(OUT / "airflow-nav.png")
+        d.get(f"{base}/plugin/ovtasks")
+        wait_for(d, "const f = document.querySelector('iframe'); return f && f.src.includes('/ovtasks/ui/')", timeout=60)
+        screenshot(d, OUT / "airflow-nav.png")
     except Exception:
         print(log.read_text()[-3000:], file=sys.stderr)
         raise
     finally:
-        chrome.quit()
+        d.quit()
     for name in ("datasets", "gallery", "models", "airflow-nav"):
         assert (OUT / f"{name}.png").stat().st_size > 10_000, name
