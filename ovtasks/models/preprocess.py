@@ -43,9 +43,7 @@ def shortest_edge_size(h: int, w: int, shortest: int, longest: int) -> tuple[int
     return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-
-
+IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics
 IMAGE_STD = (0.229, 0.224, 0.225)
 
 

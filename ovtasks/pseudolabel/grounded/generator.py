@@ -50,7 +50,6 @@ def load_grounded(settings: Settings) -> GroundedModels:
 
 
 def label_grounded(samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], models: GroundedModels) -> list:
-
     todo = [i for i, c in enumerate(candidates) if c]
     if not todo:
         return []
