@@ -31,7 +31,10 @@ def selective_search(image: np.ndarray, max_side: int = 160, min_size: int = 6, 
     """Selective-search boxes (OpenCV "fast" mode) as ``(N, 4)`` float32 xyxy in ``image`` pixels.
 
     The image is searched at ``max_side`` (speed) and boxes are scaled back; boxes smaller than
-    ``min_size`` pixels on a side and exact duplicates are dropped. A blank image yields few or no boxes.
+    ``min_size`` pixels on a side and exact duplicates are dropped, and the first ``max_boxes`` in coordinate
+    order are kept. A blank image yields few or no boxes. Every region is considered before that cut: OpenCV
+    returns them in an order that differs from call to call, so cutting its list first made an image with
+    more than ``2 * max_boxes`` regions give other boxes on every run.
     """
     import cv2
 
@@ -45,7 +48,7 @@ def selective_search(image: np.ndarray, max_side: int = 160, min_size: int = 6, 
     rects = ss.process()
     if rects is None or len(rects) == 0:
         return np.zeros((0, 4), np.float32)
-    rects = np.asarray(rects, np.float32)[:max_boxes * 2] / scale
+    rects = np.asarray(rects, np.float32) / scale
     boxes = np.stack([rects[:, 0], rects[:, 1], rects[:, 0] + rects[:, 2], rects[:, 1] + rects[:, 3]], 1)
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
