@@ -17,7 +17,7 @@ def cmd_train_itm(args: argparse.Namespace, settings: Settings) -> int:
 
     cfg = ItmTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          image_size=args.image_size, max_images=args.max_images, pretrain_steps=args.pretrain_steps,
-                         grounding_weight=args.grounding_weight)
+                         grounding_weight=args.grounding_weight, patch_size=args.patch_size, stem_extra=args.stem_extra)
     command = " ".join(["ovtasks", *(shlex.quote(a) for a in sys.argv[1:])])  # recorded in the checkpoint's JSON
     return report_trained(train_itm(args.src, args.out, on_device(args, settings), cfg, gt_uri=args.gt,
                                      progress=print_progress, command=command), "train-itm metrics")
@@ -160,6 +160,9 @@ def add_commands(sub) -> None:
     t.add_argument("--image-size", type=int, default=96)
     t.add_argument("--pretrain-steps", type=int, default=3000,
                    help="stage 1: steps of caption-name classification by the conv stem before ITM (0 skips)")
+    t.add_argument("--patch-size", type=int, default=8, help="vision patch size in px (the GradCAM grid is image-size / patch-size)")
+    t.add_argument("--stem-extra", type=int, default=2,
+                   help="stride-1 conv blocks in the stem after the stride-2 ones (each widens a patch's receptive field by 2 patches)")
     t.add_argument("--grounding-weight", type=float, default=0.0,
                    help="weight of the word-grounding loss (attention-pooled local features classify the word; 0 = off)")
     t.add_argument("--max-images", type=int, default=None)

@@ -84,9 +84,9 @@ class ConvStem(torch.nn.Module):
         return self.proj(self.convs(x))
 
 
-def install_conv_stem(model) -> ConvStem:
+def install_conv_stem(model, extra: int = 2) -> ConvStem:
     vc = model.config.vision_config
-    stem = ConvStem(vc.hidden_size, vc.patch_size)
+    stem = ConvStem(vc.hidden_size, vc.patch_size, extra=extra)
     model.vision_model.embeddings.patch_embedding = stem
     return stem
 
@@ -143,7 +143,7 @@ class ItmModel:
             from transformers import BlipConfig
 
             model = BlipForImageTextRetrieval(BlipConfig.from_pretrained(path))
-            install_conv_stem(model)
+            install_conv_stem(model, int(meta.get("stem_extra", 2)))  # checkpoints before stem_extra used 2
             model.load_state_dict(load_file(str(Path(path) / "model.safetensors")), strict=True)
         else:
             model = BlipForImageTextRetrieval.from_pretrained(path, use_safetensors=True)

@@ -8,7 +8,7 @@ from ovtasks.models.itm import ItmModel, build_word_tokenizer, install_conv_stem
 WORDS = "a photo of ball box star ring heart".split()
 
 
-def tiny_itm(tmp_path, conv_stem=False, layers=3, seed=0):
+def tiny_itm(tmp_path, conv_stem=False, layers=3, seed=0, stem_extra=2):
     from transformers import BlipForImageTextRetrieval
 
     torch.manual_seed(seed)
@@ -16,7 +16,7 @@ def tiny_itm(tmp_path, conv_stem=False, layers=3, seed=0):
     model = BlipForImageTextRetrieval(tiny_blip_config(len(tok), image_size=32, patch_size=8, hidden=32,
                                                        vision_layers=1, text_layers=layers, heads=2, proj=16))
     if conv_stem:
-        install_conv_stem(model)
+        install_conv_stem(model, stem_extra)
     return ItmModel(model, tok, 32, [0.5] * 3, [0.25] * 3)
 
 
@@ -66,10 +66,11 @@ def test_empty_word_mask_gives_zero_map(tmp_path):
     assert itm.gradcam(x, ids, am, torch.zeros_like(wm)).maps.abs().max() == 0
 
 
-@pytest.mark.parametrize("conv_stem", [False, True])
-def test_save_load_roundtrip(tmp_path, conv_stem):
-    itm = tiny_itm(tmp_path, conv_stem=conv_stem)
-    itm.save(tmp_path / "m", {"conv_stem": conv_stem})
+@pytest.mark.parametrize("conv_stem,stem_extra", [(False, None), (True, None), (True, 0)])
+def test_save_load_roundtrip(tmp_path, conv_stem, stem_extra):
+    """A checkpoint without ``stem_extra`` (older ones) loads the 2-block stem; a recorded one is rebuilt as saved."""
+    itm = tiny_itm(tmp_path, conv_stem=conv_stem, stem_extra=2 if stem_extra is None else stem_extra)
+    itm.save(tmp_path / "m", {"conv_stem": conv_stem, **({} if stem_extra is None else {"stem_extra": stem_extra})})
     back = ItmModel.load(str(tmp_path / "m"))
     assert back.image_size == 32 and back.grid == 4 and back.layer == itm.layer
     x, ids, am, wm = _inputs(itm, ["star"])
