@@ -85,6 +85,10 @@ class IngestConfig(_Frozen):
     dedup_max_distance: int = Field(
         4, ge=0, le=16, description="Hamming distance of 64-bit pHashes counted as a near duplicate"
     )
+    scaled_decode: bool = Field(
+        True, description="decode a JPEG published as its original bytes at 1/2-1/8 scale for the checks and the hash "
+        "(every entropy-coded byte is still read, so truncated or corrupt files fail as in a full decode)"
+    )
     allow_animated: bool = Field(False, description="keep the first frame of animated images")
     reencode_quality: int = Field(95, ge=50, le=100, description="JPEG quality when re-encoding")
 

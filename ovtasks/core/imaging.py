@@ -23,11 +23,12 @@ class ImageRejected(Exception):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    image: Image.Image  # RGB, EXIF orientation applied
+    image: Image.Image  # RGB, EXIF orientation applied; at 1/2-1/8 scale when decoded for checks only (see `size`)
     data: bytes  # JPEG bytes to publish (the original when it needed no change)
     source_format: str
     source_mode: str
     reencoded: bool
+    size: tuple[int, int]  # (width, height) of the published image
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -55,10 +56,19 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(data: bytes, cfg: IngestConfig) -> DecodedImage:
-    """Fully decode ``data`` with every guard of the ingest stage; raise :class:`ImageRejected`.
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
-    The declared size is checked against ``cfg.max_pixels`` before any pixel is allocated.
+
+def decode_image(data: bytes, cfg: IngestConfig, check_side: int | None = None) -> DecodedImage:
+    """Decode ``data`` with every guard of the ingest stage; raise :class:`ImageRejected`.
+
+    The header is checked first: the declared size against ``cfg.max_pixels`` (before any pixel is
+    allocated), then the minimum side and aspect ratio (``too_small``, ``bad_aspect_ratio``: no pixel is
+    decoded for them). An image published as its original bytes (an RGB JPEG without EXIF rotation) is
+    decoded at reduced scale when ``check_side`` is given: libjpeg's DCT scaling to 1/2, 1/4 or 1/8, no
+    smaller than ``check_side`` on either side. Every entropy-coded byte is still read, so a truncated or
+    corrupt file fails exactly as in a full decode; only the inverse DCT, upsampling and colour
+    conversion run on fewer pixels. ``image`` is then that small view (enough for a 32x32 hash).
     """
     if not data:
         raise ImageRejected("empty_image", "0 bytes")
@@ -82,6 +92,18 @@ def decode_image(data: bytes, cfg: IngestConfig) -> DecodedImage:
     if frames > 1 and not cfg.allow_animated:
         raise ImageRejected("animated_image", f"{im.format} with {frames} frames")
     fmt, mode = im.format or "", im.mode
+    try:  # EXIF sits in the header; a hostile EXIF block is this image's defect
+        orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+    except (OSError, ValueError, TypeError, SyntaxError, KeyError, IndexError, ZeroDivisionError, MemoryError) as exc:
+        raise ImageRejected("undecodable_image", f"reading EXIF: {type(exc).__name__}: {exc}") from exc
+    size = (h, w) if orientation in _ROTATED else (w, h)
+    if min(size) < cfg.min_side:
+        raise ImageRejected("too_small", f"{size[0]}x{size[1]}, min side {cfg.min_side}")
+    if max(size) / min(size) > cfg.max_aspect_ratio:
+        raise ImageRejected("bad_aspect_ratio", f"{size[0]}x{size[1]} > {cfg.max_aspect_ratio}:1")
+    write_through = fmt == "JPEG" and mode == "RGB" and orientation in (1, None)
+    if write_through and check_side:
+        im.draft("RGB", (check_side, check_side))
     try:
         im.load()
     except OSError as exc:
@@ -90,17 +112,16 @@ def decode_image(data: bytes, cfg: IngestConfig) -> DecodedImage:
         raise ImageRejected(reason, msg) from exc
     except (ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as exc:
         raise ImageRejected("undecodable_image", str(exc) or type(exc).__name__) from exc
-    try:  # EXIF, mode conversion and the JPEG re-encode can still fail on a hostile file
-        orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+    if write_through:
+        return DecodedImage(im, data, fmt, mode, reencoded=False, size=size)
+    try:  # mode conversion and the JPEG re-encode can still fail on a hostile file
         out = ImageOps.exif_transpose(im) if orientation not in (1, None) else im
         rgb = _to_rgb(out)
-        if fmt == "JPEG" and mode == "RGB" and out is im:
-            return DecodedImage(rgb, data, fmt, mode, reencoded=False)
         buf = io.BytesIO()
         rgb.save(buf, format="JPEG", quality=cfg.reencode_quality)
     except (OSError, ValueError, TypeError, SyntaxError, KeyError, IndexError, ZeroDivisionError, MemoryError) as exc:
         raise ImageRejected("undecodable_image", f"normalising to RGB JPEG: {type(exc).__name__}: {exc}") from exc
-    return DecodedImage(rgb, buf.getvalue(), fmt, mode, reencoded=True)
+    return DecodedImage(rgb, buf.getvalue(), fmt, mode, reencoded=True, size=rgb.size)
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -111,7 +132,8 @@ def _dct_matrix(n: int) -> np.ndarray:
     return m
 
 
-_DCT8 = _dct_matrix(32)[:8]  # only the 8 lowest frequencies are needed
+HASH_VIEW_SIDE = 32  # phash64's thumbnail side: the smallest decoded view the hash needs
+_DCT8 = _dct_matrix(HASH_VIEW_SIDE)[:8]  # only the 8 lowest frequencies are needed
 
 
 def phash64(image: Image.Image) -> int:
@@ -119,7 +141,7 @@ def phash64(image: Image.Image) -> int:
 
     Same construction as ``imagehash.phash``; a few bits differ between near-identical images.
     """
-    thumb = image.resize((32, 32), Image.BOX, reducing_gap=2.0).convert("L")
+    thumb = image.resize((HASH_VIEW_SIDE, HASH_VIEW_SIDE), Image.BOX, reducing_gap=2.0).convert("L")
     low = _DCT8 @ np.asarray(thumb, dtype=np.float64) @ _DCT8.T
     flat = low.ravel()
     median = np.sort(flat)[31:33].mean()

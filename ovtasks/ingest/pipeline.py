@@ -43,7 +43,7 @@ from ovtasks import __version__
 from ovtasks.core import history
 from ovtasks.core.config import IngestConfig, Settings
 from ovtasks.data.clean import image_id
-from ovtasks.core.imaging import ImageRejected, NearDuplicateIndex, decode_image, phash64
+from ovtasks.core.imaging import HASH_VIEW_SIDE, ImageRejected, NearDuplicateIndex, decode_image, phash64
 from ovtasks.ingest.langid import detect_language, is_english
 from ovtasks.core.shards import (
     IMAGE_EXTS,
@@ -220,14 +220,11 @@ def check_sample(raw: RawSample, row: dict | None, cfg: IngestConfig) -> Verdict
     if cfg.require_english and not is_english(guess, cfg.english_min_score, cfg.other_language_min_score):
         return reject("non_english", f"{guess.lang} p={guess.score:.2f}, en p={guess.english_score:.2f}")
     try:
-        decoded = decode_image(raw.members[image_ext], cfg)
+        check_side = (HASH_VIEW_SIDE if cfg.dedup else 1) if cfg.scaled_decode else None
+        decoded = decode_image(raw.members[image_ext], cfg, check_side=check_side)
     except ImageRejected as exc:
         return reject(exc.reason, exc.detail)
-    w, h = decoded.image.size
-    if min(w, h) < cfg.min_side:
-        return reject("too_small", f"{w}x{h}, min side {cfg.min_side}")
-    if max(w, h) / min(w, h) > cfg.max_aspect_ratio:
-        return reject("bad_aspect_ratio", f"{w}x{h} > {cfg.max_aspect_ratio}:1")
+    w, h = decoded.size
     h64 = phash64(decoded.image) if cfg.dedup else None
     out_meta = {
         "key": raw.key,

@@ -72,6 +72,46 @@ class BatchedWSS:
         h2 = torch.baddbmm(p["b2"][:, None, :], h1, w2.transpose(1, 2)).relu()
         return torch.bmm(h2, p["w3"].transpose(1, 2))[..., 0] + p["b3"]
 
+    @torch.no_grad()
+    def fit_points(self, windows: torch.Tensor, targets: torch.Tensor, iterations: int, lr: float) -> None:
+        """Plain SGD on ``sum over boxes of mean BCE(point_logits(windows), targets)`` for ``iterations``
+        steps, the gradients written out by hand (the network is two matmuls and a dot product). Same
+        loss, same updates as autograd + ``torch.optim.SGD``, without building a graph 3 x ``iterations``
+        times: on the CPU that bookkeeping cost more than the arithmetic of 64 boxes."""
+        p = self.p
+        b, n9, c9 = windows.shape
+        hidden, n = p["w1"].shape[1], n9 // 9
+        # flat layouts for the whole run: w1 (B, C*9, H), w2 ((i, j, h), G) as point_logits orders them
+        w1 = p["w1"].reshape(b, hidden, c9).transpose(1, 2).contiguous()
+        w2 = p["w2"].permute(0, 1, 3, 4, 2).reshape(b, hidden, 9 * hidden).transpose(1, 2).contiguous()
+        w3 = p["w3"].transpose(1, 2).contiguous()  # (B, H, 1)
+        b1, b2, b3 = p["b1"].detach().clone(), p["b2"].detach().clone(), p["b3"].detach().clone()
+        windows_t = windows.transpose(1, 2).contiguous()
+        for _ in range(iterations):
+            a1 = torch.baddbmm(b1[:, None, :], windows, w1)  # (B, P*9, H)
+            h1 = a1.relu().reshape(b, n, 9 * hidden)
+            a2 = torch.baddbmm(b2[:, None, :], h1, w2)  # (B, P, G)
+            h2 = a2.relu()
+            z = torch.bmm(h2, w3)[..., 0] + b3  # (B, P)
+            dz = (z.sigmoid() - targets) / n  # d(mean BCE with logits)/dz, per box
+            g_w3 = torch.bmm(h2.transpose(1, 2), dz[..., None])
+            g_a2 = (dz[..., None] * w3.transpose(1, 2)).mul_(a2 > 0)
+            g_w2 = torch.bmm(h1.transpose(1, 2), g_a2)
+            g_a1 = torch.bmm(g_a2, w2.transpose(1, 2)).reshape(b, n9, hidden).mul_(a1 > 0)
+            g_w1 = torch.bmm(windows_t, g_a1)
+            b3.sub_(dz.sum(1, keepdim=True), alpha=lr)
+            b2.sub_(g_a2.sum(1), alpha=lr)
+            b1.sub_(g_a1.sum(1), alpha=lr)
+            w3.sub_(g_w3, alpha=lr)
+            w2.sub_(g_w2, alpha=lr)
+            w1.sub_(g_w1, alpha=lr)
+        p["w1"].copy_(w1.transpose(1, 2).reshape(p["w1"].shape))
+        p["w2"].copy_(w2.transpose(1, 2).reshape(b, hidden, 3, 3, hidden).permute(0, 1, 4, 2, 3))
+        p["w3"].copy_(w3.transpose(1, 2))
+        p["b1"].copy_(b1)
+        p["b2"].copy_(b2)
+        p["b3"].copy_(b3)
+
     def full_logits(self, crops: torch.Tensor) -> torch.Tensor:
         """``(B, C, S + 4, S + 4)`` padded crops → ``(B, S, S)`` logits (grouped convolutions)."""
         p = self.p

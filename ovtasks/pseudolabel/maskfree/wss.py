@@ -99,15 +99,9 @@ def segment_boxes(jobs: Sequence[WssJob], size: int = 64, points: int = 32, iter
         return []
     inp = prepare(jobs, size, points, device, fg_fraction, bg_fraction)
     net = BatchedWSS(init_params(len(jobs), 3, hidden, [j.seed for j in jobs], device))
-    opt = torch.optim.SGD(net.parameters(), lr=lr)
     windows = BatchedWSS.point_windows(gather_patches(inp.crops, inp.points))  # fixed: the points do not move
-    for _ in range(iterations):
-        logits = net.point_logits(windows)
-        # sum over boxes of each box's mean loss: every box gets exactly its own gradient
-        loss = F.binary_cross_entropy_with_logits(logits, inp.targets, reduction="none").mean(1).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    # sum over boxes of each box's mean loss: every box gets exactly its own gradient
+    net.fit_points(windows, inp.targets, iterations, lr)
     with torch.no_grad():
         prob = net.full_logits(inp.crops).sigmoid()
     return [_paste(prob[i], inp.boxes[i], *j.image.shape[:2]) for i, j in enumerate(jobs)]

@@ -73,3 +73,36 @@ def test_decode_rejects_and_converts():
     assert e.value.reason == "truncated_image"
     ok = decode_image(data, cfg)
     assert ok.data == data and not ok.reencoded and ok.image.mode == "RGB"
+
+
+def test_checks_from_the_header_and_a_reduced_scale_view():
+    """Size and aspect are judged from the header (EXIF rotation applied), before any pixel is decoded;
+    a write-through JPEG decoded for checks only is a 1/2-1/8 view that still hashes like the full image,
+    and a truncated file fails exactly as in a full decode."""
+    cfg = IngestConfig()
+    big = _noise(5, (512, 384))
+    data = _jpeg(big)
+    full = decode_image(data, cfg)
+    view = decode_image(data, cfg, check_side=32)
+    assert full.image.size == full.size == view.size == (512, 384)
+    assert view.image.size == (64, 48) and view.data == data and not view.reencoded
+    assert (phash64(full.image) ^ phash64(view.image)).bit_count() <= 4  # as much as a JPEG re-encode moves it
+    for cut in (len(data) // 2, len(data) - 40):
+        with pytest.raises(ImageRejected) as e:
+            decode_image(data[:cut], cfg, check_side=32)
+        assert e.value.reason == "truncated_image"
+    # a truncated small image is rejected for its size without its pixels being read
+    small = _jpeg(_noise(6, (48, 200)))
+    with pytest.raises(ImageRejected) as e:
+        decode_image(small[: len(small) // 2], cfg)
+    assert e.value.reason == "too_small" and "48x200" in e.value.detail
+    with pytest.raises(ImageRejected) as e:
+        decode_image(_jpeg(_noise(7, (400, 96))), cfg)
+    assert e.value.reason == "bad_aspect_ratio"
+    # EXIF orientation 6 (rotate 90): the published image is 96 x 160, re-encoded, decoded in full
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    _noise(8, (160, 96)).save(buf, "JPEG", quality=90, exif=exif)
+    rotated = decode_image(buf.getvalue(), cfg, check_side=32)
+    assert rotated.reencoded and rotated.size == rotated.image.size == (96, 160)

@@ -27,6 +27,28 @@ def test_point_logits_equal_whole_crop_logits():
     torch.testing.assert_close(net.point_logits(BatchedWSS.point_windows(gather_patches(crops, pts))), at, rtol=1e-5, atol=1e-5)
 
 
+def test_fit_points_equals_autograd_sgd():
+    """The hand-written backward of ``fit_points`` takes the steps autograd + ``torch.optim.SGD`` take."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    crops = torch.randn(3, 3, 20, 20)
+    pts = torch.randint(0, 16, (3, 10, 2))
+    targets = (torch.arange(10) < 5).float().expand(3, 10)
+    windows = BatchedWSS.point_windows(gather_patches(crops, pts))
+    ref, fast = BatchedWSS(init_params(3, 3, 4)), BatchedWSS(init_params(3, 3, 4))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.25)
+    for _ in range(20):
+        loss = F.binary_cross_entropy_with_logits(ref.point_logits(windows), targets, reduction="none").mean(1).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fast.fit_points(windows, targets, 20, 0.25)
+    for k in ref.p:
+        assert not torch.equal(ref.p[k], init_params(3, 3, 4)[k])  # the weights did move
+        torch.testing.assert_close(fast.p[k], ref.p[k], rtol=1e-5, atol=1e-6)
+
+
 def test_batched_equals_sequential():
     jobs = _jobs()
     a = segment_boxes(jobs, size=24, points=8, iterations=15, hidden=4)
