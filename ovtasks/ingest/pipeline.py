@@ -43,7 +43,8 @@ from ovtasks import __version__
 from ovtasks.core import history
 from ovtasks.core.config import IngestConfig, Settings
 from ovtasks.data.clean import image_id
-from ovtasks.core.imaging import HASH_VIEW_SIDE, ImageRejected, NearDuplicateIndex, decode_image, phash64
+from ovtasks.data.catalog import record_ingest
+from ovtasks.core.imaging import CHECK_VIEW_SIDE, ImageRejected, NearDuplicateIndex, decode_image, phash64
 from ovtasks.ingest.langid import detect_language, is_english
 from ovtasks.core.shards import (
     IMAGE_EXTS,
@@ -220,7 +221,7 @@ def check_sample(raw: RawSample, row: dict | None, cfg: IngestConfig) -> Verdict
     if cfg.require_english and not is_english(guess, cfg.english_min_score, cfg.other_language_min_score):
         return reject("non_english", f"{guess.lang} p={guess.score:.2f}, en p={guess.english_score:.2f}")
     try:
-        check_side = (HASH_VIEW_SIDE if cfg.dedup else 1) if cfg.scaled_decode else None
+        check_side = (CHECK_VIEW_SIDE if cfg.dedup else 1) if cfg.scaled_decode else None
         decoded = decode_image(raw.members[image_ext], cfg, check_side=check_side)
     except ImageRejected as exc:
         return reject(exc.reason, exc.detail)
@@ -551,5 +552,6 @@ def ingest(src_uri: str, out_uri: str, settings: Settings, workers: int | None =
     out = open_store(out_uri, settings.s3)
     out.put_bytes("ingest_report.json", json.dumps(report, indent=2, sort_keys=True).encode())
     history.record(out, "ingest", report)
+    record_ingest(out, [e["shard"] for e in entries], len(names))
     log.info("ingest done", extra={"seen": report["seen"], "kept": report["kept"], "failed_shards": report["failed_shards"]})
     return IngestResult(report, out.uri_for("ingest_report.json"))
