@@ -205,6 +205,16 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_index_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    """Rewrite the summary index (what the UI and ``status`` read) from the stages' manifests."""
+    from ovtasks.data.catalog import rebuild
+
+    counts = rebuild(settings, tuple(args.generator) if args.generator else ("maskfree", "grounded"))
+    for name, n in counts.items():
+        print(f"index {name:<16} {n} shards")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
     return 0
@@ -252,6 +262,13 @@ def add_commands(sub) -> None:
     d.add_argument("--train-itm-steps", type=int, default=None, help="train the ITM here instead of using the committed checkpoint")
     d.add_argument("--no-airflow", action="store_true", help="skip step 10 (the same chain through the DAGs with `airflow dags test`)")
     d.set_defaults(func=cmd_demo)
+
+    ix = sub.add_parser("index", help="the summary index the UI and `status` read")
+    ix_sub = ix.add_subparsers(dest="index_command", required=True)
+    rb = ix_sub.add_parser("rebuild", help="rewrite it from the stages' manifests (after it was lost, or a stage wrote without it)")
+    rb.add_argument("--generator", action="append", choices=("maskfree", "grounded"),
+                    help="pseudo-label generator(s) to index (default: both)")
+    rb.set_defaults(func=cmd_index_rebuild)
 
     c = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     c.set_defaults(func=cmd_config)

@@ -30,6 +30,7 @@ from typing import Iterator
 from ovtasks.core import history
 from ovtasks.core.config import Settings
 from ovtasks.core.storage import open_store
+from ovtasks.data.catalog import record_ingest
 
 log = logging.getLogger(__name__)
 STAGING = "_staging"
@@ -126,6 +127,7 @@ def publish_ingest(src_uri: str, out_uri: str, shard: str, settings: Settings, r
 def finish_ingest(src_uri: str, out_uri: str, entries: list[dict], settings: Settings, run: str) -> dict:
     """The run's ``ingest_report.json`` (same form as ``ovtasks ingest``) and removal of its staging area."""
     from ovtasks import __version__
+    from ovtasks.ingest.pipeline import list_shards
 
     out = open_store(out_uri, settings.s3)
     total: Counter = Counter()
@@ -140,6 +142,7 @@ def finish_ingest(src_uri: str, out_uri: str, entries: list[dict], settings: Set
         raise RuntimeError(f"ingest counts do not add up: seen {report['seen']} != kept {report['kept']} + quarantined {dict(total)}")
     out.put_bytes("ingest_report.json", json.dumps(report, indent=2, sort_keys=True).encode())
     history.record(out, "ingest", report)
+    record_ingest(out, [e["shard"] for e in entries], len(list_shards(open_store(src_uri, settings.s3))))
     for key in out.list(f"{STAGING}/{run}/"):
         out.delete(key)
     return {k: report[k] for k in ("seen", "kept", "quarantined", "failed_shards")}

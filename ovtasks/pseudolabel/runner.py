@@ -46,7 +46,9 @@ from ovtasks import __version__
 from ovtasks.core import history
 from ovtasks.core.config import Settings
 from ovtasks.core.storage import open_store
+from ovtasks.data.catalog import pseudo_row
 from ovtasks.data.clean import CleanSample, chunks, complete_shards, iter_shard
+from ovtasks.data.summary_index import GalleryCounts, write_pseudo
 from ovtasks.data.groundtruth import encode_rle, mask_bbox, rle_area, rle_bbox
 from ovtasks.pseudolabel.base import GENERATORS, Generator, PairResult
 from ovtasks.pseudolabel.candidates import Candidate, Vocabulary, build_extractor
@@ -174,6 +176,7 @@ def pseudo_label_shard(src_uri: str, out_uri: str, shard: str, settings: Setting
     cats: dict[int, dict] = {}
     counts: Counter = Counter()
     reasons: Counter = Counter()
+    gallery = GalleryCounts()
     with tempfile.TemporaryDirectory(prefix="ovtasks-pseudo-") as tmp:
         spool = _Spool(tmp)
         for chunk in chunks(iter_shard(src, shard), models.chunk_size(settings)):
@@ -184,6 +187,7 @@ def pseudo_label_shard(src_uri: str, out_uri: str, shard: str, settings: Setting
                 cats.setdefault(c["id"], c)
             spool.add("images", coco["images"])
             spool.add("annotations", coco["annotations"])
+            gallery.add_coco(coco)
             spool.add("skipped", coco["skipped"])
             spool.add("quarantined", ({"image_id": chunk[i].image_id, "key": chunk[i].key, "reason": why}
                                       for i, why in sorted(quarantined.items())))
@@ -203,6 +207,7 @@ def pseudo_label_shard(src_uri: str, out_uri: str, shard: str, settings: Setting
                    "images_with_candidates": counts["images_with_candidates"], "candidates": counts["candidates"],
                    "annotations": counts["annotations"], "skipped": dict(sorted(reasons.items()))},
         "files": {f"{prefix}.json": {"sha256": digest, "bytes": size}}, "categories": categories,
+        "gallery": gallery.as_dict(),  # the summary index's score histograms (what the UI's Gallery pages by)
         "model_versions": models.versions, "fingerprint": run_fingerprint(settings, generator, models.versions),
         "config_hash": settings.fingerprint("grounded" if generator == "grounded" else "maskfree"), "code_version": __version__,
         "seconds": round(time.perf_counter() - t0, 2),
@@ -276,10 +281,12 @@ def finalize(src_uri: str, out_uri: str, settings: Settings, generator: str = "m
     every complete clean shard (a shard without one is listed as ``missing``, never silently left out)."""
     src, out = open_store(src_uri, settings.s3), open_store(out_uri, settings.s3)
     vocab = Vocabulary.load(settings.candidates.vocabulary)
-    entries, categories, versions, fps = [], {}, {}, set()
+    entries, categories, versions, fps, rows = [], {}, {}, set(), {}
     for shard in complete_shards(src):
         mkey = f"pseudo/{generator}/{shard}.manifest.json"
         m = json.loads(out.get_bytes(mkey)) if out.exists(mkey) else None
+        if isinstance(m, dict):
+            rows[shard] = pseudo_row(m, lambda shard=shard: json.loads(out.get_bytes(f"pseudo/{generator}/{shard}.json")))
         if not m or m.get("status") != "complete":
             entries.append({"shard": shard, "status": "missing", "images": 0, "annotations": 0, "candidates": 0, "quarantined": 0})
             continue
@@ -308,6 +315,7 @@ def finalize(src_uri: str, out_uri: str, settings: Settings, generator: str = "m
               "code_version": __version__}
     out.put_bytes(f"pseudo/{generator}/report.json", json.dumps(report, indent=2, sort_keys=True).encode())
     history.record(out, "pseudo_label", report)
+    write_pseudo(out, generator, rows)
     return PseudoLabelResult(report, out.uri_for(f"pseudo/{generator}/report.json"))
 
 

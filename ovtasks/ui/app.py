@@ -94,8 +94,9 @@ def create_app(settings_factory=_settings, auth_dependency=None) -> FastAPI:
         return {"user": user_name(user), "can_promote": ok, "why": why}
 
     @app.get("/api/datasets")
-    def datasets(generator: GENERATOR = None, user=user_dep):
-        return catalog.datasets(settings_factory(), generator)
+    def datasets(generator: GENERATOR = None, page: int = Query(1, ge=1), per_page: int | None = Query(None, ge=1, le=1000),
+                 user=user_dep):
+        return catalog.datasets(settings_factory(), generator, page, per_page)
 
     @app.get("/api/gallery")
     def gallery(category: str | None = None, min_score: float = Query(0.0, ge=0, le=1), page: int = Query(1, ge=1),

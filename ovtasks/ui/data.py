@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ovtasks.core.config import Settings
 from ovtasks.core.storage import open_store
-from ovtasks.data.catalog import NotFound, as_dict, check_generator, pipeline_uris, read_json
+from ovtasks.data.catalog import NotFound, as_dict, check_generator, pipeline_uris, pseudo_stage, read_json
+from ovtasks.data.summary_index import ANY, THRESHOLDS, grid_index
 
 SHARD = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -74,35 +75,65 @@ def _matching(anns: list[dict], category: str | None, min_score: float) -> list[
 
 def gallery(settings: Settings, category: str | None = None, min_score: float = 0.0, page: int = 1, per_page: int = 24,
             generator: str | None = None) -> dict:
-    """One page of pseudo-labelled images whose annotations pass the filters (category, score)."""
+    """One page of pseudo-labelled images whose annotations pass the filters (category, score).
+
+    Totals, category counts and which shards hold the page come from the summary index's score histograms
+    (``min_score`` is rounded up to their grid of 0.05 and answered as ``filters.min_score``); only the
+    shards on the page are opened."""
     gen = check_generator(generator or settings.pipeline.generator)
     per_page = max(1, min(per_page, settings.ui.page_size_max))
     page = max(1, page)
+    k = grid_index(min_score)
+    threshold = THRESHOLDS[k]
     pseudo = open_store(pipeline_uris(settings)["pseudo"], settings.s3)
     prefix = f"pseudo/{gen}"
-    shards = sorted(k.rsplit("/", 1)[-1][: -len(".manifest.json")] for k in pseudo.list(prefix + "/")
-                    if k.endswith(".manifest.json") and "/" not in k[len(prefix) + 1:])
+    index, missing = pseudo_stage(settings, gen, "gallery")
+    key = category or ANY
+
+    def images_at(counts: dict) -> int:
+        row = as_dict(as_dict(counts).get("images")).get(key)
+        return int(row[k]) if isinstance(row, list) and len(row) > k else 0
+
     categories: Counter = Counter()
-    start, stop, total, items = (page - 1) * per_page, page * per_page, 0, []
-    for shard in shards:
-        try:
-            index = SHARD_INDEX.get(pseudo, prefix, shard)
-        except NotFound:
+    chunks = index.summary()["chunks"]
+    for agg in chunks.values():
+        for cat, row in as_dict(as_dict(agg.get("gallery")).get("annotations")).items():
+            if isinstance(row, list) and len(row) > k and row[k]:
+                categories[cat] += int(row[k])
+    total = sum(images_at(agg.get("gallery")) for agg in chunks.values())
+    start, stop, seen, items = (page - 1) * per_page, page * per_page, 0, []
+    for c, agg in chunks.items():
+        n = images_at(agg.get("gallery"))
+        if seen + n <= start:
+            seen += n
             continue
-        for image_id in sorted(index):
-            im = index[image_id]
-            categories.update(a["category"] for a in im["annotations"] if a["score"] >= min_score)
-            anns = _matching(im["annotations"], category, min_score)
-            if not anns:
+        for shard, counts in sorted(index.chunk(c).items()):
+            if seen >= stop:
+                break
+            m = images_at(counts)
+            if seen + m <= start:
+                seen += m
                 continue
-            if start <= total < stop:
-                items.append({"shard": shard, "image_id": image_id, "key": im["key"], "caption": im["caption"],
-                              "width": im["width"], "height": im["height"],
-                              "annotations": [{k: a[k] for k in ("id", "category", "score", "bbox")} for a in anns],
-                              "thumbnail": f"api/gallery/{shard}/{image_id}.jpg"})
-            total += 1
+            try:
+                images = SHARD_INDEX.get(pseudo, prefix, shard)
+            except NotFound:
+                continue
+            for image_id in sorted(images):
+                im = images[image_id]
+                anns = _matching(im["annotations"], category, threshold)
+                if not anns:
+                    continue
+                if start <= seen < stop:
+                    items.append({"shard": shard, "image_id": image_id, "key": im["key"], "caption": im["caption"],
+                                  "width": im["width"], "height": im["height"],
+                                  "annotations": [{k2: a[k2] for k2 in ("id", "category", "score", "bbox")} for a in anns],
+                                  "thumbnail": f"api/gallery/{shard}/{image_id}.jpg"})
+                seen += 1
+        if seen >= stop:
+            break
     return {"generator": gen, "page": page, "per_page": per_page, "total": total, "pages": (total + per_page - 1) // per_page,
-            "filters": {"category": category, "min_score": min_score}, "categories": dict(categories.most_common()), "items": items}
+            "filters": {"category": category, "min_score": threshold}, "categories": dict(categories.most_common()),
+            "items": items, "index": "complete" if not missing else "missing: read from the manifests; run `ovtasks index rebuild`"}
 
 
 class _ThumbCache:
@@ -171,7 +202,7 @@ def thumbnail(settings: Settings, shard: str, image_id: int, category: str | Non
         raise NotFound(f"image {image_id} not in pseudo-label shard {shard!r}")
     im = index[image_id]
     base = Image.open(THUMBS.path(settings, shard, im["key"])).convert("RGB")
-    out = annotate_thumbnail(base, _matching(im["annotations"], category, min_score), base.width / im["width"],
+    out = annotate_thumbnail(base, _matching(im["annotations"], category, THRESHOLDS[grid_index(min_score)]), base.width / im["width"],
                              base.height / im["height"])
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=88)

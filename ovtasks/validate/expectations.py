@@ -39,6 +39,7 @@ from ovtasks import __version__
 from ovtasks.core import history
 from ovtasks.pseudolabel.candidates import OPEN_VOCAB_ID_BASE, Vocabulary
 from ovtasks.core.config import Settings, ValidateConfig
+from ovtasks.data.catalog import record_gx
 from ovtasks.data.groundtruth import to_pycoco
 from ovtasks.core.storage import open_store
 
@@ -272,4 +273,5 @@ def validate(src_uri: str, settings: Settings, generator: str = "maskfree", prog
               "thresholds": cfg.model_dump(mode="json"), "code_version": __version__}
     store.put_bytes(f"{prefix}/validation_report.json", json.dumps(report, indent=2).encode())
     history.record(store, "validate", report)
+    record_gx(store, generator, report)
     return ValidateResult(report, store.uri_for(f"{prefix}/validation_report.json"))
