@@ -166,3 +166,21 @@ def test_ingest_writes_its_rows(synth_small, tmp_path):
     assert s["extra"]["source_shards"] == len(report["shards"])
     assert sum(a["rows"] for a in s["chunks"].values()) == len(report["shards"])
     assert sum(a["kept"] for a in s["chunks"].values()) == report["kept"]
+
+
+def test_rebuild_command_after_the_index_is_lost(world, monkeypatch, capsys):
+    import shutil
+
+    from ovtasks.cli.main import main
+
+    root, settings = world
+    monkeypatch.setenv("OVTASKS_DATA_DIR", str(root))
+    assert main(["index", "rebuild", "--generator", "maskfree"]) == 0
+    out = capsys.readouterr().out
+    assert "index ingest" in out and "6 shards" in out and "index gx/maskfree" in out
+    before = catalog.datasets(settings)
+    shutil.rmtree(root / "clean" / "index")  # lost: the page says so and still answers from the manifests
+    lost = catalog.datasets(settings)
+    assert lost["index"].startswith("missing for ingest") and lost["shards"] == before["shards"]
+    assert main(["index", "rebuild", "--generator", "maskfree"]) == 0
+    assert catalog.datasets(settings) == before
