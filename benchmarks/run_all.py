@@ -70,6 +70,14 @@ BENCHES = [
           lambda d: d["speedup"], lambda r: r >= 30,
           lambda d: f"{d['sequential_seconds']} s vs {d['batched_seconds']} s for {d['boxes']} boxes; mask AP50 "
                     f"{d['ap50_batched']['all']} vs {d['ap50_sequential']['all']}"),
+    Bench("ui_index", "ui_index.py", ("--sizes", "1000", "100000", "--requests", "40"),
+          "UI Datasets / Gallery p95 latency (ms) at 100k shards, from the summary index", "<= 200 ms",
+          lambda d: d["p95_ms_at_largest"], lambda r: r <= 200,
+          lambda d: f"p95 datasets {d['rows'][-1]['with_index']['datasets']['p95_ms']} ms, gallery "
+                    f"{d['rows'][-1]['with_index']['gallery']['p95_ms']} ms; peak RSS x{d['memory_ratio_largest_vs_smallest']} "
+                    f"from {d['rows'][0]['shards']} to {d['rows'][-1]['shards']} shards (target <= 1.1); without the index at "
+                    f"{d['rows'][0]['shards']} shards: {d['rows'][0]['without_index']['datasets']['p95_ms']} / "
+                    f"{d['rows'][0]['without_index']['gallery']['p95_ms']} ms"),
     Bench("grounded", "grounded.py", ("--images", "16", "--names-per-image", "8", "--repeats", "1"),
           "grounded generator batched / per-(image, name) loop (small models, lexicon captions)", ">= 3x on CPU",
           lambda d: d["speedup"], lambda r: r >= 3,
@@ -129,8 +137,10 @@ def run_bench(b: Bench, reuse: bool) -> dict:
 
 
 def _committed(path: Path) -> str:
+    """The date of the results file: its last commit, or its file time when it changed since (or never was committed)."""
+    changed = subprocess.run(["git", "status", "--porcelain", "--", str(path)], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     r = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=ROOT, capture_output=True, text=True)
-    return r.stdout.strip() or time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
+    return (not changed and r.stdout.strip()) or time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
 
 
 def gpu_rows() -> list[dict]:
@@ -144,11 +154,16 @@ def gpu_rows() -> list[dict]:
     return rows
 
 
+def _reused_note(doc: dict) -> str:
+    reused = [r["name"] for r in doc["rows"] if str(r.get("ran", "")).startswith("reused")]
+    return f"; {', '.join(reused)} taken from earlier runs, as their rows say" if reused else ""
+
+
 def markdown(doc: dict) -> str:
     m = doc["machine"]
     lines = [f"Ran {doc['date']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
              f"{'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}; torch {m['torch']}; {doc['seconds']:.0f} s in all "
-             f"(`make bench`).", "",
+             f"(`make bench`{_reused_note(doc)}).", "",
              "| benchmark | compared side by side | ratio | target | met | details |", "|---|---|---:|---|---|---|"]
     for r in doc["rows"]:
         if "error" in r:

@@ -90,7 +90,7 @@ def index_with_writers(root: Path, world: dict) -> None:
 
 
 SERVE = r"""
-import json, random, resource, statistics, sys, time
+import json, random, statistics, sys, time
 from fastapi.testclient import TestClient
 from ovtasks.core.config import load_settings
 from ovtasks.ui.app import create_app
@@ -119,7 +119,9 @@ for name in ("datasets", "gallery"):
     times.sort()
     out[name] = {"p50_ms": round(1000 * statistics.median(times), 1), "p95_ms": round(1000 * times[int(0.95 * (len(times) - 1))], 1),
                  "requests": len(times), "index": body["index"], "items": len(body.get("items", body.get("shards", [])))}
-out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork + exec)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+out["peak_rss_mib"] = round(hwm / 1024, 1)
 print(json.dumps(out))
 """
 
