@@ -39,6 +39,7 @@ from ovtasks.evaluate.pseudo_labels import error_budget, evaluate_pseudo_labels,
 from ovtasks.report.pictures import overlay_grid  # noqa: E402
 from ovtasks.data.synth import SynthSpec, generate  # noqa: E402
 from ovtasks.train.wspn import WspnTrainConfig, train_wspn  # noqa: E402
+from ovtasks.models.hub import COMPLETE_MARKER  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,6 +53,9 @@ def main() -> int:
     ap.add_argument("--images-per-shard", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wspn-steps", type=int, default=300)
+    ap.add_argument("--wspn-cache", default=None, metavar="DIR",
+                    help="keep the WSPN trained on the evaluation set under DIR/seed<S>-steps<N> and reuse it next time "
+                         "(two ITMs are then scored against the same proposals)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a maskfree setting")
     ap.add_argument("--out", default=str(RESULTS), help="results directory")
@@ -65,8 +69,12 @@ def main() -> int:
         ingest(laion, clean, base, workers=base.workers)
         wspn = args.wspn_model
         wspn_metrics = None
-        if args.proposals == "wspn" and not wspn:
-            trained = train_wspn(clean, f"{d}/wspn", base, WspnTrainConfig(steps=args.wspn_steps))
+        cached = Path(args.wspn_cache) / f"seed{args.seed}-steps{args.wspn_steps}" if args.wspn_cache else None
+        if args.proposals == "wspn" and not wspn and cached and (cached / COMPLETE_MARKER).exists():
+            wspn = str(cached)
+            print(f"WSPN: reusing {wspn}")
+        elif args.proposals == "wspn" and not wspn:
+            trained = train_wspn(clean, str(cached) if cached else f"{d}/wspn", base, WspnTrainConfig(steps=args.wspn_steps))
             wspn, wspn_metrics = trained.model_uri, trained.metrics
         maskfree = base.maskfree.model_validate({**base.maskfree.model_dump(), "itm_model": args.itm_model, "wspn_model": wspn,
                                                  "proposals": args.proposals, **overrides})

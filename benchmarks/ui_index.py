@@ -74,18 +74,16 @@ def make_world(root: Path, shards: int, per_shard: int, templates: int = 64) -> 
 
 
 def index_with_writers(root: Path, world: dict) -> None:
-    """The index as the stages leave it (ingest's rows, pseudo-label's finalize, validate), without re-reading
-    every manifest: what `ovtasks index rebuild` costs is measured at the smallest size."""
+    """The index as the stages leave it: the rows ingest and pseudo-label's finalize build from their manifests
+    (the same row builders), and validate's GX rows from its report."""
     from ovtasks.core.storage import open_store
-    from ovtasks.data.catalog import gx_rows, ingest_row, pseudo_row, read_json
+    from ovtasks.data.catalog import gx_rows, scan_ingest, scan_pseudo
     from ovtasks.data.summary_index import gx_index, ingest_index, write_pseudo
 
     clean, pseudo = open_store(str(root / "clean")), open_store(str(root))
     names = [f"{i:06d}" for i in range(world["shards"])]
-    ingest_index(clean).replace({n: ingest_row(read_json(clean, f"shards/{n}.manifest.json") or {}) for n in names},
-                                {"source_shards": len(names)})
-    write_pseudo(pseudo, "maskfree", {n: pseudo_row(read_json(pseudo, f"pseudo/maskfree/{n}.manifest.json") or {}, dict)
-                                      for n in names})
+    ingest_index(clean).replace(scan_ingest(clean), {"source_shards": len(names)})
+    write_pseudo(pseudo, "maskfree", scan_pseudo(pseudo, "maskfree"))
     gx_index(pseudo, "maskfree").replace(gx_rows(world["report"]))
 
 

@@ -90,13 +90,14 @@ def gx_rows(report: dict | None) -> dict[str, dict]:
     return rows
 
 
-def _manifest_names(store, prefix: str) -> list[str]:
+def manifest_names(store, prefix: str) -> list[str]:
+    """Sorted shard names of ``<prefix>/<shard>.manifest.json`` (directly under ``prefix``, not a sibling or sub-folder)."""
     return sorted(k.rsplit("/", 1)[-1][: -len(".manifest.json")] for k in store.list(prefix + "/")
                   if k.endswith(".manifest.json") and "/" not in k[len(prefix) + 1:])
 
 
 def scan_ingest(clean) -> dict[str, dict]:
-    return {shard: ingest_row(read_json(clean, f"shards/{shard}.manifest.json") or {}) for shard in _manifest_names(clean, "shards")}
+    return {shard: ingest_row(read_json(clean, f"shards/{shard}.manifest.json") or {}) for shard in manifest_names(clean, "shards")}
 
 
 def scan_pseudo(pseudo, generator: str, gallery: bool = True) -> dict[str, dict]:
@@ -106,7 +107,7 @@ def scan_pseudo(pseudo, generator: str, gallery: bool = True) -> dict[str, dict]
         return (lambda: json.loads(pseudo.get_bytes(f"{prefix}/{shard}.json"))) if gallery else None
 
     return {shard: pseudo_row(read_json(pseudo, f"{prefix}/{shard}.manifest.json") or {}, coco(shard))
-            for shard in _manifest_names(pseudo, prefix)}
+            for shard in manifest_names(pseudo, prefix)}
 
 
 def source_shards(settings: Settings) -> list[str]:

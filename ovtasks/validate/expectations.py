@@ -39,7 +39,7 @@ from ovtasks import __version__
 from ovtasks.core import history
 from ovtasks.pseudolabel.candidates import OPEN_VOCAB_ID_BASE, Vocabulary
 from ovtasks.core.config import Settings, ValidateConfig
-from ovtasks.data.catalog import record_gx
+from ovtasks.data.catalog import manifest_names, record_gx
 from ovtasks.data.groundtruth import to_pycoco
 from ovtasks.core.storage import open_store
 
@@ -227,7 +227,7 @@ def validate(src_uri: str, settings: Settings, generator: str = "maskfree", prog
     """Validate every complete pseudo-label shard under ``src_uri/pseudo/<generator>/``."""
     store = open_store(src_uri, settings.s3)
     prefix = f"pseudo/{generator}"
-    shards = sorted(k.rsplit("/", 1)[-1][: -len(".manifest.json")] for k in store.list(prefix) if k.endswith(".manifest.json"))
+    shards = manifest_names(store, prefix)  # not a sibling generator's (pseudo/<generator>2/...)
     if not shards:
         raise FileNotFoundError(f"no pseudo-label shards ({prefix}/*.manifest.json) under {store.uri}")
     vocab = Vocabulary.load(settings.candidates.vocabulary)

@@ -216,3 +216,15 @@ def test_a_shard_that_does_not_match_its_manifest_fails_and_training_rechecks(tm
     _write_shard(base, shards[0], doc)  # a relabel lands after validation, before training
     samples, _, _, manifest = training_data(clean_small, str(run), s)
     assert manifest["shards"] == shards[1:] and "changed since validation" in manifest["excluded"][shards[0]][0]
+
+
+def test_validate_reads_only_its_generators_shards(tmp_path):
+    """``pseudo/maskfree`` must not pick up a sibling generator's (``pseudo/maskfree2``) or a sub-folder's shards."""
+    base = tmp_path / "run" / "pseudo" / "maskfree"
+    for folder in (base, tmp_path / "run" / "pseudo" / "maskfree2", base / "old"):
+        folder.mkdir(parents=True)
+    _write_shard(base, "00000", good_doc())
+    _write_shard(tmp_path / "run" / "pseudo" / "maskfree2", "00007", good_doc())
+    _write_shard(base / "old", "00009", good_doc())
+    rep = validate(str(tmp_path / "run"), load_settings(env={})).report
+    assert rep["training_shards"] == ["00000"] and rep["passed"] == 1 and rep["failed"] == 0
