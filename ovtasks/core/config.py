@@ -139,6 +139,10 @@ class MaskFreeConfig(_Frozen):
     wss_box_margin: float = Field(0.0, ge=0.0, le=2.0, description="grow the eq. 6 box by this fraction of its side on every "
                                   "side before WSS (0: the patent's crop; > 0 lets the mask reach past a box that fell inside "
                                   "the object; the annotation's bbox is then the mask's)")
+    wss_point_map: str = Field("map", pattern="^(map|box|map_box)$", description="what WSS samples its points from: the "
+                               "activation map (the patent's), a centre prior of the eq. 6 box (1 at its centre, 0 at and "
+                               "outside its edges; use with wss_box_margin > 0 so background points fall outside the box), "
+                               "or their product")
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="drop candidates whose ITM score is below")
     batch_size: int = Field(8, ge=1, description="images per GradCAM batch")
     seed: int = 0

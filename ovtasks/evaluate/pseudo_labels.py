@@ -79,7 +79,7 @@ def error_budget(samples, results, gt: GroundTruth, settings: Settings) -> dict:
     per bound row. Returns ``{row: {"all", "base", "novel"}, "_grounding": {...}, "_proposals": {...}}``."""
     from ovtasks.evaluate.ap import mask_ap50
     from ovtasks.pseudolabel.maskfree.pseudo_box import pseudo_box
-    from ovtasks.pseudolabel.maskfree.wss import WssJob, grow_box
+    from ovtasks.pseudolabel.maskfree.wss import WssJob, grow_box, point_map
 
     cfg = settings.maskfree
     dets: dict[str, list] = {k: [] for k, _ in BUDGET_ROWS}
@@ -116,12 +116,14 @@ def error_budget(samples, results, gt: GroundTruth, settings: Settings) -> dict:
         seed = cfg.seed * 1_000_003 + s.image_id * 31 + n
         box, _ = pseudo_box(union.astype(np.float32), props, cfg.box_area_exponent)
         if box is not None:
-            jobs["selection_bound"].append(({**base}, WssJob(s.image, grow_box(box, cfg.wss_box_margin, union.shape), soft, seed)))
+            jobs["selection_bound"].append(({**base}, WssJob(s.image, grow_box(box, cfg.wss_box_margin, union.shape),
+                                                              point_map(cfg.wss_point_map, soft, box), seed)))
         for a, m in zip(inst, masks):
             g = _xyxy(a)
             if len(props):
                 best = props[int(np.argmax(_box_iou(props, g)))]
-                jobs["proposal_bound"].append(({**base}, WssJob(s.image, grow_box(best, cfg.wss_box_margin, m.shape), soft, seed)))
+                jobs["proposal_bound"].append(({**base}, WssJob(s.image, grow_box(best, cfg.wss_box_margin, m.shape),
+                                                                 point_map(cfg.wss_point_map, soft, best), seed)))
             jobs["mask_bound"].append(({**base}, WssJob(s.image, tuple(map(float, g)), m.astype(np.float32), seed)))
     for k, items in jobs.items():
         dets[k] += [{**d, "mask": m} for (d, _), m in zip(items, wss_masks([j for _, j in items], settings)) if m.any()]

@@ -25,6 +25,7 @@ Invariant, per shard and in total: ``seen == kept + sum(quarantined.values())``.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -477,7 +478,7 @@ def _warm_for_workers(settings: Settings) -> None:
     """Import the parquet reader and load the language-ID model here, before workers are forked: they
     inherit both instead of each paying ~0.2 s of pyarrow import and the model load per ingest run (a
     process that runs ingest again, a worker or a benchmark, pays nothing the second time)."""
-    import pyarrow.parquet  # noqa: F401 - the import is the point
+    importlib.import_module("pyarrow.parquet")
 
     if settings.ingest.require_english:
         load_language_model()

@@ -69,7 +69,7 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
     """Run stages 2-5 for already-extracted candidates; one :class:`PairResult` per (image, candidate)."""
     from ovtasks.pseudolabel.maskfree.activation import activation_maps
     from ovtasks.pseudolabel.maskfree.pseudo_box import pseudo_box
-    from ovtasks.pseudolabel.maskfree.wss import WssJob, grow_box
+    from ovtasks.pseudolabel.maskfree.wss import WssJob, grow_box, point_map
 
     cfg = settings.maskfree
     pairs = [PairResult(i, c) for i, cands in enumerate(candidates) for c in cands]
@@ -98,8 +98,8 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
             continue
         p.box = box
         sample = samples[p.image_index]
-        jobs.append(WssJob(sample.image, grow_box(box, cfg.wss_box_margin, sample.image.shape[:2]), amap.soft,
-                           cfg.seed * 1_000_003 + sample.image_id * 31 + k))
+        jobs.append(WssJob(sample.image, grow_box(box, cfg.wss_box_margin, sample.image.shape[:2]),
+                           point_map(cfg.wss_point_map, amap.soft, box), cfg.seed * 1_000_003 + sample.image_id * 31 + k))
         job_pairs.append(p)
     for p, m in zip(job_pairs, wss_masks(jobs, settings)):
         if m.any():

@@ -50,6 +50,30 @@ def grow_box(box, margin: float, hw: tuple[int, int]) -> tuple[float, float, flo
     return max(0.0, x1 - dx), max(0.0, y1 - dy), min(float(w), x2 + dx), min(float(h), y2 + dy)
 
 
+def box_prior(box, hw: tuple[int, int]) -> np.ndarray:
+    """``(H, W)`` float32: a tent over xyxy ``box``, 1 at its centre falling linearly to 0 at its edges, 0 outside."""
+    h, w = hw
+    x1, y1, x2, y2 = (float(v) for v in box)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    hx, hy = max((x2 - x1) / 2, 0.5), max((y2 - y1) / 2, 0.5)
+    tx = np.clip(1.0 - np.abs(np.arange(w, dtype=np.float32) + 0.5 - cx) / hx, 0.0, 1.0)
+    ty = np.clip(1.0 - np.abs(np.arange(h, dtype=np.float32) + 0.5 - cy) / hy, 0.0, 1.0)
+    return np.outer(ty, tx).astype(np.float32)
+
+
+def point_map(source: str, soft: np.ndarray, box) -> np.ndarray:
+    """The map WSS draws its points from (``maskfree.wss_point_map``): ``map`` the activation (patent eq. 7),
+    ``box`` the centre prior of ``box`` alone, ``map_box`` their product."""
+    if source == "map":
+        return soft
+    prior = box_prior(box, soft.shape[:2])
+    if source == "box":
+        return prior
+    if source == "map_box":
+        return (soft * prior).astype(np.float32)
+    raise ValueError(f"unknown wss_point_map {source!r} (map, box or map_box)")
+
+
 def int_box(box, h: int, w: int) -> tuple[int, int, int, int]:
     """Pixel-aligned box inside the image, at least 1 px wide and tall."""
     x1, y1, x2, y2 = box
