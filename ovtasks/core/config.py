@@ -133,6 +133,8 @@ class MaskFreeConfig(_Frozen):
                          "patent's) or the soft map (max over rounds of the normalised maps)")
     box_area_exponent: float = Field(0.5, ge=0.0, le=1.0, description="eq. 6 divides a box's summed Phi by its area to this "
                                      "power (0.5: the patent's sqrt; lower favours larger boxes)")
+    box_ring: float = Field(0.0, ge=0.0, le=2.0, description="eq. 6 by contrast: subtract the mean Phi of a ring this "
+                            "fraction of the box's side wide around it, times the box's area (0: the patent's eq. 6)")
     wss_fg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="foreground points come from this most activated "
                                    "fraction of the box's pixels")
     wss_bg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="background points from this least activated fraction")

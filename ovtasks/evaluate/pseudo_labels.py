@@ -114,7 +114,7 @@ def error_budget(samples, results, gt: GroundTruth, settings: Settings) -> dict:
             ious.append(float((phi & union).sum() / max((phi | union).sum(), 1)))
         soft = amap.soft if amap is not None else np.zeros(s.image.shape[:2], np.float32)
         seed = cfg.seed * 1_000_003 + s.image_id * 31 + n
-        box, _ = pseudo_box(union.astype(np.float32), props, cfg.box_area_exponent)
+        box, _ = pseudo_box(union.astype(np.float32), props, cfg.box_area_exponent, cfg.box_ring)
         if box is not None:
             jobs["selection_bound"].append(({**base}, WssJob(s.image, grow_box(box, cfg.wss_box_margin, union.shape),
                                                               point_map(cfg.wss_point_map, soft, box), seed)))

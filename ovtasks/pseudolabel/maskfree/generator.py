@@ -92,7 +92,7 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
             p.reason = "low_itm_score"
             continue
         phi = amap.binary.astype(np.float32) if cfg.box_map == "binary" else amap.soft
-        box, reason = pseudo_box(phi, boxes[p.image_index], cfg.box_area_exponent)
+        box, reason = pseudo_box(phi, boxes[p.image_index], cfg.box_area_exponent, cfg.box_ring)
         if box is None:
             p.reason = reason
             continue

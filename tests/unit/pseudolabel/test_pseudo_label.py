@@ -130,3 +130,19 @@ def test_images_without_candidates_get_no_annotations(tmp_path, itm_dir):
     assert len(doc["images"]) == 2 and all(a["image_id"] == 2 for a in doc["annotations"])
     assert len(doc["annotations"]) + len(doc["skipped"]) == 1
     assert label_images(samples, [[], []], models, s) == []
+
+
+def test_eq6_ring_scores_contrast_with_the_surroundings():
+    """``ring > 0``: a box inside a wide activated area loses to the box that encloses the activated blob."""
+    act = np.full((40, 40), 0.0, np.float32)
+    act[10:30, 10:30] = 0.6  # a wide, weakly activated object
+    act[15:25, 15:25] = 1.0  # its brightest part
+    inner, whole = [15, 15, 25, 25], [10, 10, 30, 30]
+    boxes = np.array([inner, whole], np.float32)
+    assert pseudo_box(act, boxes, 0.5)[0].tolist() == whole  # eq. 6 as the patent has it (sum / sqrt(area))
+    assert pseudo_box(act, boxes, 1.0)[0].tolist() == inner  # the mean alone picks the bright core
+    # by contrast, the core sits in a 0.6 ring (0.4 above it), the whole object in a 0 ring (0.7 above it)
+    s = box_scores(act, boxes, 1.0, ring=0.25)
+    assert s[0] == pytest.approx(1.0 - 0.6) and s[1] == pytest.approx((100 + 0.6 * 300) / 400)
+    assert pseudo_box(act, boxes, 1.0, ring=0.25)[0].tolist() == whole
+    np.testing.assert_allclose(box_scores(act, boxes, 0.5, ring=0.0), box_scores(act, boxes, 0.5))
