@@ -81,8 +81,7 @@ def index_with_writers(root: Path, world: dict) -> None:
     from ovtasks.data.summary_index import gx_index, ingest_index, write_pseudo
 
     clean, pseudo = open_store(str(root / "clean")), open_store(str(root))
-    names = [f"{i:06d}" for i in range(world["shards"])]
-    ingest_index(clean).replace(scan_ingest(clean), {"source_shards": len(names)})
+    ingest_index(clean).replace(scan_ingest(clean), {"source_shards": world["shards"]})
     write_pseudo(pseudo, "maskfree", scan_pseudo(pseudo, "maskfree"))
     gx_index(pseudo, "maskfree").replace(gx_rows(world["report"]))
 
