@@ -1,4 +1,4 @@
-"""Model commands: ``train-itm``, ``train-wspn``, ``train``, ``promote``, ``predict``, ``models upload``."""
+"""Model commands: ``train-itm``, ``train-sam``, ``train-wspn``, ``train``, ``promote``, ``predict``, ``models upload``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,19 @@ def cmd_train_itm(args: argparse.Namespace, settings: Settings) -> int:
     command = " ".join(["ovtasks", *(shlex.quote(a) for a in sys.argv[1:])])  # recorded in the checkpoint's JSON
     return report_trained(train_itm(args.src, args.out, on_device(args, settings), cfg, gt_uri=args.gt,
                                      progress=print_progress, command=command), "train-itm metrics")
+
+
+def cmd_train_sam(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.train.sam import SamTrainConfig, train_sam
+
+    cfg = SamTrainConfig(steps=args.steps, batch_size=args.batch_size, max_prompts=args.max_prompts, lr=args.lr,
+                         image_size=args.image_size, hidden=args.hidden, patch_size=args.patch_size, layers=args.layers,
+                         heads=args.heads, holdout=args.holdout, seed=args.seed, max_images=args.max_images,
+                         box_jitter=args.box_jitter, pixel_loss=args.pixel_loss, grad_clip=args.grad_clip,
+                         max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    command = " ".join(["ovtasks", *(shlex.quote(a) for a in sys.argv[1:])])  # recorded in the checkpoint's JSON
+    return report_trained(train_sam(args.sa1b, args.out, on_device(args, settings), cfg, progress=print_progress,
+                                    command=command), "train-sam metrics")
 
 
 def cmd_models_upload(args: argparse.Namespace, settings: Settings) -> int:
@@ -169,6 +182,29 @@ def add_commands(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None, help="cpu | cuda (default from config)")
     t.set_defaults(func=cmd_train_itm)
+
+    s = sub.add_parser("train-sam", help="pretrain a small SAM on SA-1B-format masks (the starting point of Semantic-SAM)")
+    s.add_argument("--sa1b", required=True, help="URI of SA-1B-format tars (ovtasks synth-sa1b, or the real SA-1B)")
+    s.add_argument("--out", required=True, help="directory or store URI for the SamModel")
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch-size", type=int, default=8, help="images per step")
+    s.add_argument("--max-prompts", type=int, default=16, help="box prompts per image per step")
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--image-size", type=int, default=128)
+    s.add_argument("--hidden", type=int, default=64)
+    s.add_argument("--patch-size", type=int, default=8)
+    s.add_argument("--layers", type=int, default=2, help="ViT layers of the image encoder (the last one global)")
+    s.add_argument("--heads", type=int, default=2)
+    s.add_argument("--box-jitter", type=float, default=0.1, help="box prompt noise, std as a fraction of the box side (SAM's 0.1)")
+    s.add_argument("--pixel-loss", choices=("bce", "focal"), default="bce")
+    s.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: none)")
+    s.add_argument("--holdout", type=int, default=128, help="images kept out of training for the metrics")
+    s.add_argument("--max-images", type=int, default=None)
+    s.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this long; the LR schedule anneals by time too (the steps done are in the metrics)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None, help="cpu | cuda (default from config)")
+    s.set_defaults(func=cmd_train_sam)
 
     w = sub.add_parser("train-wspn", help="train the weakly-supervised proposal network on clean shards")
     w.add_argument("--src", required=True)

@@ -161,6 +161,8 @@ class GroundedConfig(_Frozen):
     max_detections: int = Field(100, ge=1, description="boxes kept per image")
     batch_size: int = Field(4, ge=1, description="images (prompt rows) per Grounding-DINO / SAM micro-batch")
     box_batch: int = Field(64, ge=1, description="boxes decoded together per SAM call")
+    pipeline_depth: int = Field(4, ge=1, description="micro-batches per labelling call; above 1, Grounding-DINO runs on "
+                                "micro-batch k+1 while SAM segments micro-batch k (a thread; its own CUDA stream on a GPU)")
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="auto: bf16 on CUDA, fp32 on CPU")
 
 

@@ -88,7 +88,8 @@ class SemanticSam(nn.Module):
         return self.sam.get_image_embeddings(pixels)
 
     def decode(self, emb: torch.Tensor, boxes: torch.Tensor, extra: bool = True) -> Decoded:
-        """``emb``: (1, C, h, w) one image's embedding; ``boxes``: (n, 4) xyxy in the padded input frame."""
+        """``emb``: (1, C, h, w) one image's embedding, or (n, C, h, w) one per box (prompts of several images
+        decoded in one call); ``boxes``: (n, 4) xyxy in the padded input frame."""
         dec = self.sam.mask_decoder
         sparse, dense = self.sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=boxes[None], input_masks=None)
         n = sparse.shape[1]
@@ -97,7 +98,9 @@ class SemanticSam(nn.Module):
             out_tokens += [self.semantic_tokens.weight, self.score_token.weight]
         tokens = torch.cat(out_tokens, dim=0).repeat(1, n, 1, 1)
         tokens = torch.cat((tokens, sparse), dim=2).to(dec.iou_token.weight.dtype)
-        image = (emb + dense).repeat_interleave(n, 0)
+        if emb.shape[0] not in (1, n):
+            raise ValueError(f"{emb.shape[0]} embeddings for {n} boxes: give one, or one per box")
+        image = (emb + dense).repeat_interleave(n, 0) if emb.shape[0] == 1 else emb + dense
         pos = self.sam.get_image_wide_positional_embeddings().repeat_interleave(n, 0)
         q, image = dec.transformer(point_embeddings=tokens, image_embeddings=image, image_positional_embeddings=pos,
                                    attention_similarity=None, target_embedding=None)[:2]
@@ -120,16 +123,16 @@ class SemanticSam(nn.Module):
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
 
 
-def sam_config(image_size: int = 128, hidden: int = 32, patch_size: int = 16):
-    """A tiny SAM config (ViT encoder with 2 layers, ``image_size / patch_size`` embedding grid) for CPU
-    training and tests."""
+def sam_config(image_size: int = 128, hidden: int = 32, patch_size: int = 16, layers: int = 2, heads: int = 2):
+    """A tiny SAM config (ViT encoder with ``layers`` layers, the last one global, ``image_size / patch_size``
+    embedding grid) for CPU training and tests."""
     from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
-    vision = SamVisionConfig(hidden_size=hidden, output_channels=hidden, num_hidden_layers=2, num_attention_heads=2,
-                             image_size=image_size, patch_size=patch_size, window_size=4, global_attn_indexes=[1],
+    vision = SamVisionConfig(hidden_size=hidden, output_channels=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                             image_size=image_size, patch_size=patch_size, window_size=4, global_attn_indexes=[layers - 1],
                              mlp_dim=2 * hidden, initializer_range=0.02, num_pos_feats=hidden // 2)
     prompt = SamPromptEncoderConfig(hidden_size=hidden, image_size=image_size, patch_size=patch_size)
-    decoder = SamMaskDecoderConfig(hidden_size=hidden, mlp_dim=2 * hidden, num_attention_heads=2, iou_head_hidden_dim=hidden)
+    decoder = SamMaskDecoderConfig(hidden_size=hidden, mlp_dim=2 * hidden, num_attention_heads=heads, iou_head_hidden_dim=hidden)
     return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
 
 

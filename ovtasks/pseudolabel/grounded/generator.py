@@ -12,6 +12,8 @@ The same Grounding-DINO model serves the maskfree generator as its proposal sour
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,7 +31,7 @@ class GroundedModels:
     name: str = "grounded"
 
     def chunk_size(self, settings: Settings) -> int:
-        return settings.grounded.batch_size
+        return settings.grounded.batch_size * settings.grounded.pipeline_depth
 
     def label(self, samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], settings: Settings) -> list:
         return label_grounded(samples, candidates, self)
@@ -49,14 +51,45 @@ def load_grounded(settings: Settings) -> GroundedModels:
     return GroundedModels(gdino, sam, versions)
 
 
+def _segment_on(sam, stream, images, boxes):
+    import torch
+
+    with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        return sam.segment(images, boxes)  # its results are on the CPU: the stream has finished when this returns
+
+
+def detect_and_segment(models: GroundedModels, images: list, names: list, category_ids: list) -> tuple[list, list]:
+    """Grounding-DINO boxes, then SAM masks, per image. With more than one micro-batch of images
+    (``gdino.batch_size``), a two-stage pipeline: SAM segments micro-batch k on a worker thread (its own
+    CUDA stream on a GPU) while Grounding-DINO detects on micro-batch k+1. Every image is detected and
+    segmented exactly as in the plain order; only the two models' work overlaps."""
+    step = max(1, int(getattr(models.gdino, "batch_size", len(images)) or len(images)))
+    parts = [range(s, min(len(images), s + step)) for s in range(0, len(images), step)]
+    if len(parts) < 2:
+        dets = models.gdino.detect(images, names, category_ids)
+        return dets, models.sam.segment(images, [d.boxes for d in dets])
+    stream = None
+    if str(getattr(models.sam, "device", "cpu")).startswith("cuda"):
+        import torch
+
+        stream = torch.cuda.Stream(device=models.sam.device)
+    dets, futures = [], []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-stage") as pool:
+        for part in parts:
+            d = models.gdino.detect([images[i] for i in part], [names[i] for i in part], [category_ids[i] for i in part])
+            dets += d
+            futures.append(pool.submit(_segment_on, models.sam, stream, [images[i] for i in part], [x.boxes for x in d]))
+        masks = [m for f in futures for m in f.result()]
+    return dets, masks
+
+
 def label_grounded(samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], models: GroundedModels) -> list:
     todo = [i for i, c in enumerate(candidates) if c]
     if not todo:
         return []
     images = [samples[i].image for i in todo]
-    dets = models.gdino.detect(images, [[c.name for c in candidates[i]] for i in todo],
-                               [[c.category_id for c in candidates[i]] for i in todo])
-    masks = models.sam.segment(images, [d.boxes for d in dets])
+    dets, masks = detect_and_segment(models, images, [[c.name for c in candidates[i]] for i in todo],
+                                     [[c.category_id for c in candidates[i]] for i in todo])
     results = []
     for i, det, bm in zip(todo, dets, masks):
         cands = candidates[i]

@@ -97,12 +97,44 @@ def test_an_image_that_breaks_its_batch_is_retried_alone_then_quarantined(clean_
 
 
 def test_shards_are_labelled_in_bounded_chunks(clean_small, tiny_grounded, tmp_path):
-    s = _settings(tiny_grounded, OVTASKS_GROUNDED__BATCH_SIZE="2")
+    s = _settings(tiny_grounded, OVTASKS_GROUNDED__BATCH_SIZE="2", OVTASKS_GROUNDED__PIPELINE_DEPTH="3")
     models = load_generator(s, "grounded")
     real, sizes = models.label, []
     models.label = lambda samples, cands, settings: sizes.append(len(samples)) or real(samples, cands, settings)
     rep = pseudo_label(clean_small, str(tmp_path / "c"), s, "grounded", models=models).report
-    assert max(sizes) == 2 and sum(sizes) == rep["images"]
+    assert max(sizes) == 6 and sum(sizes) == rep["images"]
+
+
+def test_detection_of_the_next_micro_batch_overlaps_segmentation(clean_small, tiny_grounded, tmp_path):
+    """Pipelined (SAM on micro-batch k while Grounding-DINO detects k+1) and plain order write the same shard."""
+    import threading
+
+    s = _settings(tiny_grounded, OVTASKS_GROUNDED__BATCH_SIZE="2", OVTASKS_GROUNDED__PIPELINE_DEPTH="3")
+    models = load_generator(s, "grounded")
+    detect, segment = models.gdino.detect, models.sam.segment
+    calls, second_detect, overlapped = [], threading.Event(), []
+
+    def spy_detect(*a, **k):
+        calls.append("detect")
+        if calls.count("detect") % 3 == 2:
+            second_detect.set()
+        return detect(*a, **k)
+
+    def spy_segment(images, boxes):
+        if not overlapped:  # the first micro-batch's SAM call waits for the next micro-batch's detection
+            overlapped.append(second_detect.wait(timeout=20))
+        assert threading.current_thread() is not threading.main_thread()
+        return segment(images, boxes)
+
+    models.gdino.detect, models.sam.segment = spy_detect, spy_segment
+    pseudo_label(clean_small, str(tmp_path / "piped"), s, "grounded", models=models)
+    assert overlapped == [True]
+    plain = _settings(tiny_grounded, OVTASKS_GROUNDED__BATCH_SIZE="2", OVTASKS_GROUNDED__PIPELINE_DEPTH="1")
+    pseudo_label(clean_small, str(tmp_path / "plain"), plain, "grounded")
+    for shard in ("00000", "00001"):
+        got, want = _doc(tmp_path / "piped", shard), _doc(tmp_path / "plain", shard)
+        assert got["images"] == want["images"] and got["skipped"] == want["skipped"]
+        _assert_same_annotations(got["annotations"], want["annotations"])
 
 
 def test_maskfree_with_grounding_dino_proposals(clean_small, tiny_grounded, tiny_itm_dir, tmp_path):
