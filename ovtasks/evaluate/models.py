@@ -53,6 +53,28 @@ def evaluate_model(model, gt_uri: str, clean_uri: str, settings: Settings, limit
             "gt": doc, "predictions": general}
 
 
+def prompt_mask_quality(gt, ids, predictions: list[dict]) -> dict:
+    """Class-agnostic quality of box-prompted masks: IoU of each GT-box prompt's mask with that GT mask
+    (a prompt whose mask came out empty counts 0). Separates the masks from the names, which mask AP
+    scores together."""
+    import numpy as np
+
+    from ovtasks.data.groundtruth import decode_rle
+
+    by_prompt = {(p["image_id"], p["prompt"]): p for p in predictions}
+    ious = []
+    for i in ids:
+        for k, a in enumerate(gt.annotations(i)):
+            p = by_prompt.get((i, k))
+            if p is None:
+                ious.append(0.0)
+                continue
+            m, g = decode_rle(p["segmentation"]).astype(bool), decode_rle(a["segmentation"]).astype(bool)
+            ious.append(float((m & g).sum() / max(1, (m | g).sum())))
+    v = np.asarray(ious) if ious else np.zeros(1)
+    return {"prompts": len(ious), "mean_iou": round(float(v.mean()), 4), "iou50": round(100 * float((v >= 0.5).mean()), 2)}
+
+
 def evaluate_semantic_sam(model, gt_uri: str, clean_uri: str, settings: Settings, limit: int | None = None) -> dict:
     """Box-prompted evaluation on the held-out GT images (GT boxes as prompts), generalized and constrained."""
     from ovtasks.evaluate.coco import evaluation_table, format_eval_table
@@ -74,8 +96,11 @@ def evaluate_semantic_sam(model, gt_uri: str, clean_uri: str, settings: Settings
     truth = [((i, k), a["category_id"], gt.categories[a["category_id"]].get("split")) for i in ids for k, a in enumerate(gt.annotations(i))]
     acc = {split: (sum(named.get(key) == c for key, c, sp in truth if split in ("all", sp))
                    / max(1, sum(1 for *_, sp in truth if split in ("all", sp)))) for split in ("all", "base", "novel")}
+    masks = prompt_mask_quality(gt, ids, general)
     return {"rows": rows, "table": format_eval_table(rows) + "\n\nnames right for GT-box prompts: "
-            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()),
-            "name_accuracy": {k: round(100 * v, 2) for k, v in acc.items()}, "images": len(ids), "prompts": "gt-boxes",
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items())
+            + f"\nmasks of GT-box prompts (names aside): mean IoU {masks['mean_iou']:.3f}, IoU >= 0.5 for {masks['iou50']:.1f}%",
+            "name_accuracy": {k: round(100 * v, 2) for k, v in acc.items()}, "mask_quality": masks,
+            "images": len(ids), "prompts": "gt-boxes",
             "novel_mask_AP50": next(r["mask_AP50"] for r in rows if r["setting"] == "generalized" and r["split"] == "novel"),
             "gt": doc, "predictions": general}

@@ -86,3 +86,36 @@ def _batch(itm: ItmModel, images, names, template, rounds, threshold) -> list[Ac
         results.append(ActivationMap(bin_i.cpu().numpy(), soft_i.cpu().numpy().astype(np.float32), float(score[i]),
                                      tuple(r[i] for r in per_round)))
     return results
+
+
+@torch.no_grad()
+def crop_match_probs(itm: ItmModel, queries: Sequence[tuple[np.ndarray, np.ndarray, str]], template: str,
+                     context: float = 0.1, batch: int = 64) -> list[np.ndarray]:
+    """For each ``(image, boxes (n, 4) xyxy, name)``: the ITM's match probability of the prompt for ``name``
+    on each box's crop (the box grown by ``context`` x its side, clipped), resized to the model's input
+    (``maskfree.box_crop_top`` re-ranks eq. 6's boxes by it)."""
+    from ovtasks.pseudolabel.maskfree.wss import grow_box
+
+    s = itm.image_size
+    crops, texts, counts = [], [], []
+    for image, boxes, name in queries:
+        h, w = image.shape[:2]
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        prompt = prompt_span(template, name)[0]
+        for b in boxes:
+            x1, y1, x2, y2 = grow_box(b, context, (h, w))
+            x1, y1 = min(int(x1), w - 1), min(int(y1), h - 1)
+            x2, y2 = max(int(np.ceil(x2)), x1 + 1), max(int(np.ceil(y2)), y1 + 1)
+            crops.append(F.interpolate(t[..., y1:y2, x1:x2], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0])
+            texts.append(prompt)
+        counts.append(len(boxes))
+    probs: list[float] = []
+    for i0 in range(0, len(crops), batch):
+        embeds = itm.image_embeds(itm.preprocess(torch.stack(crops[i0:i0 + batch])))
+        ids, am, _ = itm.tokenize(texts[i0:i0 + batch])
+        probs += itm.itm_logits(embeds, ids, am).softmax(-1)[:, 1].float().cpu().tolist()
+    out, k = [], 0
+    for n in counts:
+        out.append(np.asarray(probs[k:k + n], np.float64))
+        k += n
+    return out

@@ -68,7 +68,8 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
                  settings: Settings, keep_maps: bool = False) -> list[PairResult]:
     """Run stages 2-5 for already-extracted candidates; one :class:`PairResult` per (image, candidate)."""
     from ovtasks.pseudolabel.maskfree.activation import activation_maps
-    from ovtasks.pseudolabel.maskfree.pseudo_box import pseudo_box
+    from ovtasks.pseudolabel.maskfree.activation import crop_match_probs
+    from ovtasks.pseudolabel.maskfree.pseudo_box import best_boxes, crop_rerank
     from ovtasks.pseudolabel.maskfree.wss import WssJob, grow_box, point_map
 
     cfg = settings.maskfree
@@ -80,7 +81,7 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
     with_cands = sorted({p.image_index for p in pairs})
     boxes = dict(zip(with_cands, models.proposals.propose([samples[i].image for i in with_cands],
                                                           [[c.name for c in candidates[i]] for i in with_cands])))
-    jobs, job_pairs = [], []
+    chosen = []  # (pair, map, seed index, eq. 6's best boxes, their relative scores)
     nth: Counter = Counter()
     for p, amap in zip(pairs, maps):
         k = nth[p.image_index]  # the seed depends on the image and the candidate, not on the chunk
@@ -92,10 +93,18 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
             p.reason = "low_itm_score"
             continue
         phi = amap.binary.astype(np.float32) if cfg.box_map == "binary" else amap.soft
-        box, reason = pseudo_box(phi, boxes[p.image_index], cfg.box_area_exponent, cfg.box_ring)
-        if box is None:
+        top, rel, reason = best_boxes(phi, boxes[p.image_index], cfg.box_area_exponent, cfg.box_ring, max(1, cfg.box_crop_top))
+        if reason:
             p.reason = reason
             continue
+        chosen.append((p, amap, k, top, rel))
+    if cfg.box_crop_top > 0 and chosen:  # option: the ITM judges each of the best boxes' crops
+        probs = crop_match_probs(models.itm, [(samples[p.image_index].image, boxes[p.image_index][top], p.candidate.name)
+                                              for p, _, _, top, _ in chosen], cfg.prompt, cfg.box_crop_context)
+        chosen = [(p, amap, k, top[[crop_rerank(rel, pr, cfg.box_crop_weight)]], rel) for (p, amap, k, top, rel), pr in zip(chosen, probs)]
+    jobs, job_pairs = [], []
+    for p, amap, k, top, _ in chosen:
+        box = np.asarray(boxes[p.image_index][top[0]], np.float32)
         p.box = box
         sample = samples[p.image_index]
         jobs.append(WssJob(sample.image, grow_box(box, cfg.wss_box_margin, sample.image.shape[:2]),

@@ -48,12 +48,29 @@ def pseudo_box(activation: np.ndarray, boxes: np.ndarray, exponent: float = 0.5,
                ring: float = 0.0) -> tuple[np.ndarray | None, str | None]:
     """``(b*, None)``, or ``(None, reason)`` when there are no proposals, the map is empty or every
     proposal has zero area."""
+    top, _, reason = best_boxes(activation, boxes, exponent, ring, 1)
+    return (None, reason) if reason else (np.asarray(boxes[top[0]], np.float32), None)
+
+
+def best_boxes(activation: np.ndarray, boxes: np.ndarray, exponent: float = 0.5, ring: float = 0.0,
+               n: int = 1) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Indices of eq. 6's ``n`` best proposals (best first) and their scores relative to the best one
+    (only boxes with a positive score), or empty arrays and the reason :func:`pseudo_box` gives."""
+    empty = np.zeros(0, np.int64), np.zeros(0, np.float64)
     if len(boxes) == 0:
-        return None, "no_proposals"
+        return (*empty, "no_proposals")
     if not np.any(activation > 0):
-        return None, "empty_activation"
+        return (*empty, "empty_activation")
     scores = box_scores(activation, boxes, exponent, ring)
-    best = int(np.argmax(scores))
-    if not np.isfinite(scores[best]) or scores[best] <= 0:
-        return None, "zero_area_boxes" if not np.isfinite(scores[best]) else "no_activation_in_proposals"
-    return np.asarray(boxes[best], np.float32), None
+    order = np.argsort(-scores, kind="stable")
+    best = scores[order[0]]
+    if not np.isfinite(best) or best <= 0:
+        return (*empty, "zero_area_boxes" if not np.isfinite(best) else "no_activation_in_proposals")
+    order = np.array([i for i in order[:n] if np.isfinite(scores[i]) and scores[i] > 0], np.int64)
+    return order, scores[order] / best, None
+
+
+def crop_rerank(relative: np.ndarray, match: np.ndarray, weight: float) -> int:
+    """Position (in ``relative``) of the box that maximises eq. 6's relative score x the crop's match
+    probability ** ``weight``; ties go to eq. 6's order."""
+    return int(np.argmax(relative * np.power(np.clip(match, 1e-6, 1.0), weight)))

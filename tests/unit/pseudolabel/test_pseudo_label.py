@@ -146,3 +146,44 @@ def test_eq6_ring_scores_contrast_with_the_surroundings():
     assert s[0] == pytest.approx(1.0 - 0.6) and s[1] == pytest.approx((100 + 0.6 * 300) / 400)
     assert pseudo_box(act, boxes, 1.0, ring=0.25)[0].tolist() == whole
     np.testing.assert_allclose(box_scores(act, boxes, 0.5, ring=0.0), box_scores(act, boxes, 0.5))
+
+
+def test_eq6_best_boxes_and_the_crop_rerank():
+    from ovtasks.pseudolabel.maskfree.pseudo_box import best_boxes, crop_rerank
+
+    act = np.zeros((20, 20), np.float32)
+    act[5:10, 5:10] = 1
+    boxes = np.array([[0, 0, 20, 20], [5, 5, 10, 10], [4, 4, 11, 11], [6, 6, 6, 9], [12, 12, 18, 18]], np.float32)
+    top, rel, reason = best_boxes(act, boxes, n=10)
+    # best first; only positive scores (the zero-area and the empty box are left out); relative to the best
+    assert reason is None and top.tolist() == [1, 2, 0] and rel.tolist() == pytest.approx([1.0, 5 / 7, 0.25])
+    assert best_boxes(act, boxes, n=1)[0].tolist() == [1] and pseudo_box(act, boxes)[0].tolist() == boxes[1].tolist()
+    assert best_boxes(np.zeros((20, 20)), boxes, n=3)[2] == "empty_activation"
+    # eq. 6's relative score x the crop's match probability ** weight
+    assert crop_rerank(rel, np.array([0.1, 0.9, 0.9]), 1.0) == 1  # 5/7 * 0.9 > 1 * 0.1
+    assert crop_rerank(rel, np.array([0.1, 0.9, 0.9]), 0.0) == 0  # weight 0: eq. 6 alone
+    assert crop_rerank(rel, np.array([0.5, 0.5, 0.5]), 1.0) == 0  # equal crops: eq. 6's order
+
+
+def test_crop_rerank_option_runs_end_to_end_and_off_changes_nothing(clean, itm_dir, tmp_path):
+    from ovtasks.data.clean import iter_shard
+    from ovtasks.core.storage import open_store
+    from ovtasks.pseudolabel.candidates import build_extractor, Vocabulary
+    from ovtasks.pseudolabel.maskfree.activation import crop_match_probs
+    from ovtasks.pseudolabel.maskfree.generator import label_images
+
+    samples = list(iter_shard(open_store(clean), "00000"))[:6]
+    base = _settings(itm_dir)
+    cands = build_extractor(base, Vocabulary.load(None)).extract([s.caption for s in samples])
+    off = label_images(samples, cands, load_maskfree(base), base)
+    on_s = _settings(itm_dir, OVTASKS_MASKFREE__BOX_CROP_TOP="5", OVTASKS_MASKFREE__BOX_CROP_WEIGHT="50")
+    models = load_maskfree(on_s)
+    on = label_images(samples, cands, models, on_s)
+    assert [p.reason for p in on] == [p.reason for p in off]  # the option only changes which box is chosen
+    boxed = [(a, b) for a, b in zip(off, on) if a.box is not None]
+    assert boxed and all(b.box is not None for _, b in boxed)
+    # one probability per box and query, tiny and degenerate boxes included
+    img = samples[0].image
+    boxes = np.array([[0, 0, 20, 20], [10, 10, 60, 50], [5, 5, 6, 6]], np.float32)
+    p = crop_match_probs(models.itm, [(img, boxes, "ball"), (img, boxes[:1], "cat")], on_s.maskfree.prompt, 0.1)
+    assert [len(x) for x in p] == [3, 1] and all(((x >= 0) & (x <= 1)).all() for x in p)

@@ -1,0 +1,64 @@
+"""``ovtasks train-sam``: SAM pretraining on SA-1B-format masks, saved as a plain transformers SamModel."""
+
+import json
+
+import pytest
+import torch
+
+from ovtasks.core.config import load_settings
+from ovtasks.data.sa1b import write_synthetic
+from ovtasks.models.semantic_sam import SemanticSam, build, sam_config
+from ovtasks.train.sam import META_FILE, SamTrainConfig, train_sam
+
+
+@pytest.fixture(scope="module")
+def sa1b_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sa1b")
+    write_synthetic(str(d), load_settings(env={}), images=24, seed=5, image_size=96, per_tar=10)
+    return str(d)
+
+
+def test_prompts_of_several_images_decode_as_each_image_alone():
+    from transformers import SamModel
+
+    torch.manual_seed(0)
+    m = SemanticSam(SamModel(sam_config(64, 32, 8)), 8).eval()
+    emb = m.embed(torch.randn(2, 3, 64, 64))
+    b0 = torch.tensor([[4.0, 4, 30, 30], [10, 20, 50, 60]])
+    b1 = torch.tensor([[0.0, 0, 20, 40]])
+    with torch.no_grad():
+        alone = torch.cat([m.decode(emb[:1], b0, extra=False).masks, m.decode(emb[1:], b1, extra=False).masks])
+        together = m.decode(emb[torch.tensor([0, 0, 1])], torch.cat([b0, b1]), extra=False).masks
+        with pytest.raises(ValueError, match="one per box"):
+            m.decode(emb, torch.cat([b0, b1]), extra=False)
+    assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_train_sam_writes_a_sam_model_that_semantic_sam_starts_from(sa1b_dir, tmp_path):
+    from transformers import SamModel
+
+    s = load_settings(env={})
+    cfg = SamTrainConfig(steps=4, batch_size=3, image_size=64, hidden=32, patch_size=8, holdout=4, warmup=2)
+    res = train_sam(sa1b_dir, str(tmp_path / "sam"), s, cfg, command="ovtasks train-sam --steps 4")
+    out = tmp_path / "sam"
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["command"] == "ovtasks train-sam --steps 4" and meta["config"]["hidden"] == 32
+    m = res.metrics
+    assert m["steps"] == 4 and m["train_images"] == 20 and m["heldout_images"] == 4 and m["heldout_prompts"] > 0
+    assert 0.0 <= m["heldout_iou50"] <= 1.0 and 0.0 <= m["heldout_miou"] <= 1.0
+    assert (out / "MODEL_COMPLETE").exists() and len(json.loads((out / "history.json").read_text())) >= 1
+    sam = SamModel.from_pretrained(str(out))
+    assert sam.config.vision_config.image_size == 64 and sam.config.vision_config.hidden_size == 32
+    ssam = build(16, str(out))  # Semantic-SAM built on it keeps its weights and preprocessing
+    w = ssam.sam.mask_decoder.iou_token.weight
+    assert torch.equal(w, sam.mask_decoder.iou_token.weight) and ssam.mean == (0.485, 0.456, 0.406)
+
+
+def test_train_sam_time_budget_and_bad_input(sa1b_dir, tmp_path):
+    s = load_settings(env={})
+    cfg = SamTrainConfig(steps=1000, batch_size=2, image_size=64, hidden=32, patch_size=8, holdout=4, max_seconds=0.0)
+    assert train_sam(sa1b_dir, str(tmp_path / "cut"), s, cfg).metrics["steps"] == 0
+    with pytest.raises(ValueError, match="need more than the 64 held out"):
+        train_sam(sa1b_dir, str(tmp_path / "few"), s, SamTrainConfig(steps=1, holdout=64))
+    with pytest.raises(ValueError, match="unknown pixel loss"):
+        train_sam(sa1b_dir, str(tmp_path / "bad"), s, SamTrainConfig(steps=1, pixel_loss="l2"))
