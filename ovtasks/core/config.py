@@ -135,12 +135,14 @@ class MaskFreeConfig(_Frozen):
                                      "power (0.5: the patent's sqrt; lower favours larger boxes)")
     box_ring: float = Field(0.0, ge=0.0, le=2.0, description="eq. 6 by contrast: subtract the mean Phi of a ring this "
                             "fraction of the box's side wide around it, times the box's area (0: the patent's eq. 6)")
-    box_crop_top: int = Field(0, ge=0, le=100, description="re-rank eq. 6's best N boxes by the ITM's match probability "
-                              "of the prompt on each box's crop: score = eq. 6 score / the best one x p ** box_crop_weight "
-                              "(0: off, the patent's eq. 6)")
-    box_crop_weight: float = Field(1.0, ge=0.0, description="exponent of the crop's match probability in that re-ranking")
-    box_crop_context: float = Field(0.1, ge=0.0, le=1.0, description="the crop shown to the ITM: the box grown by this "
-                                    "fraction of its side on every side")
+    box_rerank: str = Field("none", pattern="^(none|crop|wspn)$", description="re-rank eq. 6's best box_rerank_top boxes "
+                            "by a second opinion: score = eq. 6 score / the best one x q ** box_rerank_weight, q the ITM's "
+                            "match probability of the prompt on the box's crop (crop) or the WSPN's instance score of the "
+                            "name for the box relative to its best box (wspn; needs proposals=wspn). none: the patent's eq. 6")
+    box_rerank_top: int = Field(5, ge=1, le=100, description="how many of eq. 6's best boxes box_rerank considers")
+    box_rerank_weight: float = Field(1.0, ge=0.0, description="exponent of the second opinion in box_rerank")
+    box_crop_context: float = Field(0.1, ge=0.0, le=1.0, description="box_rerank=crop: the crop shown to the ITM is the box "
+                                    "grown by this fraction of its side on every side")
     wss_fg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="foreground points come from this most activated "
                                    "fraction of the box's pixels")
     wss_bg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="background points from this least activated fraction")

@@ -140,19 +140,23 @@ def wspn_loss(out: list[dict], proposals: list[torch.Tensor], labels: torch.Tens
 
 
 @torch.no_grad()
-def top_proposals(out: dict, boxes: torch.Tensor, k: int, image_size: tuple[int, int], nms_iou: float = 0.7) -> tuple[torch.Tensor, torch.Tensor]:
-    """Refined boxes ranked by their detection confidence (max over classes of ``W_det``), NMS, top-K."""
+def top_proposals(out: dict, boxes: torch.Tensor, k: int, image_size: tuple[int, int], nms_iou: float = 0.7,
+                  return_index: bool = False):
+    """Refined boxes ranked by their detection confidence (max over classes of ``W_det``), NMS, top-K;
+    with ``return_index``, also each kept box's row in ``boxes``."""
     if len(boxes) == 0:
-        return boxes.new_zeros((0, 4)), boxes.new_zeros(0)
+        empty = boxes.new_zeros((0, 4)), boxes.new_zeros(0)
+        return (*empty, torch.zeros(0, dtype=torch.long, device=boxes.device)) if return_index else empty
     refined = decode_deltas(boxes.float(), out["deltas"])
     h, w = image_size
     refined[:, 0::2] = refined[:, 0::2].clamp(0, w)
     refined[:, 1::2] = refined[:, 1::2].clamp(0, h)
     score = out["det"].max(1).values
     ok = ((refined[:, 2] - refined[:, 0]) >= 1) & ((refined[:, 3] - refined[:, 1]) >= 1)
+    rows = torch.nonzero(ok).flatten()
     refined, score = refined[ok], score[ok]
     keep = nms(refined, score, nms_iou)[:k]
-    return refined[keep], score[keep]
+    return (refined[keep], score[keep], rows[keep]) if return_index else (refined[keep], score[keep])
 
 
 def save_wspn(model: WSPN, path, extra: dict | None = None) -> None:

@@ -69,7 +69,7 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
     """Run stages 2-5 for already-extracted candidates; one :class:`PairResult` per (image, candidate)."""
     from ovtasks.pseudolabel.maskfree.activation import activation_maps
     from ovtasks.pseudolabel.maskfree.activation import crop_match_probs
-    from ovtasks.pseudolabel.maskfree.pseudo_box import best_boxes, crop_rerank
+    from ovtasks.pseudolabel.maskfree.pseudo_box import best_boxes, rerank
     from ovtasks.pseudolabel.maskfree.wss import WssJob, grow_box, point_map
 
     cfg = settings.maskfree
@@ -79,8 +79,15 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
     maps = activation_maps(models.itm, [samples[p.image_index].image for p in pairs], [p.candidate.name for p in pairs],
                            cfg.prompt, cfg.masking_rounds, cfg.mask_fraction, cfg.batch_size)
     with_cands = sorted({p.image_index for p in pairs})
-    boxes = dict(zip(with_cands, models.proposals.propose([samples[i].image for i in with_cands],
-                                                          [[c.name for c in candidates[i]] for i in with_cands])))
+    names = [[c.name for c in candidates[i]] for i in with_cands]
+    class_scores: dict = {}
+    if cfg.box_rerank == "wspn":
+        if not hasattr(models.proposals, "propose_with_scores"):
+            raise ValueError("maskfree.box_rerank=wspn needs maskfree.proposals=wspn (the WSPN's instance scores)")
+        found, scores = models.proposals.propose_with_scores([samples[i].image for i in with_cands], names)
+        boxes, class_scores = dict(zip(with_cands, found)), dict(zip(with_cands, scores))
+    else:
+        boxes = dict(zip(with_cands, models.proposals.propose([samples[i].image for i in with_cands], names)))
     chosen = []  # (pair, map, seed index, eq. 6's best boxes, their relative scores)
     nth: Counter = Counter()
     for p, amap in zip(pairs, maps):
@@ -93,15 +100,19 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
             p.reason = "low_itm_score"
             continue
         phi = amap.binary.astype(np.float32) if cfg.box_map == "binary" else amap.soft
-        top, rel, reason = best_boxes(phi, boxes[p.image_index], cfg.box_area_exponent, cfg.box_ring, max(1, cfg.box_crop_top))
+        top, rel, reason = best_boxes(phi, boxes[p.image_index], cfg.box_area_exponent, cfg.box_ring,
+                                      1 if cfg.box_rerank == "none" else cfg.box_rerank_top)
         if reason:
             p.reason = reason
             continue
         chosen.append((p, amap, k, top, rel))
-    if cfg.box_crop_top > 0 and chosen:  # option: the ITM judges each of the best boxes' crops
-        probs = crop_match_probs(models.itm, [(samples[p.image_index].image, boxes[p.image_index][top], p.candidate.name)
-                                              for p, _, _, top, _ in chosen], cfg.prompt, cfg.box_crop_context)
-        chosen = [(p, amap, k, top[[crop_rerank(rel, pr, cfg.box_crop_weight)]], rel) for (p, amap, k, top, rel), pr in zip(chosen, probs)]
+    if cfg.box_rerank != "none" and chosen:  # option: a second opinion on eq. 6's best boxes
+        if cfg.box_rerank == "crop":  # the ITM judges each box's crop
+            second = crop_match_probs(models.itm, [(samples[p.image_index].image, boxes[p.image_index][top], p.candidate.name)
+                                                   for p, _, _, top, _ in chosen], cfg.prompt, cfg.box_crop_context)
+        else:  # the WSPN's instance score of the name (column j of the image's candidates)
+            second = [class_scores[p.image_index][top, candidates[p.image_index].index(p.candidate)] for p, _, _, top, _ in chosen]
+        chosen = [(p, amap, k, top[[rerank(rel, q, cfg.box_rerank_weight)]], rel) for (p, amap, k, top, rel), q in zip(chosen, second)]
     jobs, job_pairs = [], []
     for p, amap, k, top, _ in chosen:
         box = np.asarray(boxes[p.image_index][top[0]], np.float32)

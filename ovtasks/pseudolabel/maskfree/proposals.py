@@ -100,6 +100,28 @@ class WSPNProposals:
             out.append(top.cpu().numpy().astype(np.float32))
         return out
 
+    @torch.no_grad()
+    def propose_with_scores(self, images: Sequence[np.ndarray], names: Sequence[Sequence[str]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The boxes of :meth:`propose` and, per image, ``(n_boxes, len(names[i]))``: the WSPN's instance score
+        ``W[box, name]`` divided by its best box's (1 for the box it rates highest for that name; NaN for a name
+        the WSPN has no class for)."""
+        raw = self.base.propose(images)
+        index = {n: j for j, n in enumerate(self.model.cfg.class_names)}
+        boxes_out, scores_out = [], []
+        for im, boxes, ns in zip(images, raw, names):
+            b = torch.from_numpy(boxes).to(self.device)
+            res = self.model(wspn_input([im], self.device), [b])[0]
+            top, _, kept = top_proposals(res, b, self.top_k, im.shape[:2], return_index=True)
+            w = res["W"][kept] if len(kept) else res["W"][:0]
+            cols = np.full((len(top), len(ns)), np.nan)
+            for j, n in enumerate(ns):
+                if n in index and len(top):
+                    col = w[:, index[n]]
+                    cols[:, j] = (col / col.max().clamp(min=1e-12)).cpu().numpy()
+            boxes_out.append(top.cpu().numpy().astype(np.float32))
+            scores_out.append(cols)
+        return boxes_out, scores_out
+
 
 class GDinoProposals:
     """Grounding-DINO boxes for each image's object names, all names pooled, the top K by score."""

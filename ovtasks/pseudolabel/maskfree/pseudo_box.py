@@ -70,7 +70,8 @@ def best_boxes(activation: np.ndarray, boxes: np.ndarray, exponent: float = 0.5,
     return order, scores[order] / best, None
 
 
-def crop_rerank(relative: np.ndarray, match: np.ndarray, weight: float) -> int:
-    """Position (in ``relative``) of the box that maximises eq. 6's relative score x the crop's match
-    probability ** ``weight``; ties go to eq. 6's order."""
+def rerank(relative: np.ndarray, second: np.ndarray, weight: float) -> int:
+    """Position (in ``relative``) of the box that maximises eq. 6's relative score x a second opinion in
+    [0, 1] (``maskfree.box_rerank``) ** ``weight``; ties go to eq. 6's order; a missing opinion (NaN) is 0."""
+    match = np.nan_to_num(np.asarray(second, np.float64), nan=0.0)
     return int(np.argmax(relative * np.power(np.clip(match, 1e-6, 1.0), weight)))

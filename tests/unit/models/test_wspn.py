@@ -103,3 +103,30 @@ def test_selective_search_is_repeatable_on_an_image_with_many_regions():
     runs = [selective_search(image) for _ in range(4)] + SelectiveSearch(threads=2).propose([image, image])
     assert len(runs[0]) == 400
     assert all(np.array_equal(runs[0], r) for r in runs[1:])
+
+
+def test_proposals_with_the_wspn_instance_scores_of_the_names():
+    import numpy as np
+
+    from ovtasks.pseudolabel.maskfree.proposals import WSPNProposals, wspn_input
+
+    class Fixed:  # selective search stand-in: the same boxes for every image
+        def propose(self, images):
+            return [np.array([[0, 0, 20, 20], [10, 10, 40, 40], [30, 5, 60, 30], [2, 30, 25, 60]], np.float32) for _ in images]
+
+    images = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(2)]
+    src = WSPNProposals(tiny(), top_k=3, base=Fixed())
+    boxes, scores = src.propose_with_scores(images, [["b", "zebra"], ["c"]])
+    plain = src.propose(images)
+    assert all(np.array_equal(a, b) for a, b in zip(boxes, plain))  # the same boxes as propose()
+    assert scores[0].shape == (len(boxes[0]), 2) and scores[1].shape == (len(boxes[1]), 1)
+    assert np.isnan(scores[0][:, 1]).all()  # a name the WSPN has no class for
+    for s in (scores[0][:, 0], scores[1][:, 0]):
+        assert np.isclose(s.max(), 1.0) and (s > 0).all()
+    # the scores are W[kept row, class] over the best kept row, rows matching top_proposals' kept boxes
+    raw = torch.from_numpy(Fixed().propose(images[:1])[0])
+    res = src.model(wspn_input(images[:1], "cpu"), [raw])[0]
+    top, _, rows = top_proposals(res, raw, 3, (64, 64), return_index=True)
+    col = res["W"][rows, 1]
+    np.testing.assert_allclose(scores[0][:, 0], (col / col.max()).detach().numpy(), rtol=1e-5)
+    assert np.allclose(top.numpy(), boxes[0])

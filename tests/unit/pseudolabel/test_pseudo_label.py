@@ -148,8 +148,8 @@ def test_eq6_ring_scores_contrast_with_the_surroundings():
     np.testing.assert_allclose(box_scores(act, boxes, 0.5, ring=0.0), box_scores(act, boxes, 0.5))
 
 
-def test_eq6_best_boxes_and_the_crop_rerank():
-    from ovtasks.pseudolabel.maskfree.pseudo_box import best_boxes, crop_rerank
+def test_eq6_best_boxes_and_the_rerank():
+    from ovtasks.pseudolabel.maskfree.pseudo_box import best_boxes, rerank
 
     act = np.zeros((20, 20), np.float32)
     act[5:10, 5:10] = 1
@@ -160,9 +160,10 @@ def test_eq6_best_boxes_and_the_crop_rerank():
     assert best_boxes(act, boxes, n=1)[0].tolist() == [1] and pseudo_box(act, boxes)[0].tolist() == boxes[1].tolist()
     assert best_boxes(np.zeros((20, 20)), boxes, n=3)[2] == "empty_activation"
     # eq. 6's relative score x the crop's match probability ** weight
-    assert crop_rerank(rel, np.array([0.1, 0.9, 0.9]), 1.0) == 1  # 5/7 * 0.9 > 1 * 0.1
-    assert crop_rerank(rel, np.array([0.1, 0.9, 0.9]), 0.0) == 0  # weight 0: eq. 6 alone
-    assert crop_rerank(rel, np.array([0.5, 0.5, 0.5]), 1.0) == 0  # equal crops: eq. 6's order
+    assert rerank(rel, np.array([0.1, 0.9, 0.9]), 1.0) == 1  # 5/7 * 0.9 > 1 * 0.1
+    assert rerank(rel, np.array([0.1, 0.9, 0.9]), 0.0) == 0  # weight 0: eq. 6 alone
+    assert rerank(rel, np.array([0.5, 0.5, 0.5]), 1.0) == 0  # equal opinions: eq. 6's order
+    assert rerank(rel, np.array([np.nan, 0.9, 0.1]), 1.0) == 1  # no opinion counts 0
 
 
 def test_crop_rerank_option_runs_end_to_end_and_off_changes_nothing(clean, itm_dir, tmp_path):
@@ -176,7 +177,7 @@ def test_crop_rerank_option_runs_end_to_end_and_off_changes_nothing(clean, itm_d
     base = _settings(itm_dir)
     cands = build_extractor(base, Vocabulary.load(None)).extract([s.caption for s in samples])
     off = label_images(samples, cands, load_maskfree(base), base)
-    on_s = _settings(itm_dir, OVTASKS_MASKFREE__BOX_CROP_TOP="5", OVTASKS_MASKFREE__BOX_CROP_WEIGHT="50")
+    on_s = _settings(itm_dir, OVTASKS_MASKFREE__BOX_RERANK="crop", OVTASKS_MASKFREE__BOX_RERANK_WEIGHT="50")
     models = load_maskfree(on_s)
     on = label_images(samples, cands, models, on_s)
     assert [p.reason for p in on] == [p.reason for p in off]  # the option only changes which box is chosen
@@ -187,3 +188,5 @@ def test_crop_rerank_option_runs_end_to_end_and_off_changes_nothing(clean, itm_d
     boxes = np.array([[0, 0, 20, 20], [10, 10, 60, 50], [5, 5, 6, 6]], np.float32)
     p = crop_match_probs(models.itm, [(img, boxes, "ball"), (img, boxes[:1], "cat")], on_s.maskfree.prompt, 0.1)
     assert [len(x) for x in p] == [3, 1] and all(((x >= 0) & (x <= 1)).all() for x in p)
+    with pytest.raises(ValueError, match="needs maskfree.proposals=wspn"):  # selective search has no class scores
+        label_images(samples, cands, models, _settings(itm_dir, OVTASKS_MASKFREE__BOX_RERANK="wspn"))
