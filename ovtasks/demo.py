@@ -56,6 +56,12 @@ ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard
               "ovtasks train-itm --src data/itm/clean --out models/itm-synth --gt data/itm/laion "
               "--pretrain-steps 4000 --steps 6000 --lr 1e-3")
 
+# SAM's own stage for Semantic-SAM (no SAM weights can be downloaded here): trained on a lent GPU by
+# benchmarks/gpu_session.sh (16 synth-sa1b processes of 750 images, seeds 100-115, then train-sam)
+SAM_RECIPE = ("for k in $(seq 100 115); do ovtasks synth-sa1b --out data/sam/sa1b/s$k --images 750 --seed $k; done && "
+              "ovtasks train-sam --sa1b data/sam/sa1b --out models/sam-synth --device cuda --steps 40000 --batch-size 32 "
+              "--lr 1e-3 --image-size 128 --patch-size 8 --hidden 64 --layers 2 --heads 2 --max-minutes 3.5")
+
 
 def _itm_model(settings: Settings, root: Path, ingest_uri: str, synth_uri: str, train_itm_steps: int | None) -> str:
     """Step 3: the configured ITM, else the committed checkpoint, else one trained here for ``train_itm_steps``."""
@@ -135,8 +141,12 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     from ovtasks.train.semantic_sam import SemanticSamConfig, train_semantic_sam
 
     write_synthetic(sa1b_uri, settings, images=512, image_size=settings.synth.image_size)
-    ssam = train_semantic_sam(ingest_uri, str(root), sa1b_uri, ssam_dir, settings, SemanticSamConfig(steps=semantic_sam_steps),
-                              exclude_ids=held)
+    sam_start = settings.pipeline.semantic_sam_start
+    if sam_start is None and (Path(settings.paths.committed_sam) / "model.safetensors").exists():
+        sam_start = str(Path(settings.paths.committed_sam).absolute())
+        print(f"      starting from the committed SAM {sam_start}\n      (made by: {SAM_RECIPE})", flush=True)
+    ssam = train_semantic_sam(ingest_uri, str(root), sa1b_uri, ssam_dir, settings,
+                              SemanticSamConfig(steps=semantic_sam_steps, sam_model=sam_start), exclude_ids=held)
     ssam_ev = evaluate_semantic_sam(load_model(ssam_dir, settings.device)[0], synth_uri, ingest_uri, settings, limit=eval_images)
     ssam_reg = log_and_register(settings, ssam_dir, {"steps": semantic_sam_steps}, ssam.history, gate, ssam_ev,
                                 [f"{ssam_dir}/loss_curve.png"], ssam.data_manifest)

@@ -233,6 +233,9 @@ class PipelineConfig(_Frozen):
     models_uri: str | None = Field(None, description="trained model directories (default <data_dir>/models)")
     eval_gt_uri: str | None = Field(None, description="COCO GT that models are evaluated on (default: the source's gt/instances.json)")
     sa1b_uri: str | None = Field(None, description="SA-1B-format tars for Semantic-SAM")
+    semantic_sam_start: str | None = Field(None, description="the SamModel a Semantic-SAM retrain starts from (HF id, "
+                                           "directory or store URI, e.g. one made by `ovtasks train-sam`); None: a tiny "
+                                           "random SAM")
     generator: str = Field("maskfree", pattern="^(maskfree|grounded)$")
     shards_per_task: int = Field(1, ge=1, description="pseudo-label shards per mapped task (past 1024 shards they are grouped anyway)")
     max_map_length: int = Field(1024, ge=1, description="Airflow's [core] max_map_length")
@@ -252,6 +255,8 @@ class PathsConfig(_Frozen):
     plugins_folder: Path = Field(Path("plugins"), description="the Airflow plugin (the ovtasks UI)")
     benchmark_results: Path = Field(Path("benchmarks/results"), description="measured throughputs that `ovtasks plan` reads")
     committed_itm: Path = Field(Path("models/itm-synth"), description="the ITM checkpoint `ovtasks demo` uses when present")
+    committed_sam: Path = Field(Path("models/sam-synth"), description="the SAM checkpoint (`ovtasks train-sam`) `ovtasks "
+                                "demo` starts Semantic-SAM from when present")
 
 
 class Settings(_Frozen):

@@ -62,3 +62,16 @@ def test_train_sam_time_budget_and_bad_input(sa1b_dir, tmp_path):
         train_sam(sa1b_dir, str(tmp_path / "few"), s, SamTrainConfig(steps=1, holdout=64))
     with pytest.raises(ValueError, match="unknown pixel loss"):
         train_sam(sa1b_dir, str(tmp_path / "bad"), s, SamTrainConfig(steps=1, pixel_loss="l2"))
+
+
+def test_a_scheduled_semantic_sam_retrain_starts_from_the_configured_sam(sa1b_dir, clean_small, labelled, tmp_path):
+    from ovtasks.models.semantic_sam import load
+    from ovtasks.orchestration.tasks import train_model
+
+    s = load_settings(env={})
+    cfg = SamTrainConfig(steps=2, batch_size=2, image_size=64, hidden=32, patch_size=8, holdout=4)
+    start = train_sam(sa1b_dir, str(tmp_path / "sam"), s, cfg).model_uri
+    s = load_settings(env={"OVTASKS_PIPELINE__SEMANTIC_SAM_START": start})
+    train_model("semantic-sam", clean_small, labelled, str(tmp_path / "ssam"), s, "maskfree", 2, sa1b_uri=sa1b_dir)
+    vc = load(tmp_path / "ssam").sam.config.vision_config
+    assert (vc.image_size, vc.hidden_size) == (64, 32)  # the tiny random default is 128 px, hidden 64
