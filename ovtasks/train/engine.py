@@ -7,12 +7,22 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedCheckpoint:
+    """What a checkpoint-making command returns: where the model is, its metrics, its training history."""
+
+    model_uri: str
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
 
 
 def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:

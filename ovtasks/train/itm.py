@@ -25,7 +25,7 @@ import logging
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ovtasks import __version__
 from ovtasks.pseudolabel.candidates import LexiconExtractor, Vocabulary
 from ovtasks.core.config import Settings
-from ovtasks.train.engine import warmup_cosine
+from ovtasks.train.engine import TrainedCheckpoint, warmup_cosine
 from ovtasks.data.clean import iter_clean
 from ovtasks.models.hub import publish_model
 from ovtasks.models.itm import ConvStem, ItmModel, build_word_tokenizer, install_conv_stem, prompt_span, tiny_blip_config, word_mean
@@ -84,11 +84,7 @@ class ItmTrainConfig:
     max_images: int | None = None
 
 
-@dataclass
-class TrainedItm:
-    model_uri: str
-    metrics: dict
-    history: list[dict] = field(default_factory=list)
+TrainedItm = TrainedCheckpoint
 
 
 def _load(src_uri: str, settings: Settings, vocab: Vocabulary, size: int, limit: int | None):

@@ -22,7 +22,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,7 @@ from ovtasks import __version__
 from ovtasks.core.config import Settings
 from ovtasks.data.groundtruth import boxes_xyxy
 from ovtasks.models.hub import publish_model
+from ovtasks.train.engine import TrainedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,7 @@ class SamTrainConfig:
     max_images: int | None = None
 
 
-@dataclass
-class TrainedSam:
-    model_uri: str
-    metrics: dict
-    history: list[dict] = field(default_factory=list)
+TrainedSam = TrainedCheckpoint
 
 
 def _prepare(model, pairs, device) -> tuple[list[torch.Tensor], list[np.ndarray], list[torch.Tensor]]:
