@@ -67,8 +67,7 @@ def load_maskfree(settings: Settings) -> MaskFreeModels:
 def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], models: MaskFreeModels,
                  settings: Settings, keep_maps: bool = False) -> list[PairResult]:
     """Run stages 2-5 for already-extracted candidates; one :class:`PairResult` per (image, candidate)."""
-    from ovtasks.pseudolabel.maskfree.activation import activation_maps
-    from ovtasks.pseudolabel.maskfree.activation import crop_match_probs
+    from ovtasks.pseudolabel.maskfree.activation import activation_maps, crop_match_probs
     from ovtasks.pseudolabel.maskfree.pseudo_box import best_boxes, rerank
     from ovtasks.pseudolabel.maskfree.wss import WssJob, grow_box, point_map
 
