@@ -89,30 +89,22 @@ class WSPNProposals:
         self.model, self.top_k, self.device = model.to(device).eval(), top_k, device
         self.base = base or SelectiveSearch()
 
-    @torch.no_grad()
     def propose(self, images: Sequence[np.ndarray], names: Sequence[Sequence[str]] | None = None) -> list[np.ndarray]:
-        raw = self.base.propose(images)
-        out = []
-        for im, boxes in zip(images, raw):  # one at a time: images may differ in size
-            b = torch.from_numpy(boxes).to(self.device)
-            res = self.model(wspn_input([im], self.device), [b])[0]
-            top, _ = top_proposals(res, b, self.top_k, im.shape[:2])
-            out.append(top.cpu().numpy().astype(np.float32))
-        return out
+        return self.propose_with_scores(images, [[] for _ in images])[0]
 
     @torch.no_grad()
     def propose_with_scores(self, images: Sequence[np.ndarray], names: Sequence[Sequence[str]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The boxes of :meth:`propose` and, per image, ``(n_boxes, len(names[i]))``: the WSPN's instance score
+        """Per image, the refined top-K boxes and ``(n_boxes, len(names[i]))``: the WSPN's instance score
         ``W[box, name]`` divided by its best box's (1 for the box it rates highest for that name; NaN for a name
         the WSPN has no class for)."""
         raw = self.base.propose(images)
         index = {n: j for j, n in enumerate(self.model.cfg.class_names)}
         boxes_out, scores_out = [], []
-        for im, boxes, ns in zip(images, raw, names):
+        for im, boxes, ns in zip(images, raw, names):  # one at a time: images may differ in size
             b = torch.from_numpy(boxes).to(self.device)
             res = self.model(wspn_input([im], self.device), [b])[0]
             top, _, kept = top_proposals(res, b, self.top_k, im.shape[:2], return_index=True)
-            w = res["W"][kept] if len(kept) else res["W"][:0]
+            w = res["W"][kept]
             cols = np.full((len(top), len(ns)), np.nan)
             for j, n in enumerate(ns):
                 if n in index and len(top):
