@@ -237,6 +237,14 @@ def contrastive_losses(semantic: torch.Tensor, score: torch.Tensor, labels: torc
     return {"loss_contrastive": ce, "loss_score": F.mse_loss(score.float(), cos.detach())}
 
 
+def image_logits(model, low: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Decoder logits ``(n, k, low, low)`` over the padded input frame → ``(n, k, h, w)`` over the image itself
+    (up to the input size, the padding cut off, up to the image's size; SAM's postprocessing)."""
+    rh, rw, _ = model.resized(h, w)
+    up = F.interpolate(low.float(), size=(model.image_size, model.image_size), mode="bilinear", align_corners=False)
+    return F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes: Sequence[np.ndarray], category_ids: Sequence[int],
             text_embeddings: np.ndarray, device: str = "cpu", mask_threshold: float = 0.0, names: dict | None = None) -> list[dict]:
@@ -254,14 +262,13 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes
         if not len(bx):
             continue
         h, w = image.shape[:2]
-        rh, rw, scale = model.resized(h, w)
+        scale = model.resized(h, w)[2]
         emb = model.embed(model.pixels(image, device)[None])
         d = model.decode(emb, torch.from_numpy(np.asarray(bx, np.float32) * scale).to(device))
         prob = (model.scale() * d.semantic[:, 0] @ text.T).softmax(-1)
         p, label = prob.max(-1)
         score = p * d.iou[:, 0].clamp(0, 1)
-        up = F.interpolate(d.masks[:, :1].float(), size=(model.image_size, model.image_size), mode="bilinear", align_corners=False)
-        masks = (F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[:, 0] > mask_threshold).cpu().numpy()
+        masks = (image_logits(model, d.masks[:, :1], h, w)[:, 0] > mask_threshold).cpu().numpy()
         rles = encode_rles(masks.transpose(1, 2, 0).astype(np.uint8))
         for k, (m, rle, lab, sc) in enumerate(zip(masks, rles, label.tolist(), score.tolist())):
             if names is not None:

@@ -28,7 +28,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ovtasks import __version__
 from ovtasks.core.config import Settings
@@ -68,7 +67,7 @@ class SamTrainConfig:
 TrainedSam = TrainedCheckpoint
 
 
-def _prepare(model, pairs, device) -> tuple[list[torch.Tensor], list[np.ndarray], list[torch.Tensor]]:
+def _prepare(model, pairs) -> tuple[list[torch.Tensor], list[np.ndarray], list[torch.Tensor]]:
     """Per image: SAM's input pixels (fp16, CPU), the prompts' boxes in the padded input frame, and the
     masks at the decoder's output resolution (bool, CPU)."""
     from ovtasks.data.sa1b import masks_of
@@ -90,6 +89,7 @@ def evaluate_sam(model, pairs, device: str, chunk: int = 16) -> dict:
     upsampled as :func:`ovtasks.models.semantic_sam.predict` does): mean IoU with the GT mask, the share of
     prompts with IoU >= 0.5 and >= 0.75, and the share of empty predictions."""
     from ovtasks.data.sa1b import masks_of
+    from ovtasks.models.semantic_sam import image_logits
 
     model.eval()
     ious = []
@@ -99,10 +99,9 @@ def evaluate_sam(model, pairs, device: str, chunk: int = 16) -> dict:
         emb = model.embed(torch.stack([model.pixels(im, device) for im, _ in part]))
         for k, (image, anns) in enumerate(part):
             h, w = image.shape[:2]
-            rh, rw, scale = model.resized(h, w)
+            scale = model.resized(h, w)[2]
             d = model.decode(emb[k:k + 1], torch.from_numpy(boxes_xyxy(anns) * scale).to(device), extra=False)
-            up = F.interpolate(d.masks[:, :1].float(), size=(model.image_size, model.image_size), mode="bilinear", align_corners=False)
-            pred = (F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[:, 0] > 0).cpu().numpy()
+            pred = (image_logits(model, d.masks[:, :1], h, w)[:, 0] > 0).cpu().numpy()
             gt = masks_of(anns).astype(bool)
             inter = (pred & gt).reshape(len(gt), -1).sum(1)
             union = (pred | gt).reshape(len(gt), -1).sum(1)
@@ -139,7 +138,7 @@ def train_sam(sa1b_uri: str, out_uri: str, settings: Settings, cfg: SamTrainConf
     train_pairs, held = pairs[:-cfg.holdout] if cfg.holdout else pairs, pairs[-cfg.holdout:] if cfg.holdout else []
     # embed_dim only sizes the (unused here) semantic head: SemanticSam is used for its SAM preprocessing/decoder
     model = SemanticSam(SamModel(sam_config(cfg.image_size, cfg.hidden, cfg.patch_size, cfg.layers, cfg.heads)), 8).to(device)
-    pixels, boxes, targets = _prepare(model, train_pairs, device)
+    pixels, boxes, targets = _prepare(model, train_pairs)
     load_s = time.perf_counter() - t_load
     params = list(model.sam.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -161,8 +160,7 @@ def train_sam(sa1b_uri: str, out_uri: str, settings: Settings, cfg: SamTrainConf
         for j, i in enumerate(idx):
             n = len(boxes[i])
             pick = np.sort(rng.choice(n, size=min(cfg.max_prompts, n), replace=False))
-            hw = (model.image_size, model.image_size)
-            bx.append(_jitter(boxes[i][pick], cfg.box_jitter, rng, hw))
+            bx.append(_jitter(boxes[i][pick], cfg.box_jitter, rng, (model.image_size, model.image_size)))
             tg.append(targets[i][torch.from_numpy(pick)])
             owner += [j] * len(pick)
         x = torch.stack([pixels[i] for i in idx]).to(device, torch.float32)
