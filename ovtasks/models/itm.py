@@ -197,6 +197,27 @@ class ItmModel:
                                       encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
         return self.model.itm_head(out.last_hidden_state[:, 0, :])
 
+    @torch.no_grad()
+    def match_probs(self, images: torch.Tensor, texts_per_image: Sequence[Sequence[str]], batch: int = 32) -> list[list[float]]:
+        """ITM match probability of every text in ``texts_per_image[i]`` on ``images[i]`` (``(N, 3, H, W)``
+        pixels in [0, 255]), ``batch`` images at a time."""
+        out: list[list[float]] = []
+        for i0 in range(0, len(images), batch):
+            chunk = texts_per_image[i0:i0 + batch]
+            embeds = self.image_embeds(self.preprocess(images[i0:i0 + batch].float()))
+            rows = torch.tensor([r for r, ts in enumerate(chunk) for _ in ts], device=embeds.device)
+            texts = [t for ts in chunk for t in ts]
+            if not texts:
+                out += [[] for _ in chunk]
+                continue
+            ids_, am, _ = self.tokenize(texts)
+            p = self.itm_logits(embeds[rows], ids_, am).softmax(-1)[:, 1].float().tolist()
+            k = 0
+            for ts in chunk:
+                out.append(p[k:k + len(ts)])
+                k += len(ts)
+        return out
+
     def itm_logits_and_attention(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                  layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ITM logits and the cross-attention probabilities X (eq. 1) of text layer ``layer`` (default: the

@@ -373,32 +373,12 @@ def _itc_loss(itm: ItmModel, embeds: torch.Tensor, idx: np.ndarray, names, vocab
     return -(target * sim.log_softmax(1)).sum(1).mean()
 
 
-@torch.no_grad()
-def _match_probs(itm: ItmModel, images: torch.Tensor, texts_per_image: list[list[str]]) -> list[list[float]]:
-    out = []
-    for i0 in range(0, len(images), 32):
-        chunk = texts_per_image[i0:i0 + 32]
-        embeds = itm.image_embeds(itm.preprocess(images[i0:i0 + 32].float()))
-        rows = torch.tensor([r for r, ts in enumerate(chunk) for _ in ts], device=embeds.device)
-        texts = [t for ts in chunk for t in ts]
-        if not texts:
-            out += [[] for _ in chunk]
-            continue
-        ids_, am, _ = itm.tokenize(texts)
-        p = itm.itm_logits(embeds[rows], ids_, am).softmax(-1)[:, 1].tolist()
-        k = 0
-        for ts in chunk:
-            out.append(p[k:k + len(ts)])
-            k += len(ts)
-    return out
-
-
 def caption_metrics(itm: ItmModel, images: torch.Tensor, names: list[list[str]], vocab_names: list[str], template: str) -> dict:
     """Acceptance of prompts for caption-named objects; rejection of prompts for names not in the caption."""
     pos_t = [[prompt_span(template, n)[0] for n in ns] for ns in names]
     neg_t = [[prompt_span(template, n)[0] for n in vocab_names if n not in ns] for ns in names]
-    pos = [p for ps in _match_probs(itm, images, pos_t) for p in ps]
-    neg = [p for ps in _match_probs(itm, images, neg_t) for p in ps]
+    pos = [p for ps in itm.match_probs(images, pos_t) for p in ps]
+    neg = [p for ps in itm.match_probs(images, neg_t) for p in ps]
     return {"named_accepted": round(float(np.mean(np.array(pos) > 0.5)), 4),
             "unnamed_rejected": round(float(np.mean(np.array(neg) < 0.5)), 4)}
 
@@ -415,7 +395,7 @@ def grounding_metrics(itm: ItmModel, images: torch.Tensor, image_ids: list[int],
         insts = gt.instances(image_id)
         present = sorted({g.category for g in insts})
         absent = [n for n in all_names if n not in present]
-        absent_p += _match_probs(itm, images[i:i + 1], [[prompt_span(template, n)[0] for n in absent]])[0]
+        absent_p += itm.match_probs(images[i:i + 1], [[prompt_span(template, n)[0] for n in absent]])[0]
         if len(present) < 2:
             continue
         prompts, spans = zip(*[prompt_span(template, n) for n in present])

@@ -109,11 +109,7 @@ def crop_match_probs(itm: ItmModel, queries: Sequence[tuple[np.ndarray, np.ndarr
             crops.append(F.interpolate(t[..., y1:y2, x1:x2], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0])
             texts.append(prompt)
         counts.append(len(boxes))
-    probs: list[float] = []
-    for i0 in range(0, len(crops), batch):
-        embeds = itm.image_embeds(itm.preprocess(torch.stack(crops[i0:i0 + batch])))
-        ids, am, _ = itm.tokenize(texts[i0:i0 + batch])
-        probs += itm.itm_logits(embeds, ids, am).softmax(-1)[:, 1].float().cpu().tolist()
+    probs = [ps[0] for ps in itm.match_probs(torch.stack(crops), [[t] for t in texts], batch)] if crops else []
     out, k = [], 0
     for n in counts:
         out.append(np.asarray(probs[k:k + n], np.float64))
