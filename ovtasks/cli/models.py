@@ -17,10 +17,11 @@ def cmd_train_itm(args: argparse.Namespace, settings: Settings) -> int:
 
     cfg = ItmTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          image_size=args.image_size, max_images=args.max_images, pretrain_steps=args.pretrain_steps,
-                         grounding_weight=args.grounding_weight, patch_size=args.patch_size, stem_extra=args.stem_extra)
+                         grounding_weight=args.grounding_weight, patch_size=args.patch_size, stem_extra=args.stem_extra,
+                         mosaic_weight=args.mosaic_weight, mosaic_batch=args.mosaic_batch)
     command = " ".join(["ovtasks", *(shlex.quote(a) for a in sys.argv[1:])])  # recorded in the checkpoint's JSON
     return report_trained(train_itm(args.src, args.out, on_device(args, settings), cfg, gt_uri=args.gt,
-                                     progress=print_progress, command=command), "train-itm metrics")
+                                     progress=print_progress, command=command, init=args.init), "train-itm metrics")
 
 
 def cmd_train_sam(args: argparse.Namespace, settings: Settings) -> int:
@@ -178,6 +179,12 @@ def add_commands(sub) -> None:
                    help="stride-1 conv blocks in the stem after the stride-2 ones (each widens a patch's receptive field by 2 patches)")
     t.add_argument("--grounding-weight", type=float, default=0.0,
                    help="weight of the word-grounding loss (attention-pooled local features classify the word; 0 = off)")
+    t.add_argument("--mosaic-weight", type=float, default=0.0,
+                   help="weight of the mosaic grounding loss (2x2 mosaics of training images: a name only one tile's caption "
+                        "mentions must draw the word's attention into that tile; 0 = off)")
+    t.add_argument("--mosaic-batch", type=int, default=12, help="mosaics per step for --mosaic-weight")
+    t.add_argument("--init", default=None,
+                   help="continue from this ITM checkpoint (dir, HF id or store URI) instead of a random model; skips stage 1")
     t.add_argument("--max-images", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None, help="cpu | cuda (default from config)")

@@ -70,7 +70,7 @@ class ConvStem(torch.nn.Module):
             layers += [torch.nn.Conv2d(c, o, 3, 2 if i < n else 1, 1, bias=False), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
             c = o
         self.convs = torch.nn.Sequential(*layers)
-        self.out_channels = c
+        self.out_channels, self.extra = c, extra
         self.proj = torch.nn.Conv2d(c, out_dim, 1)
 
     @property

@@ -25,7 +25,7 @@ import logging
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -78,6 +78,12 @@ class ItmTrainConfig:
     # the stem's local patch features, which must classify as that name (attention-based multiple-instance
     # learning; rewards attending to the named object rather than to whatever answers "match")
     grounding_weight: float = 0.0
+    # mosaic grounding loss (0 disables): 2x2 mosaics of four training images; a name that only one tile's
+    # caption mentions must draw the GradCAM layer's word attention into that tile (-log of its attention
+    # mass there), and the mosaic must match that name's prompt and not a name no tile mentions. Location
+    # supervision from composition alone: no box or mask of any kind
+    mosaic_weight: float = 0.0
+    mosaic_batch: int = 12  # mosaics per step
     temperature: float = 0.07
     holdout: int = 200  # images kept out of training for the metrics
     seed: int = 0
@@ -143,9 +149,11 @@ def _batch_texts(rng: np.random.Generator, idx: np.ndarray, captions, names, voc
 
 def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfig = ItmTrainConfig(),
               gt_uri: str | None = None, progress: Callable[[int, dict], None] | None = None,
-              command: str | None = None) -> TrainedItm:
+              command: str | None = None, init: str | None = None) -> TrainedItm:
     """Train on every complete clean shard under ``src_uri``; save to ``out_uri`` (dir or store URI).
-    ``command``, when given, is recorded in ``ovtasks_itm.json`` (how to reproduce the checkpoint)."""
+    ``command``, when given, is recorded in ``ovtasks_itm.json`` (how to reproduce the checkpoint).
+    ``init``: an ITM checkpoint (dir, HF id or store URI) to continue from instead of a random model (its
+    tokenizer, image size and normalisation are kept; stage 1 is skipped)."""
     torch.manual_seed(cfg.seed)
     # denormal floats (AdamW's second moments of rarely-used embeddings underflow into them) made CPU steps
     # 6x slower as training went on (0.2 -> 1.3 s per step past step 1600 of a 12000-step run): flush them to 0
@@ -162,26 +170,41 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     if len(single) < cfg.batch_size:
         single = train_idx
 
-    words = set(vocab_names) | {t for e in vocab.entries for t in e.terms() for t in t.split()}
-    for c in captions + [template.replace("{name}", "")]:
-        words |= set(_TOKEN_RE.findall(c.lower()))
-    tmp = tempfile.mkdtemp(prefix="ovtasks-itm-")
-    tokenizer = build_word_tokenizer(words, tmp)
-    from transformers import BlipForImageTextRetrieval
+    if init:
+        itm = ItmModel.load(init, settings.device, settings.maskfree.itm_layer, settings.s3)
+        model = itm.model
+        vc = model.config.vision_config
+        if (vc.image_size, vc.patch_size) != (cfg.image_size, cfg.patch_size):
+            raise ValueError(f"--init {init} is {vc.image_size} px / {vc.patch_size} px patches; the config asks for "
+                             f"{cfg.image_size} / {cfg.patch_size}")
+        emb = model.vision_model.embeddings.patch_embedding
+        stem = emb if isinstance(emb, ConvStem) else None
+        tc = model.config.text_config
+        cfg = replace(cfg, hidden=vc.hidden_size, vision_layers=vc.num_hidden_layers, text_layers=tc.num_hidden_layers,
+                      heads=vc.num_attention_heads, conv_stem=stem is not None,
+                      stem_extra=stem.extra if stem is not None else cfg.stem_extra, pretrain_steps=0)
+    else:
+        words = set(vocab_names) | {t for e in vocab.entries for t in e.terms() for t in t.split()}
+        for c in captions + [template.replace("{name}", "")]:
+            words |= set(_TOKEN_RE.findall(c.lower()))
+        tmp = tempfile.mkdtemp(prefix="ovtasks-itm-")
+        tokenizer = build_word_tokenizer(words, tmp)
+        from transformers import BlipForImageTextRetrieval
 
-    model = BlipForImageTextRetrieval(tiny_blip_config(len(tokenizer), cfg.image_size, cfg.patch_size, cfg.hidden,
-                                                       cfg.vision_layers, cfg.text_layers, cfg.heads))
-    stem = install_conv_stem(model, cfg.stem_extra) if cfg.conv_stem else None
-    sample = images[:2048].float()
-    mean, std = sample.mean((0, 2, 3)) / 255, sample.std((0, 2, 3)) / 255
-    itm = ItmModel(model, tokenizer, cfg.image_size, mean.tolist(), std.tolist(), settings.device, settings.maskfree.itm_layer)
+        model = BlipForImageTextRetrieval(tiny_blip_config(len(tokenizer), cfg.image_size, cfg.patch_size, cfg.hidden,
+                                                           cfg.vision_layers, cfg.text_layers, cfg.heads))
+        stem = install_conv_stem(model, cfg.stem_extra) if cfg.conv_stem else None
+        sample = images[:2048].float()
+        mean, std = sample.mean((0, 2, 3)) / 255, sample.std((0, 2, 3)) / 255
+        itm = ItmModel(model, tokenizer, cfg.image_size, mean.tolist(), std.tolist(), settings.device, settings.maskfree.itm_layer)
     t0 = time.perf_counter()
     history: list[dict] = []
     pre_metrics: dict = {}
-    if stem is not None and cfg.pretrain_steps > 0:
+    pretrain = stem is not None and cfg.pretrain_steps > 0 and not init
+    if pretrain:
         pre_metrics = _pretrain_stem(itm, stem, images, names, vocab_names, train_idx, np.arange(n - hold, n), cfg, rng,
                                      history, progress)
-    stem_params = {id(p) for p in stem.parameters()} if stem is not None and cfg.pretrain_steps > 0 else set()
+    stem_params = {id(p) for p in stem.parameters()} if stem is not None and (pretrain or init) else set()
     groups = [{"params": [p for p in model.parameters() if id(p) not in stem_params], "lr": cfg.lr}]
     if stem_params:
         groups.append({"params": list(stem.parameters()), "lr": cfg.lr * cfg.stem_lr_scale})
@@ -189,10 +212,12 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     if cfg.grounding_weight > 0:
         grounder = _Grounder(itm, vocab_names, template, min(cfg.gradcam_layer, cfg.text_layers - 1))
         groups.append({"params": list(grounder.head.parameters()), "lr": cfg.lr})
+    layer = min(cfg.gradcam_layer if settings.maskfree.itm_layer is None else settings.maskfree.itm_layer, cfg.text_layers - 1)
+    mosaic = _Mosaic(itm, vocab_names, template, layer) if cfg.mosaic_weight > 0 else None
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
     model.train()
-    run_loss, run_acc = 0.0, 0.0
+    run_loss, run_acc, run_mos = 0.0, 0.0, {}
     for step in range(cfg.steps):
         pool = single if step < cfg.curriculum * cfg.steps else train_idx
         idx = rng.choice(pool, size=min(cfg.batch_size, len(pool)), replace=False)
@@ -207,6 +232,10 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
             loss = loss + cfg.itc_weight * _itc_loss(itm, embeds, idx, names, vocab_names, template, cfg.temperature)
         if grounder is not None:
             loss = loss + cfg.grounding_weight * grounder.loss(embeds, [names[i] for i in idx], rng)
+        if mosaic is not None:
+            m_loss, m_parts = mosaic.loss(images, names, pool, cfg.mosaic_batch, rng)
+            loss = loss + cfg.mosaic_weight * m_loss
+            run_mos = {k: 0.98 * run_mos.get(k, v) + 0.02 * v for k, v in m_parts.items()} if step else m_parts
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -216,7 +245,8 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
         acc = (logits.argmax(-1) == labels).float().mean().item()
         run_acc = 0.98 * run_acc + 0.02 * acc if step else acc
         if step % 50 == 0 or step == cfg.steps - 1:
-            rec = {"stage": "itm", "step": step, "loss": round(run_loss, 4), "acc": round(run_acc, 4), "seconds": round(time.perf_counter() - t0, 1)}
+            rec = {"stage": "itm", "step": step, "loss": round(run_loss, 4), "acc": round(run_acc, 4),
+                   **{k: round(v, 4) for k, v in run_mos.items()}, "seconds": round(time.perf_counter() - t0, 1)}
             history.append(rec)
             log.info("train-itm", extra=rec)
             if progress:
@@ -226,8 +256,6 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     model.eval()
     hold_idx = list(range(n - hold, n))
     metrics = caption_metrics(itm, images[hold_idx], [names[i] for i in hold_idx], vocab_names, template)
-    layer = settings.maskfree.itm_layer if settings.maskfree.itm_layer is not None else cfg.gradcam_layer
-    layer = min(layer, cfg.text_layers - 1)
     if gt_uri:
         from ovtasks.data.groundtruth import GroundTruth
 
@@ -243,7 +271,7 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
                    train_seconds=round(time.perf_counter() - t0, 1))
     itm.layer = layer
     meta = {"conv_stem": cfg.conv_stem, "stem_extra": cfg.stem_extra, "gradcam_layer": layer, "trained_by": f"ovtasks {__version__} train-itm", "config": asdict(cfg), "metrics": metrics,
-            "source": src_uri, "prompt": template, **({"command": command} if command else {})}
+            "source": src_uri, "prompt": template, **({"command": command} if command else {}), **({"init": init} if init else {})}
     with tempfile.TemporaryDirectory(prefix="ovtasks-itm-out-") as d:
         itm.save(d, meta)
         (Path(d) / "history.json").write_text(json.dumps(history))
@@ -352,6 +380,76 @@ class _Grounder:
         pooled = torch.einsum("bn,bnd->bd", a, local)
         target = torch.tensor([self.col[n] for n in chosen], device=pooled.device)
         return F.cross_entropy(self.head(pooled), target)
+
+
+class _Mosaic:
+    """The mosaic grounding loss (``ItmTrainConfig.mosaic_weight``).
+
+    Four training images, each at half size, make one 2x2 mosaic of the model's input size. A name that
+    exactly one tile's caption mentions is, by construction, somewhere in that tile and nowhere else. Its
+    prompt runs through the text encoder; the word tokens' cross-attention over the patch grid in
+    ``layer`` (the GradCAM layer, mean over heads, [CLS] column dropped and renormalised: what eq. 3
+    weights by the gradient) must put its mass in that tile: ``-log`` of the mass there. The ITM head must
+    also accept the prompt on the mosaic and reject the prompt of a name no tile mentions. Where the
+    word-grounding loss only says *what* the attended patches must look like, this says *where* they
+    are, from the composition alone; the tile is a quarter of the image, so the ITM's own loss still has
+    to find the object inside it."""
+
+    def __init__(self, itm: ItmModel, vocab_names: list[str], template: str, layer: int):
+        self.itm, self.vocab_names, self.template, self.layer = itm, vocab_names, template, layer
+        g = itm.grid
+        if g % 2:
+            raise ValueError(f"mosaic grounding needs an even patch grid, got {g}x{g}")
+        rows = torch.arange(g).view(-1, 1).expand(g, g)
+        cols = torch.arange(g).view(1, -1).expand(g, g)
+        tile = (rows >= g // 2).long() * 2 + (cols >= g // 2).long()  # tile index of each patch (row-major 2x2)
+        self.tile_masks = torch.stack([(tile == t).flatten() for t in range(4)]).float().to(itm.device)  # (4, N)
+
+    def sample(self, names: list[list[str]], pool: np.ndarray, count: int, rng: np.random.Generator):
+        """``count`` mosaics: (the four image indices, the target tile, its name, a name absent from all four)."""
+        out = []
+        for _ in range(count * 4):
+            if len(out) == count:
+                break
+            quad = rng.choice(pool, size=4, replace=False)
+            sets = [set(names[i]) for i in quad]
+            unique = [(t, n) for t in range(4) for n in sorted(sets[t]) if not any(n in sets[u] for u in range(4) if u != t)]
+            absent = [n for n in self.vocab_names if not any(n in s for s in sets)]
+            if unique and absent:
+                t, n = unique[int(rng.integers(len(unique)))]
+                out.append((quad, t, n, absent[int(rng.integers(len(absent)))]))
+        return out
+
+    @staticmethod
+    def compose(quads: torch.Tensor) -> torch.Tensor:
+        """``(M, 4, 3, S, S)`` → ``(M, 3, S, S)``: each image at half size in one quarter (row-major)."""
+        m, _, c, s, _ = quads.shape
+        half = F.avg_pool2d(quads.reshape(m * 4, c, s, s), 2).reshape(m, 2, 2, c, s // 2, s // 2)
+        return half.permute(0, 3, 1, 4, 2, 5).reshape(m, c, s, s)
+
+    def loss(self, images: torch.Tensor, names: list[list[str]], pool: np.ndarray, count: int,
+             rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        picks = self.sample(names, pool, count, rng)
+        if not picks:
+            return torch.zeros((), device=self.itm.device), {}
+        idx = torch.from_numpy(np.concatenate([q for q, *_ in picks]))
+        x = _augment(images[idx].float(), rng).reshape(len(picks), 4, *images.shape[1:])
+        embeds = self.itm.image_embeds(self.itm.preprocess(self.compose(x)))
+        texts, spans = zip(*[prompt_span(self.template, n) for _, _, n, _ in picks] +
+                           [prompt_span(self.template, a) for *_, a in picks])
+        ids_, am, wm = self.itm.tokenize(texts, spans)
+        rows = torch.arange(len(picks), device=embeds.device).repeat(2)
+        logits, attn = self.itm.itm_logits_and_attention(embeds[rows], ids_, am, self.layer)
+        m = len(picks)
+        a = word_mean(attn[:m].mean(1), wm[:m])[:, 1:]  # (M, N): each target word's attention over the patches
+        a = a / a.sum(1, keepdim=True).clamp(min=1e-6)
+        target = self.tile_masks[torch.tensor([t for _, t, _, _ in picks], device=a.device)]
+        mass = (a * target).sum(1)
+        labels = torch.cat([torch.ones(m), torch.zeros(m)]).long().to(logits.device)
+        loc = -(mass.clamp(min=1e-6).log()).mean()
+        itm_loss = F.cross_entropy(logits, labels)
+        return loc + itm_loss, {"mosaic_mass": float(mass.detach().mean()),
+                                  "mosaic_itm_acc": float((logits.detach().argmax(-1) == labels).float().mean())}
 
 
 def _itc_loss(itm: ItmModel, embeds: torch.Tensor, idx: np.ndarray, names, vocab_names, template: str, temperature: float) -> torch.Tensor:
