@@ -10,7 +10,8 @@ Runs alternate (limit, ingest with full decodes, ingest, limit, ...) and the med
 
 Prints ``ratio=<x>`` per configuration and writes benchmarks/results/ingest.json. Target >= 1.0. Each
 repeat also runs ingest with ``ingest.scaled_decode`` off (every image fully decoded, as before that
-option), so the row shows what the reduced-scale decode bought, and whether both publish the same images.
+option) and with ``ingest.check_view_side=128`` (the view side before the 64 px default), so the row shows what
+the reduced-scale decode and the smaller view each bought, and whether all publish the same images.
 
 Two codec rows, side by side on the same data in the same run, that decide what the project keeps:
 ``phash``: ``ovtasks.core.imaging.phash64`` against ``imagehash.phash`` on the same decoded images (the
@@ -180,32 +181,40 @@ def run_config(size: int, shards: int, per_shard: int, workers: int, repeats: in
     off: what ingest did before) and ingest as configured (header checks, reduced-scale JPEG decode)."""
     settings = load_settings(env={})
     full = load_settings(env={"OVTASKS_INGEST__SCALED_DECODE": "false"})
+    view128 = load_settings(env={"OVTASKS_INGEST__CHECK_VIEW_SIDE": "128"})  # the view side before 64
     src = work / f"laion{size}"
     generate(SynthSpec(seed=0, shards=shards, images_per_shard=per_shard, image_size=size), str(src), settings, workers=workers)
     decode_limit(src, workers)  # warm the page cache for both sides
-    limit_s, ingest_s, full_s = [], [], []
+    limit_s, ingest_s, full_s, v128_s = [], [], [], []
     n = 0
     for r in range(repeats):
         dt, n = decode_limit(src, workers)
         limit_s.append(dt)
         dt, report_full, kept_full = _ingest_timed(src, work / f"clean{size}-full-{r}", full, workers)
         full_s.append(dt)
+        dt, report_128, kept_128 = _ingest_timed(src, work / f"clean{size}-v128-{r}", view128, workers)
+        v128_s.append(dt)
         dt, report, kept = _ingest_timed(src, work / f"clean{size}-{r}", settings, workers)
         ingest_s.append(dt)
-    lim, ing, ing_full = statistics.median(limit_s), statistics.median(ingest_s), statistics.median(full_s)
+    lim, ing, ing_full, ing_128 = (statistics.median(x) for x in (limit_s, ingest_s, full_s, v128_s))
     res = {"image_size": size, "shards": shards, "images": n, "workers": workers, "repeats": repeats,
            "decode_limit_s": round(lim, 3), "ingest_s": round(ing, 3), "ingest_full_decode_s": round(ing_full, 3),
            "decode_limit_images_per_s": round(n / lim, 1), "ingest_images_per_s": round(report["seen"] / ing, 1),
            "ingest_full_decode_images_per_s": round(report_full["seen"] / ing_full, 1),
+           "check_view_side": settings.ingest.check_view_side, "ingest_view128_s": round(ing_128, 3),
+           "ingest_view128_images_per_s": round(report_128["seen"] / ing_128, 1), "ratio_view128": round(lim / ing_128, 3),
+           "published_keys_differing_view128": len(set(kept) ^ set(kept_128)),
            "kept": report["kept"], "quarantined": report["quarantined"],
            "kept_full_decode": report_full["kept"], "quarantined_full_decode": report_full["quarantined"],
            # near-duplicate pairs at the Hamming boundary may be decided the other way by the view's hash
            "published_keys_differing": len(set(kept) ^ set(kept_full)),
-           "same_bytes_where_both_publish": all(kept[k] == kept_full[k] for k in set(kept) & set(kept_full)),
+           "same_bytes_where_both_publish": all(kept[k] == kept_full[k] for k in set(kept) & set(kept_full))
+           and all(kept[k] == kept_128[k] for k in set(kept) & set(kept_128)),
            "ratio_full_decode": round(lim / ing_full, 3), "ratio": round(lim / ing, 3)}
     print(f"{size}px x {n} images, {workers} workers: decode limit {res['decode_limit_images_per_s']} img/s, "
-          f"ingest {res['ingest_images_per_s']} img/s (full decodes: {res['ingest_full_decode_images_per_s']}) "
-          f"ratio={res['ratio']} (full decodes: {res['ratio_full_decode']}), published keys differing: "
+          f"ingest {res['ingest_images_per_s']} img/s (full decodes: {res['ingest_full_decode_images_per_s']}, 128 px view: "
+          f"{res['ingest_view128_images_per_s']}) ratio={res['ratio']} (full decodes: {res['ratio_full_decode']}, 128 px view: "
+          f"{res['ratio_view128']}), published keys differing: "
           f"{res['published_keys_differing']}, same bytes where both publish: {res['same_bytes_where_both_publish']}", flush=True)
     return res
 

@@ -45,7 +45,7 @@ from ovtasks.core import history
 from ovtasks.core.config import IngestConfig, Settings
 from ovtasks.data.clean import image_id
 from ovtasks.data.catalog import record_ingest
-from ovtasks.core.imaging import CHECK_VIEW_SIDE, ImageRejected, NearDuplicateIndex, decode_image, phash64
+from ovtasks.core.imaging import ImageRejected, NearDuplicateIndex, decode_image, phash64
 from ovtasks.ingest.langid import detect_language, is_english, load_model as load_language_model
 from ovtasks.core.shards import (
     IMAGE_EXTS,
@@ -222,7 +222,7 @@ def check_sample(raw: RawSample, row: dict | None, cfg: IngestConfig) -> Verdict
     if cfg.require_english and not is_english(guess, cfg.english_min_score, cfg.other_language_min_score):
         return reject("non_english", f"{guess.lang} p={guess.score:.2f}, en p={guess.english_score:.2f}")
     try:
-        check_side = (CHECK_VIEW_SIDE if cfg.dedup else 1) if cfg.scaled_decode else None
+        check_side = (cfg.check_view_side if cfg.dedup else 1) if cfg.scaled_decode else None
         decoded = decode_image(raw.members[image_ext], cfg, check_side=check_side)
     except ImageRejected as exc:
         return reject(exc.reason, exc.detail)

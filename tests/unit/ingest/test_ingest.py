@@ -89,6 +89,30 @@ def test_ingest_is_idempotent_and_worker_count_independent(synth_small, settings
     assert not [p for p in Path(out).rglob("*") if ".ovtmp-" in p.name]
 
 
+def test_the_check_view_side_reaches_the_decoder(synth_small, settings, tmp_path, monkeypatch):
+    """``ingest.check_view_side`` is the reduced-scale view the checks decode (none with scaled_decode off);
+    the images published are the same keys and bytes either way (the pHash in their metadata may differ)."""
+    import ovtasks.ingest.pipeline as pipeline
+
+    seen = []
+    real = pipeline.decode_image
+    monkeypatch.setattr(pipeline, "decode_image", lambda data, cfg, check_side=None: seen.append(check_side) or real(data, cfg, check_side))
+    uri, _ = synth_small
+    published = {}
+    for side, scaled in ((64, True), (128, True), (64, False)):
+        seen.clear()
+        ingest_cfg = settings.ingest.model_copy(update={"check_view_side": side, "scaled_decode": scaled})
+        out = tmp_path / f"out{side}{scaled}"
+        ingest(uri, str(out), settings.model_copy(update={"ingest": ingest_cfg}), workers=1)
+        assert set(seen) == ({side} if scaled else {None})
+        images = {}
+        for tar in sorted(out.glob("shards/*.tar")):
+            with open(tar, "rb") as fh:
+                images.update({x.key: hashlib.sha256(x.members["jpg"]).hexdigest() for x in iter_tar_samples(fh, {}, 1 << 40)})
+        published[(side, scaled)] = images
+    assert published[(64, True)] == published[(128, True)] == published[(64, False)]
+
+
 def test_ingest_s3_to_s3_equals_local(synth_small, settings, s3_settings, tmp_path):
     uri, _ = synth_small
     bucket = f"ingest-{uuid.uuid4().hex[:8]}"
