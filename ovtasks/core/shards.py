@@ -314,6 +314,10 @@ class ShardWriter:
         if pad:
             self._write(bytes(pad))
 
+    def write_raw(self, data: bytes) -> None:
+        """Append bytes that are already whole members of this format (copied from another ShardWriter's tar)."""
+        self._write(data)
+
     def add(self, key: str, members: dict[str, bytes]) -> None:
         for ext, data in members.items():
             self._member(f"{key}.{ext}", data)

@@ -25,6 +25,7 @@ Invariant, per shard and in total: ``seen == kept + sum(quarantined.values())``.
 from __future__ import annotations
 
 import hashlib
+import io
 import importlib
 import json
 import logging
@@ -95,6 +96,7 @@ class ShardStage:
     seen: int = 0
     quarantined: Counter = field(default_factory=Counter)
     kept: list[tuple[str, int]] = field(default_factory=list)  # (key, phash), in shard order
+    kept_ends: list[int] = field(default_factory=list)  # where each kept sample's members end in the staged tar
     source_sha256: str = ""
     source_bytes: int = 0
     kept_path: str = ""
@@ -296,6 +298,7 @@ def stage_shard(src_uri: str, name: str, settings: Settings, staging_dir: str) -
             if v.reason is None:
                 kept_w.add(v.key, v.members)
                 stage.kept.append((v.key, v.phash if v.phash is not None else -1))
+                stage.kept_ends.append(kept_w.bytes)
             else:
                 stage.quarantined[v.reason] += 1
                 entry = {"key": _index_key(v.key), "reason": v.reason, "detail": v.detail[:2000]}
@@ -396,6 +399,19 @@ class CrossShardDedup:
         return drops
 
 
+_TRAILER = 1024  # the two zero blocks that end a tar
+
+
+def _copy_bytes(src: BinaryIO, writer: ShardWriter, n: int) -> None:
+    """Copy the next ``n`` bytes of ``src`` (whole tar members) into ``writer``, 1 MiB at a time."""
+    while n > 0:
+        chunk = src.read(min(n, 1 << 20))
+        if not chunk:
+            raise OSError(f"staged tar {getattr(src, 'name', '?')} ended {n} bytes early")
+        writer.write_raw(chunk)
+        n -= len(chunk)
+
+
 def publish_shard(stage: ShardStage, drops: dict[str, dict], src_uri: str, out_uri: str, settings: Settings) -> dict:
     """Phase 3: write the shard's outputs atomically, manifest last; returns its report entry."""
     store = open_store(out_uri, settings.s3)
@@ -416,21 +432,29 @@ def publish_shard(stage: ShardStage, drops: dict[str, dict], src_uri: str, out_u
         clean_path, quar_path = stage.kept_path, stage.rejected_path
         digests = {clean_path: stage.kept_file, quar_path: stage.rejected_file}
     else:
+        # Copy the staged bytes through, sample by sample, dropping these few: the staged tars are already the
+        # canonical serialisation, so this gives the bytes a parse and rewrite would, without re-serialising
+        # every member (the old tars' trailers are left off; the writers add their own)
         kept = 0
         with open(clean_path, "wb") as cf, open(quar_path, "wb") as qf, ShardWriter(cf) as clean_w, ShardWriter(qf) as quar_w:
             with open(stage.rejected_path, "rb") as rf:
-                for raw in iter_tar_samples(rf, {}, default_limit=1 << 62):
-                    quar_w.add(raw.key, raw.members)
+                _copy_bytes(rf, quar_w, stage.rejected_file[1] - _TRAILER)
             with open(stage.kept_path, "rb") as kf:
-                for raw in iter_tar_samples(kf, {}, default_limit=1 << 62):
-                    if raw.key in drops:
-                        v = Verdict(raw.key, drops[raw.key]["reason"], drops[raw.key]["detail"], raw.members)
+                start, run = 0, 0
+                for (key, _), end in zip(stage.kept, stage.kept_ends):
+                    if key in drops:
+                        _copy_bytes(kf, clean_w, run)
+                        run = 0
+                        raw = next(iter_tar_samples(io.BytesIO(kf.read(end - start) + bytes(_TRAILER)), {}, default_limit=1 << 62))
+                        v = Verdict(raw.key, drops[key]["reason"], drops[key]["detail"], raw.members)
                         quarantined[v.reason] += 1
                         index.append({"key": raw.key, "reason": v.reason, "detail": v.detail})
                         quar_w.add(_safe_key(raw.key, stage.seen + len(index)), {**raw.members, "reason.json": _reason_member(v, name)})
                     else:
-                        clean_w.add(raw.key, raw.members)
+                        run += end - start
                         kept += 1
+                    start = end
+                _copy_bytes(kf, clean_w, run)
         digests = {clean_path: (clean_w.sha.hexdigest(), clean_w.bytes), quar_path: (quar_w.sha.hexdigest(), quar_w.bytes)}
     index_bytes = b"".join(dumps_json(e) + b"\n" for e in index)
     files = {

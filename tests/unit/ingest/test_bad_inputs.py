@@ -205,6 +205,39 @@ def test_exact_duplicate_across_shards(tmp_path):
     assert reasons == {"000010000": "near_duplicate"} and report["kept"] == 1
 
 
+def test_cross_shard_drops_leave_canonical_tars(tmp_path):
+    """Shard 1 loses two samples that shard 0 already has (one in the middle, one last, one under a key longer
+    than a ustar name) after one of its own was quarantined: its published tars hold exactly the
+    samples a parse and rewrite would, byte for byte, and every sample is in one of them."""
+    from ovtasks.core.shards import ShardWriter
+
+    long_key = "k" * 120
+    files = {"00000.tar": tar_of(flatten({"000000000": good_sample(1), "000000001": good_sample(2)})),
+             "00001.tar": tar_of(flatten({"000010000": good_sample(3), "000010001": {"jpg": b"", "txt": CAPTION.encode()},
+                                          "000010002": good_sample(1), long_key: good_sample(4),
+                                          "000010004": good_sample(5), "000010005": good_sample(2)}))}
+    report, reasons, out = run_ingest(tmp_path, files)
+    assert reasons == {"000010001": "empty_image", "000010002": "near_duplicate", "000010005": "near_duplicate"}
+    for tar in ("shards/00001.tar", "quarantine/00001.tar"):
+        data = (out / tar).read_bytes()
+        buf = io.BytesIO()
+        with ShardWriter(buf) as w:
+            keys = []
+            for raw in iter_tar_samples(io.BytesIO(data), {}, 1 << 40):
+                w.add(raw.key, raw.members)
+                keys.append(raw.key)
+        assert buf.getvalue() == data, tar
+        if tar.startswith("shards"):
+            assert keys == ["000010000", long_key, "000010004"]
+        else:
+            assert [k.split("_", 1)[1] for k in keys] == ["000010001", "000010002", "000010005"], keys
+    manifest = json.loads((out / "shards/00001.manifest.json").read_text())
+    assert manifest["counts"] == {"seen": 6, "kept": 3, "quarantined": {"empty_image": 1, "near_duplicate": 2}}
+    import hashlib
+    for key, f in manifest["files"].items():
+        assert hashlib.sha256((out / key).read_bytes()).hexdigest() == f["sha256"], key
+
+
 def test_every_reason_is_documented():
     from ovtasks.ingest.pipeline import REASONS
 
