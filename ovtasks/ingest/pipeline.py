@@ -8,7 +8,8 @@ Three phases, so that near-duplicate removal is global yet the output is determi
 2. ``CrossShardDedup`` (main process): walk staged hashes in shard/key order; a sample within the
    Hamming distance of an earlier kept one (in an earlier shard; in-shard ones are caught in 1) is
    a near duplicate. Shard k is decided as soon as shards 0..k are staged.
-3. ``publish_shard`` (one process per shard): remove the old manifest, write the clean shard, the
+3. ``publish_shard`` (a thread of the main process per shard, two at a time: it waits on the disk or the
+   store while the workers decode the next shards): remove the old manifest, write the clean shard, the
    quarantine tar and index, then the manifest last (counts, checksums, config hash, code version).
 
 Output layout under ``out``::
@@ -36,7 +37,7 @@ import re
 import shutil
 import threading
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
@@ -556,17 +557,20 @@ def ingest(src_uri: str, out_uri: str, settings: Settings, workers: int | None =
                 if tick:
                     tick()
         else:
-            # Stage every shard; publish shard k as soon as shards 0..k are staged (no barrier).
+            # Stage every shard on the worker processes; publish shard k as soon as shards 0..k are staged (no
+            # barrier), here on threads: publishing mostly waits for the disk (fsync) or the object store, so it
+            # overlaps the workers' decoding instead of queueing behind it on their cores.
             staged = [pool.submit(stage_shard, src_uri, n, settings, staging) for n in names]
-            published = []
-            for fut in staged:
-                stage = fut.result()
-                published.append(pool.submit(publish_shard, stage, dedup.drops_for(stage), src_uri, out_uri, settings))
-            entries = []
-            for fut in published:
-                entries.append(fut.result())
-                if tick:
-                    tick()
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ovtasks-publish") as publisher:
+                published = []
+                for fut in staged:
+                    stage = fut.result()
+                    published.append(publisher.submit(publish_shard, stage, dedup.drops_for(stage), src_uri, out_uri, settings))
+                entries = []
+                for fut in published:
+                    entries.append(fut.result())
+                    if tick:
+                        tick()
     finally:
         if pool is not None:
             pool.shutdown()
