@@ -58,13 +58,14 @@ def _scaling_memory(d: dict) -> float:
 
 
 BENCHES = [
-    Bench("ingest", "ingest.py", ("--sizes", "512", "--repeats", "3"),
+    Bench("ingest", "ingest.py", ("--sizes", "512", "--repeats", "7"),
           "ingest throughput / decode-only limit (512 px, all filters, dedup, publish)", ">= 1.0",
           lambda d: d["results"][0]["ratio"], lambda r: r >= 1.0,
           lambda d: f"{d['results'][0]['ingest_images_per_s']} vs {d['results'][0]['decode_limit_images_per_s']} img/s, "
                     f"{d['results'][0]['workers']} workers; with full decodes (`ingest.scaled_decode` off) "
                     f"{d['results'][0].get('ingest_full_decode_images_per_s', '-')} img/s, ratio "
-                    f"{d['results'][0].get('ratio_full_decode', '-')}"),
+                    f"{d['results'][0].get('ratio_full_decode', '-')}; with the 128 px check view (`ingest.check_view_side=128`) "
+                    f"{d['results'][0].get('ingest_view128_images_per_s', '-')} img/s, ratio {d['results'][0].get('ratio_view128', '-')}"),
     Bench("wss", "wss.py", ("--boxes", "64"),
           "WSS batched / sequential reference (CPU, same boxes, points, iterations)", ">= 30x on CPU",
           lambda d: d["speedup"], lambda r: r >= 30,
