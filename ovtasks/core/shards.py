@@ -73,6 +73,7 @@ def normalise_ext(ext: str) -> str:
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
+TAR_TRAILER = _ZERO_BLOCK * 2  # the end-of-archive marker ShardWriter.close writes
 _REGULAR = (b"0", b"\x00", b"7")
 _PASSIVE = (b"5",)  # directories: skipped
 # PAX (x, g) and GNU long-name (L, K) headers are read into memory: a real one is a few hundred bytes.
@@ -325,7 +326,7 @@ class ShardWriter:
 
     def close(self) -> None:
         if not self._closed:
-            self._write(_ZERO_BLOCK * 2)
+            self._write(TAR_TRAILER)
             self._closed = True
 
     def __enter__(self) -> "ShardWriter":

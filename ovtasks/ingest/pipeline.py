@@ -51,6 +51,7 @@ from ovtasks.core.imaging import ImageRejected, NearDuplicateIndex, decode_image
 from ovtasks.ingest.langid import detect_language, is_english, load_model as load_language_model
 from ovtasks.core.shards import (
     IMAGE_EXTS,
+    TAR_TRAILER,
     RawSample,
     ShardReadError,
     ShardWriter,
@@ -400,9 +401,6 @@ class CrossShardDedup:
         return drops
 
 
-_TRAILER = 1024  # the two zero blocks that end a tar
-
-
 def _copy_bytes(src: BinaryIO, writer: ShardWriter, n: int) -> None:
     """Copy the next ``n`` bytes of ``src`` (whole tar members) into ``writer``, 1 MiB at a time."""
     while n > 0:
@@ -439,14 +437,14 @@ def publish_shard(stage: ShardStage, drops: dict[str, dict], src_uri: str, out_u
         kept = 0
         with open(clean_path, "wb") as cf, open(quar_path, "wb") as qf, ShardWriter(cf) as clean_w, ShardWriter(qf) as quar_w:
             with open(stage.rejected_path, "rb") as rf:
-                _copy_bytes(rf, quar_w, stage.rejected_file[1] - _TRAILER)
+                _copy_bytes(rf, quar_w, stage.rejected_file[1] - len(TAR_TRAILER))
             with open(stage.kept_path, "rb") as kf:
                 start, run = 0, 0
                 for (key, _), end in zip(stage.kept, stage.kept_ends):
                     if key in drops:
                         _copy_bytes(kf, clean_w, run)
                         run = 0
-                        raw = next(iter_tar_samples(io.BytesIO(kf.read(end - start) + bytes(_TRAILER)), {}, default_limit=1 << 62))
+                        raw = next(iter_tar_samples(io.BytesIO(kf.read(end - start) + TAR_TRAILER), {}, default_limit=1 << 62))
                         v = Verdict(raw.key, drops[key]["reason"], drops[key]["detail"], raw.members)
                         quarantined[v.reason] += 1
                         index.append({"key": raw.key, "reason": v.reason, "detail": v.detail})
