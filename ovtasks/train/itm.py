@@ -208,11 +208,12 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     groups = [{"params": [p for p in model.parameters() if id(p) not in stem_params], "lr": cfg.lr}]
     if stem_params:
         groups.append({"params": list(stem.parameters()), "lr": cfg.lr * cfg.stem_lr_scale})
+    # the GradCAM layer: maskfree.itm_layer when set (what inference will use), else the config's
+    layer = min(cfg.gradcam_layer if settings.maskfree.itm_layer is None else settings.maskfree.itm_layer, cfg.text_layers - 1)
     grounder = None
     if cfg.grounding_weight > 0:
-        grounder = _Grounder(itm, vocab_names, template, min(cfg.gradcam_layer, cfg.text_layers - 1))
+        grounder = _Grounder(itm, vocab_names, template, layer)
         groups.append({"params": list(grounder.head.parameters()), "lr": cfg.lr})
-    layer = min(cfg.gradcam_layer if settings.maskfree.itm_layer is None else settings.maskfree.itm_layer, cfg.text_layers - 1)
     mosaic = _Mosaic(itm, vocab_names, template, layer) if cfg.mosaic_weight > 0 else None
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))

@@ -103,7 +103,7 @@ def test_normalise_constant_map_is_zero():
     assert n[0].abs().max() == 0 and n[1].min() == 0 and n[1].max() == 1
 
 
-def test_train_itm_two_stages_save_and_load(synth_small, tmp_path):
+def test_train_itm_two_stages_save_and_load(synth_small, tmp_path, monkeypatch):
     """Both stages run on real (small) ingested shards; the stem's pretraining fits its batch; the saved
     model loads through the same path as real BLIP and gives word maps on its patch grid."""
     from ovtasks.core.config import load_settings
@@ -142,6 +142,22 @@ def test_train_itm_two_stages_save_and_load(synth_small, tmp_path):
     assert ItmModel.load(cont.model_uri).tokenizer.get_vocab() == itm.tokenizer.get_vocab()
     with pytest.raises(ValueError, match="px"):
         train_itm(str(tmp_path / "clean"), str(tmp_path / "itm3"), settings, replace(more, image_size=64), init=result.model_uri)
+
+    # maskfree.itm_layer set: the grounding and mosaic losses work on that layer (the one inference will use),
+    # and the checkpoint records it
+    import ovtasks.train.itm as itm_mod
+
+    seen = {}
+    for name in ("_Grounder", "_Mosaic"):
+        real = getattr(itm_mod, name)
+        spy = type(name, (real,), {"__init__": lambda self, *a, _r=real, _n=name: (_r.__init__(self, *a), seen.update({_n: self.layer}))[0]})
+        monkeypatch.setattr(itm_mod, name, spy)
+    layer1 = load_settings(env={"OVTASKS_MASKFREE__ITM_LAYER": "1"})
+    assert layer1.maskfree.itm_layer == 1
+    last = train_itm(str(tmp_path / "clean"), str(tmp_path / "itm4"), layer1, replace(more, grounding_weight=0.5),
+                     init=result.model_uri)
+    assert seen == {"_Grounder": 1, "_Mosaic": 1}
+    assert json.loads((Path(last.model_uri) / "ovtasks_itm.json").read_text())["gradcam_layer"] == 1
 
 
 def test_mosaic_compose_and_sampling():
