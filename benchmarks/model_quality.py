@@ -9,6 +9,7 @@ Novel mask AP50 (generalized: all categories in the vocabulary) on held-out imag
     python benchmarks/model_quality.py --itm-model models/itm-synth
     python benchmarks/model_quality.py --itm-model models/itm-synth --seeds 0,1,2    # spread over training seeds
     python benchmarks/model_quality.py --itm-model models/itm-synth --shards 8 --steps 600 --device cuda
+    python benchmarks/model_quality.py --itm-model models/itm-synth --backbone-init models/backbone-synth   # caption-pretrained backbone
 
 Targets: (3) >= 50 within 20 minutes of training, (2) >= (1), and (2) >= 70% of (3) (``oracle_fraction``).
 Every stage's output is hashed (pseudo-label shards, trained weights) into the JSON, so two runs can be
@@ -86,6 +87,10 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a maskfree setting")
     ap.add_argument("--wspn-steps", type=int, default=300)
     ap.add_argument("--backbone", default="small", choices=("small", "resnet50_fpn"))
+    ap.add_argument("--backbone-init", default=None, metavar="DIR",
+                    help="both models start from this caption-pretrained backbone (`ovtasks pretrain-backbone`, e.g. "
+                         "models/backbone-synth); default random")
+    ap.add_argument("--models", default="pseudo,oracle", help="which to train: pseudo (the student), oracle, or both")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(RESULTS), help="results directory (model_quality.json / .md)")
@@ -114,8 +119,9 @@ def main() -> int:
         data = {"pseudo": training_data(clean, d, settings, "maskfree", held), "oracle": gt_training_data(laion, clean, settings, None, held)}
         runs: dict[str, list] = {"pseudo": [], "oracle": []}
         for seed in seeds:
-            cfg = TrainConfig(steps=args.steps, batch_size=4, backbone=args.backbone, seed=seed, optimizer=args.optimizer, lr=lr)
-            for name in ("pseudo", "oracle"):
+            cfg = TrainConfig(steps=args.steps, batch_size=4, backbone=args.backbone, seed=seed, optimizer=args.optimizer, lr=lr,
+                              backbone_init=args.backbone_init)
+            for name in [m for m in ("pseudo", "oracle") if m in args.models.split(",")]:
                 t = time.perf_counter()
                 trained = fit_ov_maskrcnn(*data[name], f"{d}/model-{name}-{seed}", settings, cfg)
                 train_s = time.perf_counter() - t
@@ -131,7 +137,7 @@ def main() -> int:
     pl = novel(rows_pl)
     tr, orc = _summary([r["novel"] for r in runs["pseudo"]]), _summary([r["novel"] for r in runs["oracle"]])
     fraction = round(tr["mean"] / orc["mean"], 3) if orc["mean"] else None
-    oracle_s = max(r["train_seconds"] for r in runs["oracle"])
+    oracle_s = max((r["train_seconds"] for r in runs["oracle"]), default=float("nan"))
     out = {"novel_mask_AP50": {"pseudo_labels": pl, "trained_on_pseudo_labels": tr, "oracle_trained_on_gt": orc},
            "oracle_fraction": fraction, "trained_beats_pseudo_labels": tr["mean"] is not None and pl is not None and tr["mean"] >= pl,
            "targets": {"oracle_ge_50": (orc["mean"] or 0) >= 50, "oracle_within_20_min": oracle_s <= 1200,
@@ -154,8 +160,10 @@ def main() -> int:
           "", f"oracle_fraction={fraction} (target >= 0.7); trained >= pseudo-labels: {out['trained_beats_pseudo_labels']}; "
           f"oracle training {oracle_s:.0f} s (target <= 1200 s); {len(held)} held-out images; {args.shards * args.images_per_shard} synthetic images",
           *(["", "maskfree overrides: " + " ".join(args.set)] if args.set else []),
-          "", "Pseudo-labels:", format_eval_table(rows_pl), "", f"Trained on pseudo-labels (seed {seeds[0]}):", runs["pseudo"][0]["table"],
-          "", f"Oracle (seed {seeds[0]}):", runs["oracle"][0]["table"], ""]
+          *(["", f"backbone from {args.backbone_init}"] if args.backbone_init else []),
+          "", "Pseudo-labels:", format_eval_table(rows_pl),
+          *(x for name, title in (("pseudo", "Trained on pseudo-labels"), ("oracle", "Oracle")) if runs[name]
+            for x in ("", f"{title} (seed {seeds[0]}):", runs[name][0]["table"])), ""]
     (results / "model_quality.md").write_text("\n".join(md))
     print("\n".join(md))
     print(f"oracle_fraction={fraction}")

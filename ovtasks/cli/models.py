@@ -1,4 +1,4 @@
-"""Model commands: ``train-itm``, ``train-sam``, ``train-wspn``, ``train``, ``promote``, ``predict``, ``models upload``."""
+"""Model commands: ``train-itm``, ``train-sam``, ``pretrain-backbone``, ``train-wspn``, ``train``, ``promote``, ``predict``, ``models upload``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,16 @@ def cmd_train_sam(args: argparse.Namespace, settings: Settings) -> int:
     command = " ".join(["ovtasks", *(shlex.quote(a) for a in sys.argv[1:])])  # recorded in the checkpoint's JSON
     return report_trained(train_sam(args.sa1b, args.out, on_device(args, settings), cfg, progress=print_progress,
                                     command=command), "train-sam metrics")
+
+
+def cmd_pretrain_backbone(args: argparse.Namespace, settings: Settings) -> int:
+    from ovtasks.train.backbone import BackboneConfig, pretrain_backbone
+
+    cfg = BackboneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
+                         holdout=args.holdout, max_images=args.max_images, seed=args.seed)
+    command = " ".join(["ovtasks", *(shlex.quote(a) for a in sys.argv[1:])])  # recorded in the checkpoint's JSON
+    return report_trained(pretrain_backbone(args.src, args.out, on_device(args, settings), cfg, progress=print_progress,
+                                            command=command), "pretrain-backbone metrics")
 
 
 def cmd_models_upload(args: argparse.Namespace, settings: Settings) -> int:
@@ -112,7 +122,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         lr = args.lr or (TrainConfig.lr if args.optimizer == "adamw" else 0.01)
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer, backbone=args.backbone, seed=args.seed,
                           generator=args.generator, finetune_steps=args.finetune_steps, checkpoint_every=args.checkpoint_every,
-                          min_size=args.min_size, max_size=args.max_size)
+                          min_size=args.min_size, max_size=args.max_size, backbone_init=args.backbone_init)
         held_out = eval_image_ids(args.gt, args.src, settings, args.eval_images) if args.finetune_steps else ()
         trained = train_ov_maskrcnn(args.src, args.pseudo, args.out, settings, cfg, progress=progress, gt_uri=args.gt, exclude_ids=held_out)
         evaluate = evaluate_model
@@ -213,6 +223,20 @@ def add_commands(sub) -> None:
     s.add_argument("--device", default=None, help="cpu | cuda (default from config)")
     s.set_defaults(func=cmd_train_sam)
 
+    b = sub.add_parser("pretrain-backbone", help="pretrain the OV Mask R-CNN's backbone to classify the names captions "
+                       "mention (no box or mask labels)")
+    b.add_argument("--src", required=True, help="URI of ingested (clean) shards")
+    b.add_argument("--out", required=True, help="directory or store URI for the backbone")
+    b.add_argument("--steps", type=int, default=1500)
+    b.add_argument("--batch-size", type=int, default=48)
+    b.add_argument("--lr", type=float, default=2e-3)
+    b.add_argument("--image-size", type=int, default=192, help="image side (the detector's shorter side, train --min-size)")
+    b.add_argument("--holdout", type=int, default=400, help="last images kept out of training for the metrics")
+    b.add_argument("--max-images", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default=None, help="cpu | cuda (default from config)")
+    b.set_defaults(func=cmd_pretrain_backbone)
+
     w = sub.add_parser("train-wspn", help="train the weakly-supervised proposal network on clean shards")
     w.add_argument("--src", required=True)
     w.add_argument("--out", required=True, help="directory or store URI for wspn.pt")
@@ -236,6 +260,8 @@ def add_commands(sub) -> None:
     t.add_argument("--lr", type=float, default=None, help="default: the model's (ov-maskrcnn 1e-3 with adamw, 0.01 with sgd; semantic-sam 1e-3)")
     t.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="ov-maskrcnn optimizer")
     t.add_argument("--backbone", default="small", choices=("small", "resnet50_fpn"), help="ov-maskrcnn backbone")
+    t.add_argument("--backbone-init", default=None,
+                   help="ov-maskrcnn: start the backbone from `ovtasks pretrain-backbone`'s output (directory or store URI)")
     t.add_argument("--sa1b", default=None, help="semantic-sam: SA-1B-format tars (masks without names), mixed 1:4 with the pseudo-labels")
     t.add_argument("--sam-model", default=None, help="semantic-sam: pretrained SAM (HF id, directory, model-store URI); default a tiny random one")
     t.add_argument("--freeze-image-encoder", action="store_true", help="semantic-sam: train the decoder, tokens and heads only")

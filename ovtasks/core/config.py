@@ -242,6 +242,8 @@ class PipelineConfig(_Frozen):
     semantic_sam_start: str | None = Field(None, description="the SamModel a Semantic-SAM retrain starts from (HF id, "
                                            "directory or store URI, e.g. one made by `ovtasks train-sam`); None: a tiny "
                                            "random SAM")
+    ov_maskrcnn_backbone: str | None = Field(None, description="the backbone an OV Mask R-CNN retrain starts from (directory "
+                                             "or store URI made by `ovtasks pretrain-backbone`: caption names only); None: random")
     generator: str = Field("maskfree", pattern="^(maskfree|grounded)$")
     shards_per_task: int = Field(1, ge=1, description="pseudo-label shards per mapped task (past 1024 shards they are grouped anyway)")
     max_map_length: int = Field(1024, ge=1, description="Airflow's [core] max_map_length")
@@ -263,6 +265,8 @@ class PathsConfig(_Frozen):
     committed_itm: Path = Field(Path("models/itm-synth"), description="the ITM checkpoint `ovtasks demo` uses when present")
     committed_sam: Path = Field(Path("models/sam-synth"), description="the SAM checkpoint (`ovtasks train-sam`) `ovtasks "
                                 "demo` starts Semantic-SAM from when present")
+    committed_backbone: Path = Field(Path("models/backbone-synth"), description="the caption-pretrained OV Mask R-CNN backbone "
+                                     "(`ovtasks pretrain-backbone`) `ovtasks demo` starts the detector from when present")
 
 
 class Settings(_Frozen):

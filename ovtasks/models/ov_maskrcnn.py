@@ -101,6 +101,12 @@ class OVRoIHeads(RoIHeads):
         return result, losses
 
 
+# the detector transform's normalisation of [0, 1] images (torchvision's ImageNet statistics; named here so that
+# a backbone pretrained elsewhere, ``ovtasks pretrain-backbone``, sees the same input)
+IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SMALL_CHANNELS = (32, 48, 64, 96)  # the small body's layer1 .. layer4 widths
+
+
 def small_backbone(out_channels: int = 64) -> BackboneWithFPN:
     """A 4-stage CNN (strides 4-32) with an FPN: Mask R-CNN's interface at a CPU-friendly size."""
     from collections import OrderedDict
@@ -109,9 +115,10 @@ def small_backbone(out_channels: int = 64) -> BackboneWithFPN:
         return nn.Sequential(nn.Conv2d(i, o, 3, 2, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
                              nn.Conv2d(o, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
 
-    body = nn.Sequential(OrderedDict([("stem", block(3, 24)), ("layer1", block(24, 32)), ("layer2", block(32, 48)),
-                                      ("layer3", block(48, 64)), ("layer4", block(64, 96))]))
-    return BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [32, 48, 64, 96], out_channels)
+    c1, c2, c3, c4 = SMALL_CHANNELS
+    body = nn.Sequential(OrderedDict([("stem", block(3, 24)), ("layer1", block(24, c1)), ("layer2", block(c1, c2)),
+                                      ("layer3", block(c2, c3)), ("layer4", block(c3, c4))]))
+    return BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, list(SMALL_CHANNELS), out_channels)
 
 
 class OVMaskRCNN(MaskRCNN):
@@ -135,6 +142,8 @@ class OVMaskRCNN(MaskRCNN):
         else:
             raise ValueError(f"unknown backbone {backbone!r}; use small or resnet50_fpn")
         predictor = EmbeddingPredictor(rep, embed_dim, temperature)
+        kwargs.setdefault("image_mean", IMAGE_MEAN)
+        kwargs.setdefault("image_std", IMAGE_STD)
         super().__init__(bb, num_classes=None, min_size=min_size, max_size=max_size, box_predictor=predictor,
                          mask_predictor=AgnosticMaskPredictor(mask_ch, mask_ch, predictor), **kwargs)
         self.roi_heads.__class__ = OVRoIHeads  # same parts and settings, weighted classification loss

@@ -333,8 +333,9 @@ def train_model(model: str, clean_uri: str, pseudo_uri: str, out_dir: str, setti
     elif model == "ov-maskrcnn":
         from ovtasks.train.ov_maskrcnn import TrainConfig, train_ov_maskrcnn
 
-        t = train_ov_maskrcnn(clean_uri, pseudo_uri, out_dir, settings, TrainConfig(steps=steps, generator=generator,
-                                                                                    window_shards=window_shards), exclude_ids=held)
+        t = train_ov_maskrcnn(clean_uri, pseudo_uri, out_dir, settings,
+                              TrainConfig(steps=steps, generator=generator, window_shards=window_shards,
+                                          backbone_init=settings.pipeline.ov_maskrcnn_backbone), exclude_ids=held)
     else:
         raise ValueError(f"unknown model {model!r}")
     return _trained_summary({"metrics": t.metrics, "data_manifest": t.data_manifest}, t.model_dir)

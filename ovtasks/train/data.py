@@ -12,7 +12,7 @@ import numpy as np
 
 from ovtasks.core.config import Settings
 from ovtasks.core.storage import open_store
-from ovtasks.data.clean import complete_shards, iter_shard
+from ovtasks.data.clean import complete_shards, iter_clean, iter_shard
 
 from ovtasks.data.holdout import held_out_record
 
@@ -114,3 +114,29 @@ def gt_training_data(gt_uri: str, clean_uri: str, settings: Settings, split: str
     manifest = {"source": "gt", "split": split, "images": len(samples), "annotations": sum(len(a) for _, a in samples),
                 "held_out": held_out_record(exclude), "sha256": digest.hexdigest()}
     return samples, [{"id": c["id"], "name": c["name"], "split": c.get("split")} for c in cats], np.asarray(emb, np.float32), manifest
+
+
+def named_images(src_uri: str, settings: Settings, size: int, limit: int | None = None, vocab=None):
+    """Every clean image whose caption names a vocabulary object, resized to ``size`` x ``size``: (uint8 tensor
+    ``(N, 3, size, size)``, captions, the names each caption mentions, image ids). What the caption-supervised
+    trainers (``train-itm``, ``pretrain-backbone``) learn from: the captions' names, nothing drawn by a person."""
+    import torch
+    import torch.nn.functional as F
+
+    from ovtasks.pseudolabel.candidates import LexiconExtractor, Vocabulary
+
+    extractor = LexiconExtractor(vocab or Vocabulary.load(settings.candidates.vocabulary))
+    images, captions, names, ids = [], [], [], []
+    for s in iter_clean(src_uri, settings, limit):
+        cands = extractor.extract([s.caption])[0]
+        if not cands:
+            continue
+        t = torch.from_numpy(s.image).permute(2, 0, 1)[None].float()
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        images.append(t[0].round().clamp(0, 255).to(torch.uint8))
+        captions.append(s.caption)
+        names.append([c.name for c in cands])
+        ids.append(s.image_id)
+    if not images:
+        raise ValueError(f"no clean samples with object candidates under {src_uri}")
+    return torch.stack(images), captions, names, ids

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from ovtasks import __version__
-from ovtasks.pseudolabel.candidates import LexiconExtractor, Vocabulary
+from ovtasks.pseudolabel.candidates import Vocabulary
 from ovtasks.core.config import Settings
 from ovtasks.train.engine import TrainedCheckpoint, warmup_cosine
-from ovtasks.data.clean import iter_clean
+from ovtasks.train.data import named_images
 from ovtasks.models.hub import publish_model
 from ovtasks.models.itm import ConvStem, ItmModel, build_word_tokenizer, install_conv_stem, prompt_span, tiny_blip_config, word_mean
 
@@ -93,24 +93,6 @@ class ItmTrainConfig:
 TrainedItm = TrainedCheckpoint
 
 
-def _load(src_uri: str, settings: Settings, vocab: Vocabulary, size: int, limit: int | None):
-    extractor = LexiconExtractor(vocab)
-    images, captions, names, ids = [], [], [], []
-    for s in iter_clean(src_uri, settings, limit):
-        cands = extractor.extract([s.caption])[0]
-        if not cands:
-            continue
-        t = torch.from_numpy(s.image).permute(2, 0, 1)[None].float()
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        images.append(t[0].round().clamp(0, 255).to(torch.uint8))
-        captions.append(s.caption)
-        names.append([c.name for c in cands])
-        ids.append(s.image_id)
-    if not images:
-        raise ValueError(f"no clean samples with object candidates under {src_uri}")
-    return torch.stack(images), captions, names, ids
-
-
 def _replace_object_word(caption: str, vocab: Vocabulary, new_name: str) -> str | None:
     hits = vocab.match(caption)
     if not hits:
@@ -162,7 +144,7 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     vocab = Vocabulary.load(settings.candidates.vocabulary)
     vocab_names = vocab.names()
     template = settings.maskfree.prompt
-    images, captions, names, ids = _load(src_uri, settings, vocab, cfg.image_size, cfg.max_images)
+    images, captions, names, ids = named_images(src_uri, settings, cfg.image_size, cfg.max_images, vocab)
     n = len(captions)
     hold = min(cfg.holdout, n // 5)
     train_idx = np.arange(n - hold)

@@ -64,6 +64,9 @@ class TrainConfig:
     generator: str = "maskfree"
     window_shards: int = 0  # train on the newest N validated shards only (0: all)
     finetune_steps: int = 0  # then this many steps on base-category GT at lr/10 (needs gt_uri)
+    # the backbone body to start from: `ovtasks pretrain-backbone`'s output (directory or store URI), pretrained on
+    # caption names only; None: random
+    backbone_init: str | None = None
 
 
 @dataclass
@@ -101,7 +104,14 @@ def fit_ov_maskrcnn(samples, cats, emb, manifest: dict, out_dir: str, settings: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = build_model(emb.shape[1], cfg).to(settings.device)
+    model = build_model(emb.shape[1], cfg)
+    if cfg.backbone_init:
+        from ovtasks.train.backbone import load_backbone
+
+        pre = load_backbone(model, cfg.backbone_init, settings.s3)
+        manifest = {**manifest, "backbone_init": {"uri": cfg.backbone_init, "source": pre.get("source"),
+                                                  "command": pre.get("command"), "metrics": pre.get("metrics")}}
+    model = model.to(settings.device)
     history = _fit_phase(model, samples, cats, emb, manifest["sha256"], out, settings.device, cfg, cfg.steps, "train", progress)
     if finetune is not None and cfg.finetune_steps:
         f_samples, f_cats, f_emb, f_manifest = finetune
