@@ -90,6 +90,7 @@ def main() -> int:
     ap.add_argument("--backbone-init", default=None, metavar="DIR",
                     help="both models start from this caption-pretrained backbone (`ovtasks pretrain-backbone`, e.g. "
                          "models/backbone-synth); default random")
+    ap.add_argument("--backbone-lr-scale", type=float, default=1.0, help="the pretrained body's LR relative to --lr")
     ap.add_argument("--models", default="pseudo,oracle", help="which to train: pseudo (the student), oracle, or both")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -120,7 +121,7 @@ def main() -> int:
         runs: dict[str, list] = {"pseudo": [], "oracle": []}
         for seed in seeds:
             cfg = TrainConfig(steps=args.steps, batch_size=4, backbone=args.backbone, seed=seed, optimizer=args.optimizer, lr=lr,
-                              backbone_init=args.backbone_init)
+                              backbone_init=args.backbone_init, backbone_lr_scale=args.backbone_lr_scale)
             for name in [m for m in ("pseudo", "oracle") if m in args.models.split(",")]:
                 t = time.perf_counter()
                 trained = fit_ov_maskrcnn(*data[name], f"{d}/model-{name}-{seed}", settings, cfg)

@@ -122,7 +122,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         lr = args.lr or (TrainConfig.lr if args.optimizer == "adamw" else 0.01)
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer, backbone=args.backbone, seed=args.seed,
                           generator=args.generator, finetune_steps=args.finetune_steps, checkpoint_every=args.checkpoint_every,
-                          min_size=args.min_size, max_size=args.max_size, backbone_init=args.backbone_init)
+                          min_size=args.min_size, max_size=args.max_size, backbone_init=args.backbone_init,
+                          backbone_lr_scale=args.backbone_lr_scale)
         held_out = eval_image_ids(args.gt, args.src, settings, args.eval_images) if args.finetune_steps else ()
         trained = train_ov_maskrcnn(args.src, args.pseudo, args.out, settings, cfg, progress=progress, gt_uri=args.gt, exclude_ids=held_out)
         evaluate = evaluate_model
@@ -262,6 +263,7 @@ def add_commands(sub) -> None:
     t.add_argument("--backbone", default="small", choices=("small", "resnet50_fpn"), help="ov-maskrcnn backbone")
     t.add_argument("--backbone-init", default=None,
                    help="ov-maskrcnn: start the backbone from `ovtasks pretrain-backbone`'s output (directory or store URI)")
+    t.add_argument("--backbone-lr-scale", type=float, default=1.0, help="ov-maskrcnn: the pretrained body's LR relative to --lr")
     t.add_argument("--sa1b", default=None, help="semantic-sam: SA-1B-format tars (masks without names), mixed 1:4 with the pseudo-labels")
     t.add_argument("--sam-model", default=None, help="semantic-sam: pretrained SAM (HF id, directory, model-store URI); default a tiny random one")
     t.add_argument("--freeze-image-encoder", action="store_true", help="semantic-sam: train the decoder, tokens and heads only")

@@ -67,6 +67,7 @@ class TrainConfig:
     # the backbone body to start from: `ovtasks pretrain-backbone`'s output (directory or store URI), pretrained on
     # caption names only; None: random
     backbone_init: str | None = None
+    backbone_lr_scale: float = 1.0  # the pretrained body's learning rate relative to lr (with backbone_init)
 
 
 @dataclass
@@ -143,7 +144,12 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
     model.set_vocabulary(torch.from_numpy(emb))
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg, lr or cfg.lr)
+    groups = params
+    if cfg.backbone_init and cfg.backbone_lr_scale != 1.0:
+        body = {id(p) for p in model.backbone.body.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in body]},
+                  {"params": [p for p in params if id(p) in body], "lr": (lr or cfg.lr) * cfg.backbone_lr_scale}]
+    opt = make_optimizer(groups, cfg, lr or cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(50, max(1, steps // 4)), steps))
     start, history = 0, []
     ckpt, hist_path, key = out / f"checkpoint-{phase}.pt", out / f"history-{phase}.json", json.dumps(asdict(cfg), sort_keys=True)
