@@ -26,6 +26,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -91,7 +92,9 @@ def main() -> int:
                     help="both models start from this caption-pretrained backbone (`ovtasks pretrain-backbone`, e.g. "
                          "models/backbone-synth); default random")
     ap.add_argument("--backbone-lr-scale", type=float, default=1.0, help="the pretrained body's LR relative to --lr")
-    ap.add_argument("--models", default="pseudo,oracle", help="which to train: pseudo (the student), oracle, or both")
+    ap.add_argument("--models", default="pseudo,oracle",
+                    help="which to train: pseudo (the student), oracle, and with --backbone-init also pseudo-random / "
+                         "oracle-random (the same from a random backbone, side by side on the same pseudo-labels)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(RESULTS), help="results directory (model_quality.json / .md)")
@@ -118,13 +121,18 @@ def main() -> int:
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
         lr = args.lr or (1e-3 if args.optimizer == "adamw" else 0.01)
         data = {"pseudo": training_data(clean, d, settings, "maskfree", held), "oracle": gt_training_data(laion, clean, settings, None, held)}
-        runs: dict[str, list] = {"pseudo": [], "oracle": []}
+        wanted = args.models.split(",")
+        if {"pseudo-random", "oracle-random"} & set(wanted) and not args.backbone_init:
+            ap.error("pseudo-random / oracle-random compare against --backbone-init; without it pseudo / oracle are random")
+        runs: dict[str, list] = {m: [] for m in ("pseudo", "oracle", "pseudo-random", "oracle-random")}
         for seed in seeds:
             cfg = TrainConfig(steps=args.steps, batch_size=4, backbone=args.backbone, seed=seed, optimizer=args.optimizer, lr=lr,
                               backbone_init=args.backbone_init, backbone_lr_scale=args.backbone_lr_scale)
-            for name in [m for m in ("pseudo", "oracle") if m in args.models.split(",")]:
+            for name in [m for m in runs if m in wanted]:
                 t = time.perf_counter()
-                trained = fit_ov_maskrcnn(*data[name], f"{d}/model-{name}-{seed}", settings, cfg)
+                random_body = replace(cfg, backbone_init=None, backbone_lr_scale=1.0)
+                trained = fit_ov_maskrcnn(*data[name.split("-")[0]], f"{d}/model-{name}-{seed}", settings,
+                                          random_body if name.endswith("-random") else cfg)
                 train_s = time.perf_counter() - t
                 model, _ = load_model(trained.model_dir, settings.device)
                 ev = evaluate_model(model, laion, clean, settings, limit=args.eval_images)
@@ -139,12 +147,15 @@ def main() -> int:
     tr, orc = _summary([r["novel"] for r in runs["pseudo"]]), _summary([r["novel"] for r in runs["oracle"]])
     fraction = round(tr["mean"] / orc["mean"], 3) if orc["mean"] else None
     oracle_s = max((r["train_seconds"] for r in runs["oracle"]), default=float("nan"))
-    out = {"novel_mask_AP50": {"pseudo_labels": pl, "trained_on_pseudo_labels": tr, "oracle_trained_on_gt": orc},
+    randoms = {f"{k}_random_backbone": _summary([r["novel"] for r in runs[f"{k}-random"]]) for k in ("pseudo", "oracle")
+               if runs[f"{k}-random"]}
+    out = {"novel_mask_AP50": {"pseudo_labels": pl, "trained_on_pseudo_labels": tr, "oracle_trained_on_gt": orc, **randoms},
            "oracle_fraction": fraction, "trained_beats_pseudo_labels": tr["mean"] is not None and pl is not None and tr["mean"] >= pl,
            "targets": {"oracle_ge_50": (orc["mean"] or 0) >= 50, "oracle_within_20_min": oracle_s <= 1200,
                        "student_ge_pseudo_labels": tr["mean"] is not None and pl is not None and tr["mean"] >= pl,
                        "student_ge_70pct_oracle": fraction is not None and fraction >= 0.7},
-           "pseudo_label_rows": rows_pl, "trained": runs["pseudo"], "oracle": runs["oracle"], "digests": digests,
+           "pseudo_label_rows": rows_pl, "trained": runs["pseudo"], "oracle": runs["oracle"],
+           **{f"{k.replace('-', '_')}_backbone": runs[k] for k in ("pseudo-random", "oracle-random") if runs[k]}, "digests": digests,
            "gx": {k: gate[k] for k in ("passed", "failed")},
            "config": {**vars(args), "train": {**cfg.__dict__, "seed": seeds}}, "held_out_images": len(held),
            "machine": f"{platform.machine()} {platform.processor() or ''} {base.workers} workers, torch threads {torch.get_num_threads()}".strip(),
@@ -154,16 +165,21 @@ def main() -> int:
     (results / "model_quality.json").write_text(json.dumps(out, indent=2, default=str))
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
     spread = lambda x: fmt(x["mean"]) + ("" if x["n"] == 1 else f" (range {fmt(x['min'])}-{fmt(x['max'])}, {x['n']} seeds)")  # noqa: E731
+    body = ", from the caption-pretrained backbone" if args.backbone_init else ""
     md = ["| novel mask AP50 (generalized), held-out images | % |", "|---|---:|",
           f"| (1) pseudo-labels (maskfree) | {fmt(pl)} |",
-          f"| (2) OV Mask R-CNN trained on (1), {args.steps} steps | {spread(tr)} |",
+          f"| (2) OV Mask R-CNN trained on (1), {args.steps} steps{body} | {spread(tr)} |",
           f"| (3) oracle: same model and budget on GT masks | {spread(orc)} |",
+          *(f"| {label}, from a random backbone (side by side) | {spread(randoms[key])} |" for key, label in
+            (("pseudo_random_backbone", "(2)"), ("oracle_random_backbone", "(3)")) if key in randoms),
           "", f"oracle_fraction={fraction} (target >= 0.7); trained >= pseudo-labels: {out['trained_beats_pseudo_labels']}; "
           f"oracle training {oracle_s:.0f} s (target <= 1200 s); {len(held)} held-out images; {args.shards * args.images_per_shard} synthetic images",
           *(["", "maskfree overrides: " + " ".join(args.set)] if args.set else []),
           *(["", f"backbone from {args.backbone_init}"] if args.backbone_init else []),
           "", "Pseudo-labels:", format_eval_table(rows_pl),
-          *(x for name, title in (("pseudo", "Trained on pseudo-labels"), ("oracle", "Oracle")) if runs[name]
+          *(x for name, title in (("pseudo", "Trained on pseudo-labels"), ("oracle", "Oracle"),
+                                  ("pseudo-random", "Trained on pseudo-labels, random backbone"),
+                                  ("oracle-random", "Oracle, random backbone")) if runs[name]
             for x in ("", f"{title} (seed {seeds[0]}):", runs[name][0]["table"])), ""]
     (results / "model_quality.md").write_text("\n".join(md))
     print("\n".join(md))
