@@ -169,7 +169,7 @@ def main() -> int:
     md = ["| novel mask AP50 (generalized), held-out images | % |", "|---|---:|",
           f"| (1) pseudo-labels (maskfree) | {fmt(pl)} |",
           f"| (2) OV Mask R-CNN trained on (1), {args.steps} steps{body} | {spread(tr)} |",
-          f"| (3) oracle: same model and budget on GT masks | {spread(orc)} |",
+          *([f"| (3) oracle: same model and budget on GT masks | {spread(orc)} |"] if orc["n"] else []),
           *(f"| {label}, from a random backbone (side by side) | {spread(randoms[key])} |" for key, label in
             (("pseudo_random_backbone", "(2)"), ("oracle_random_backbone", "(3)")) if key in randoms),
           "", f"oracle_fraction={fraction} (target >= 0.7); trained >= pseudo-labels: {out['trained_beats_pseudo_labels']}; "
