@@ -53,14 +53,17 @@ def _airflow_chain(root: Path, settings: Settings, synth_uri: str, ingest_uri: s
 
 
 # The committed ITM: the 4000 + 6000-step checkpoint of earlier sessions (two torch threads), then 2000 steps
-# more with the mosaic grounding loss (one thread). Ingest ran with full decodes, as ingest did then (the
-# 64 px check view finds 5 more near duplicates in these 20,480 images).
+# more with the mosaic grounding loss (one thread), then 2500 more at three times its weight (one thread; its
+# `ovtasks_itm.json` records that last command, run with the previous checkpoint in models/itm-synth). Ingest ran
+# with full decodes, as ingest did then (the 64 px check view finds 5 more near duplicates in these 20,480 images).
 ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard 256 --seed 1 --failure-rate 0.02 && "
               "OVTASKS_INGEST__SCALED_DECODE=false ovtasks ingest --src data/itm/laion --out data/itm/clean && "
               "ovtasks train-itm --src data/itm/clean --out data/itm/base --gt data/itm/laion "
               "--pretrain-steps 4000 --steps 6000 --lr 1e-3 && "
-              "ovtasks train-itm --src data/itm/clean --out models/itm-synth --gt data/itm/laion --init data/itm/base "
-              "--steps 2000 --lr 3e-4 --mosaic-weight 1")
+              "ovtasks train-itm --src data/itm/clean --out data/itm/mosaic1 --gt data/itm/laion --init data/itm/base "
+              "--steps 2000 --lr 3e-4 --mosaic-weight 1 && "
+              "ovtasks train-itm --src data/itm/clean --out models/itm-synth --gt data/itm/laion --init data/itm/mosaic1 "
+              "--steps 2500 --lr 3e-4 --mosaic-weight 3")
 
 # SAM's own stage for Semantic-SAM (no SAM weights can be downloaded here): trained on a lent GPU by
 # benchmarks/gpu_session.sh (16 synth-sa1b processes of 750 images, seeds 100-115, then train-sam)
