@@ -37,6 +37,7 @@ from ovtasks.core.config import S3Config, Settings
 from ovtasks.models.hub import publish_model, resolve_model
 from ovtasks.models.ov_maskrcnn import IMAGE_MEAN, IMAGE_STD, SMALL_CHANNELS, small_backbone
 from ovtasks.pseudolabel.candidates import Vocabulary
+from ovtasks.train.data import flip_turn, name_targets, named_images
 from ovtasks.train.engine import TrainedCheckpoint, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -91,22 +92,6 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x / 255.0 - mean) / std
 
 
-def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Horizontal flips per image and one quarter turn per batch (captions never say which way up)."""
-    flip = torch.from_numpy(rng.random(len(x)) < 0.5)
-    x[flip] = x[flip].flip(-1)
-    return torch.rot90(x, int(rng.integers(4)), (2, 3))
-
-
-def _targets(names: list[list[str]], vocab_names: list[str]) -> torch.Tensor:
-    col = {n: j for j, n in enumerate(vocab_names)}
-    y = torch.zeros(len(names), len(vocab_names))
-    for i, ns in enumerate(names):
-        for n in ns:
-            y[i, col[n]] = 1.0
-    return y
-
-
 def _average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     """Image-level AP of one class (mean precision at each positive, ranked by score); nan without positives."""
     scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=float)
@@ -140,8 +125,6 @@ def pretrain_backbone(src_uri: str, out_uri: str, settings: Settings, cfg: Backb
     """Train the body on every complete clean shard under ``src_uri``; save to ``out_uri`` (dir or store URI)."""
     from safetensors.torch import save_file
 
-    from ovtasks.train.data import named_images
-
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = settings.device
@@ -150,7 +133,7 @@ def pretrain_backbone(src_uri: str, out_uri: str, settings: Settings, cfg: Backb
     n = len(images)
     hold = min(cfg.holdout, n // 5)
     train_idx = np.arange(n - hold)
-    y = _targets(names, vocab_names)
+    y = name_targets(names, vocab_names)
     body = small_backbone().body.to(device)
     head = make_heads(len(vocab_names)).to(device)
     params = list(body.parameters()) + list(head.parameters())
@@ -161,7 +144,7 @@ def pretrain_backbone(src_uri: str, out_uri: str, settings: Settings, cfg: Backb
     for step in range(cfg.steps):
         idx = torch.from_numpy(rng.choice(train_idx, size=min(cfg.batch_size, len(train_idx)), replace=False))
         target = y[idx].to(device)
-        per_level = level_logits(body, head, normalise(_augment(images[idx].float(), rng).to(device)))
+        per_level = level_logits(body, head, normalise(flip_turn(images[idx].float(), rng).to(device)))
         loss = sum(_loss(lo, target) for lo in per_level.values()) / len(per_level)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -140,3 +140,25 @@ def named_images(src_uri: str, settings: Settings, size: int, limit: int | None 
     if not images:
         raise ValueError(f"no clean samples with object candidates under {src_uri}")
     return torch.stack(images), captions, names, ids
+
+
+def flip_turn(x, rng: np.random.Generator):
+    """Random horizontal flips per image and one random quarter turn per batch of ``(B, C, H, W)`` images:
+    the caption-supervised trainers' augmentation (a caption never says which way up a shape is)."""
+    import torch
+
+    flip = torch.from_numpy(rng.random(len(x)) < 0.5)
+    x[flip] = x[flip].flip(-1)
+    return torch.rot90(x, int(rng.integers(4)), (2, 3))
+
+
+def name_targets(names: list[list[str]], vocab_names: list[str]):
+    """``(N, V)`` 0/1 targets: 1 where image i's caption mentions vocabulary name j."""
+    import torch
+
+    col = {n: j for j, n in enumerate(vocab_names)}
+    y = torch.zeros(len(names), len(vocab_names))
+    for i, ns in enumerate(names):
+        for n in ns:
+            y[i, col[n]] = 1.0
+    return y

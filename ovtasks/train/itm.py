@@ -37,7 +37,7 @@ from ovtasks import __version__
 from ovtasks.pseudolabel.candidates import Vocabulary
 from ovtasks.core.config import Settings
 from ovtasks.train.engine import TrainedCheckpoint, warmup_cosine
-from ovtasks.train.data import named_images
+from ovtasks.train.data import flip_turn, name_targets, named_images
 from ovtasks.models.hub import publish_model
 from ovtasks.models.itm import ConvStem, ItmModel, build_word_tokenizer, install_conv_stem, prompt_span, tiny_blip_config, word_mean
 
@@ -204,7 +204,7 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     for step in range(cfg.steps):
         pool = single if step < cfg.curriculum * cfg.steps else train_idx
         idx = rng.choice(pool, size=min(cfg.batch_size, len(pool)), replace=False)
-        x = _augment(images[torch.from_numpy(idx)].float(), rng)
+        x = flip_turn(images[torch.from_numpy(idx)].float(), rng)
         texts, rows, labels = _batch_texts(rng, idx, captions, names, vocab_names, vocab, template, cfg.caption_fraction)
         ids_, am, _ = itm.tokenize(texts)
         embeds = itm.image_embeds(itm.preprocess(x))
@@ -262,30 +262,13 @@ def train_itm(src_uri: str, out_uri: str, settings: Settings, cfg: ItmTrainConfi
     return TrainedItm(uri, metrics, history)
 
 
-def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Random horizontal flips per image and one random quarter turn per batch (captions never say
-    which way up a shape is)."""
-    flip = torch.from_numpy(rng.random(len(x)) < 0.5)
-    x[flip] = x[flip].flip(-1)
-    return torch.rot90(x, int(rng.integers(4)), (2, 3))
-
-
-def _name_targets(names: list[list[str]], vocab_names: list[str]) -> torch.Tensor:
-    col = {n: j for j, n in enumerate(vocab_names)}
-    y = torch.zeros(len(names), len(vocab_names))
-    for i, ns in enumerate(names):
-        for n in ns:
-            y[i, col[n]] = 1.0
-    return y
-
-
 def _pretrain_stem(itm: ItmModel, stem: ConvStem, images: torch.Tensor, names, vocab_names, train_idx: np.ndarray,
                    hold_idx: np.ndarray, cfg: ItmTrainConfig, rng: np.random.Generator, history: list[dict],
                    progress: Callable[[int, dict], None] | None) -> dict:
     """Stage 1: the stem's max-pooled features classify the caption's names (softmax, every named
     object a positive). Returns the held-out top-1 (the best class is one the caption names)."""
     device = itm.device
-    y = _name_targets(names, vocab_names).to(device)
+    y = name_targets(names, vocab_names).to(device)
     head = torch.nn.Linear(stem.out_channels, len(vocab_names)).to(device)
     params = list(stem.convs.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
@@ -310,7 +293,7 @@ def _pretrain_stem(itm: ItmModel, stem: ConvStem, images: torch.Tensor, names, v
     t0, run, top1 = time.perf_counter(), None, None
     for step in range(steps):
         idx = torch.from_numpy(rng.choice(train_idx, size=min(cfg.pretrain_batch_size, len(train_idx)), replace=False))
-        out = logits(_augment(images[idx].float(), rng))
+        out = logits(flip_turn(images[idx].float(), rng))
         target = y[idx.to(device)]
         loss = -(target / target.sum(1, keepdim=True) * out.log_softmax(1)).sum(1).mean()
         opt.zero_grad(set_to_none=True)
@@ -416,7 +399,7 @@ class _Mosaic:
         if not picks:
             return torch.zeros((), device=self.itm.device), {}
         idx = torch.from_numpy(np.concatenate([q for q, *_ in picks]))
-        x = _augment(images[idx].float(), rng).reshape(len(picks), 4, *images.shape[1:])
+        x = flip_turn(images[idx].float(), rng).reshape(len(picks), 4, *images.shape[1:])
         embeds = self.itm.image_embeds(self.itm.preprocess(self.compose(x)))
         texts, spans = zip(*[prompt_span(self.template, n) for _, _, n, _ in picks] +
                            [prompt_span(self.template, a) for *_, a in picks])
@@ -449,7 +432,7 @@ def _itc_loss(itm: ItmModel, embeds: torch.Tensor, idx: np.ndarray, names, vocab
     t = F.normalize(model.text_proj(text), dim=-1)  # (V, P)
     v = F.normalize(model.vision_proj(embeds[:, 1:].mean(1)), dim=-1)  # (B, P): mean of patch tokens (learns faster than [CLS] from scratch)
     sim = v @ t.t() / temperature  # (B, V)
-    target = _name_targets([names[i] for i in idx], vocab_names).to(sim.device)
+    target = name_targets([names[i] for i in idx], vocab_names).to(sim.device)
     target = target / target.sum(1, keepdim=True).clamp(min=1)
     return -(target * sim.log_softmax(1)).sum(1).mean()
 

@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ovtasks import __version__
 from ovtasks.pseudolabel.candidates import LexiconExtractor, Vocabulary
