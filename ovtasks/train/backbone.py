@@ -37,7 +37,7 @@ from ovtasks.core.config import S3Config, Settings
 from ovtasks.models.hub import publish_model, resolve_model
 from ovtasks.models.ov_maskrcnn import IMAGE_MEAN, IMAGE_STD, SMALL_CHANNELS, small_backbone
 from ovtasks.pseudolabel.candidates import Vocabulary
-from ovtasks.train.data import flip_turn, name_targets, named_images
+from ovtasks.train.data import flip_turn, name_targets, named_images, names_softmax_loss
 from ovtasks.train.engine import TrainedCheckpoint, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,6 @@ def level_logits(body: torch.nn.Module, heads: torch.nn.ModuleDict, x: torch.Ten
 def body_logits(body: torch.nn.Module, heads: torch.nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
     """The levels' logits summed: the held-out metrics' prediction."""
     return sum(level_logits(body, heads, x).values())
-
-
-def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Softmax over the vocabulary, every name the caption mentions an equal positive."""
-    return -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +140,7 @@ def pretrain_backbone(src_uri: str, out_uri: str, settings: Settings, cfg: Backb
         idx = torch.from_numpy(rng.choice(train_idx, size=min(cfg.batch_size, len(train_idx)), replace=False))
         target = y[idx].to(device)
         per_level = level_logits(body, head, normalise(flip_turn(images[idx].float(), rng).to(device)))
-        loss = sum(_loss(lo, target) for lo in per_level.values()) / len(per_level)
+        loss = sum(names_softmax_loss(lo, target) for lo in per_level.values()) / len(per_level)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

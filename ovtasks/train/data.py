@@ -162,3 +162,9 @@ def name_targets(names: list[list[str]], vocab_names: list[str]):
         for n in ns:
             y[i, col[n]] = 1.0
     return y
+
+
+def names_softmax_loss(logits, target):
+    """Cross-entropy of a softmax over the vocabulary against ``name_targets``: every name the caption
+    mentions an equal positive (the caption-name classification of the ITM stem and the detector backbone)."""
+    return -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()

@@ -37,7 +37,7 @@ from ovtasks import __version__
 from ovtasks.pseudolabel.candidates import Vocabulary
 from ovtasks.core.config import Settings
 from ovtasks.train.engine import TrainedCheckpoint, warmup_cosine
-from ovtasks.train.data import flip_turn, name_targets, named_images
+from ovtasks.train.data import flip_turn, name_targets, named_images, names_softmax_loss
 from ovtasks.models.hub import publish_model
 from ovtasks.models.itm import ConvStem, ItmModel, build_word_tokenizer, install_conv_stem, prompt_span, tiny_blip_config, word_mean
 
@@ -295,7 +295,7 @@ def _pretrain_stem(itm: ItmModel, stem: ConvStem, images: torch.Tensor, names, v
         idx = torch.from_numpy(rng.choice(train_idx, size=min(cfg.pretrain_batch_size, len(train_idx)), replace=False))
         out = logits(flip_turn(images[idx].float(), rng))
         target = y[idx.to(device)]
-        loss = -(target / target.sum(1, keepdim=True) * out.log_softmax(1)).sum(1).mean()
+        loss = names_softmax_loss(out, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
