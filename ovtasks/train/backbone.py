@@ -12,6 +12,8 @@ is what the detector sees: the image scaled to [0, 1] and normalised with the de
 Output directory::
 
     backbone.safetensors     the body's weights (stem, layer1 .. layer4), keys as in ``model.backbone.body``
+    heads.safetensors        the per-level name classifiers (``HEAD_LEVELS``; rows in ``vocabulary`` order), for
+                             class activation maps (``maskfree.activation=backbone``)
     ovtasks_backbone.json    architecture, the command that made it, config, held-out metrics, vocabulary
     history.json             loss per logged step
 
@@ -42,7 +44,7 @@ from ovtasks.train.engine import TrainedCheckpoint, warmup_cosine
 
 log = logging.getLogger(__name__)
 
-WEIGHTS, META = "backbone.safetensors", "ovtasks_backbone.json"
+WEIGHTS, HEADS, META = "backbone.safetensors", "heads.safetensors", "ovtasks_backbone.json"
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ def pretrain_backbone(src_uri: str, out_uri: str, settings: Settings, cfg: Backb
             **({"command": command} if command else {})}
     with tempfile.TemporaryDirectory(prefix="ovtasks-backbone-") as d:
         save_file({k: v.detach().cpu().contiguous() for k, v in body.state_dict().items()}, str(Path(d) / WEIGHTS))
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(Path(d) / HEADS))
         (Path(d) / META).write_text(json.dumps(meta, indent=2))
         (Path(d) / "history.json").write_text(json.dumps(history))
         uri = publish_model(d, out_uri, settings.s3)
