@@ -124,6 +124,11 @@ class MaskFreeConfig(_Frozen):
     itm_model: str | None = Field(None, description="BlipForImageTextRetrieval: HF id, directory or store URI")
     itm_layer: int | None = Field(None, description="cross-attention layer for GradCAM (default: the middle one)")
     prompt: str = Field("a photo of a {name}", description="text prompt per object name")
+    activation: str = Field("itm", pattern="^(itm|backbone)$", description="stage 1's map: the ITM's GradCAM at the "
+                            "object word (itm, the patent's) or the class activation map of the caption-pretrained backbone "
+                            "(backbone: backbone_model's name heads; names outside its vocabulary keep the ITM's map)")
+    backbone_model: str | None = Field(None, description="activation=backbone: `ovtasks pretrain-backbone` output "
+                                       "(directory or store URI)")
     masking_rounds: int = Field(3, ge=1, le=10, description="G in eq. 4")
     mask_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="IM() threshold on the normalised map")
     proposals: str = Field("wspn", pattern="^(wspn|selective_search|gdino)$",

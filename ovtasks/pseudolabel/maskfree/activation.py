@@ -10,13 +10,16 @@ The final map is the union of the rounds' IM masks (eq. 4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ovtasks.models.itm import ItmModel, prompt_span
+
+if TYPE_CHECKING:
+    from ovtasks.models.name_cam import NameCam
 
 
 @dataclass(frozen=True)
@@ -39,37 +42,60 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
 
 
 def activation_maps(itm: ItmModel, images: Sequence[np.ndarray], names: Sequence[str], template: str,
-                    rounds: int = 3, threshold: float = 0.5, batch_size: int = 16) -> list[ActivationMap]:
+                    rounds: int = 3, threshold: float = 0.5, batch_size: int = 16,
+                    name_cam: "NameCam | None" = None) -> list[ActivationMap]:
     """One :class:`ActivationMap` per ``(images[i], names[i])`` pair; images are ``(H, W, 3)`` uint8.
 
-    Pairs are processed in batches of ``batch_size``; an empty input returns an empty list.
+    Pairs are processed in batches of ``batch_size``; an empty input returns an empty list. With ``name_cam``
+    (``maskfree.activation=backbone``) a pair whose name the caption-pretrained backbone knows gets its class
+    activation map instead of the ITM's GradCAM (same iterative masking), the rest the ITM's.
     """
     if len(images) != len(names):
         raise ValueError(f"{len(images)} images but {len(names)} names")
-    out: list[ActivationMap] = []
-    for b0 in range(0, len(images), batch_size):
-        out += _batch(itm, images[b0:b0 + batch_size], names[b0:b0 + batch_size], template, rounds, threshold)
-    return out
+    by_cam = [name_cam is not None and name_cam.knows(n) for n in names]
+    out: list[ActivationMap | None] = [None] * len(images)
+    for use_cam in (False, True):
+        idx = [i for i, c in enumerate(by_cam) if c == use_cam]
+        for b0 in range(0, len(idx), batch_size):
+            part = idx[b0:b0 + batch_size]
+            ims, ns = [images[i] for i in part], [names[i] for i in part]
+            if use_cam:
+                maps = _batch(lambda pix, ns=ns: name_cam.name_maps(pix, ns), name_cam.image_size, name_cam.device,
+                              ims, rounds, threshold)
+            else:
+                maps = _batch(_itm_gradcam(itm, ns, template), itm.image_size, itm.device, ims, rounds, threshold)
+            for i, m in zip(part, maps):
+                out[i] = m
+    return out  # type: ignore[return-value]
 
 
-def _batch(itm: ItmModel, images, names, template, rounds, threshold) -> list[ActivationMap]:
-    s = itm.image_size
+def _itm_gradcam(itm: ItmModel, names: Sequence[str], template: str):
+    """``pixels (B, 3, S, S) in [0, 255] -> (GradCAM maps, match probabilities)`` of the names' prompts."""
+    prompts, spans = zip(*[prompt_span(template, n) for n in names])
+    ids, am, wm = itm.tokenize(prompts, spans)
+
+    def cam(pixels: torch.Tensor):
+        c = itm.gradcam(itm.preprocess(pixels), ids, am, wm)
+        return c.maps, c.scores
+    return cam
+
+
+def _batch(cam, s: int, device, images, rounds, threshold) -> list[ActivationMap]:
+    """Eq. 4's rounds for one batch: ``cam(pixels)`` gives each image's map of its name and a match score."""
     pix = torch.stack([
         F.interpolate(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float(), size=(s, s),
                       mode="bilinear", align_corners=False, antialias=True)[0]
-        for im in images]).to(itm.device)  # (B, 3, S, S) in [0, 255]
-    means = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).float().mean((0, 1)) for im in images]).to(itm.device)
-    prompts, spans = zip(*[prompt_span(template, n) for n in names])
-    ids, am, wm = itm.tokenize(prompts, spans)
-    union = torch.zeros(len(images), s, s, dtype=torch.bool, device=itm.device)
-    soft = torch.zeros(len(images), s, s, device=itm.device)
+        for im in images]).to(device)  # (B, 3, S, S) in [0, 255]
+    means = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).float().mean((0, 1)) for im in images]).to(device)
+    union = torch.zeros(len(images), s, s, dtype=torch.bool, device=device)
+    soft = torch.zeros(len(images), s, s, device=device)
     per_round, score = [], None
     current = pix.clone()
     for _ in range(rounds):
-        cam = itm.gradcam(itm.preprocess(current), ids, am, wm)
+        maps, scores = cam(current)
         if score is None:
-            score = cam.scores
-        norm = normalise(cam.maps)
+            score = scores
+        norm = normalise(maps)
         per_round.append(norm.cpu().numpy())
         up = F.interpolate(norm[:, None], size=(s, s), mode="bilinear", align_corners=False)[:, 0]
         im_mask = up >= threshold

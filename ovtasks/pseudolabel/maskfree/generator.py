@@ -22,6 +22,7 @@ class MaskFreeModels:
     proposals: object  # ProposalSource
     versions: dict
     name: str = "maskfree"
+    name_cam: object = None  # NameCam when maskfree.activation=backbone
 
     def chunk_size(self, settings: Settings) -> int:
         return settings.label_chunk
@@ -44,6 +45,15 @@ def load_maskfree(settings: Settings) -> MaskFreeModels:
     itm_path = resolve_model(cfg.itm_model, settings.s3)
     itm = ItmModel.load(itm_path, settings.device, cfg.itm_layer)
     versions = {"itm": {"ref": cfg.itm_model, "digest": digest_path(itm_path), "layer": itm.layer}, "code": __version__}
+    name_cam = None
+    if cfg.activation == "backbone":
+        from ovtasks.models.name_cam import NameCam
+
+        if not cfg.backbone_model:
+            raise ValueError("maskfree.activation=backbone needs maskfree.backbone_model (`ovtasks pretrain-backbone` output)")
+        bb_path = resolve_model(cfg.backbone_model, settings.s3)
+        name_cam = NameCam.load(bb_path, settings.device)
+        versions["activation"] = {"source": "backbone", "ref": cfg.backbone_model, "digest": digest_path(bb_path)}
     if cfg.proposals == "wspn":
         if not cfg.wspn_model:
             raise ValueError("maskfree.wspn_model is not set: train one with `ovtasks train-wspn` or use proposals=selective_search")
@@ -61,7 +71,7 @@ def load_maskfree(settings: Settings) -> MaskFreeModels:
     else:
         proposals = SelectiveSearch()
         versions["proposals"] = "selective_search"
-    return MaskFreeModels(itm, proposals, versions)
+    return MaskFreeModels(itm, proposals, versions, name_cam=name_cam)
 
 
 def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], models: MaskFreeModels,
@@ -76,7 +86,7 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
     if not pairs:
         return []
     maps = activation_maps(models.itm, [samples[p.image_index].image for p in pairs], [p.candidate.name for p in pairs],
-                           cfg.prompt, cfg.masking_rounds, cfg.mask_fraction, cfg.batch_size)
+                           cfg.prompt, cfg.masking_rounds, cfg.mask_fraction, cfg.batch_size, models.name_cam)
     with_cands = sorted({p.image_index for p in pairs})
     names = [[c.name for c in candidates[i]] for i in with_cands]
     class_scores: dict = {}

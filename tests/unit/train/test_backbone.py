@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,3 +72,70 @@ def test_the_detector_starts_from_it_and_records_it(pretrained, clean_small, lab
 def test_image_level_average_precision():
     assert _average_precision([0.9, 0.8, 0.1], [1, 0, 1]) == pytest.approx((1 + 2 / 3) / 2)
     assert _average_precision([0.9, 0.8], [0, 0]) != _average_precision([0.9, 0.8], [0, 0])  # nan without positives
+
+
+def test_the_name_heads_are_saved_and_give_class_activation_maps(pretrained, clean_small, tmp_path):
+    from ovtasks.data.clean import iter_clean
+    from ovtasks.models.name_cam import NameCam
+    from ovtasks.train.backbone import body_logits, normalise
+
+    heads = load_file(f"{pretrained.model_uri}/heads.safetensors")
+    assert {k.split(".")[0] for k in heads} == {"1", "2", "3"}
+    cam = NameCam.load(pretrained.model_uri)
+    assert cam.image_size == CFG.image_size and cam.knows("ball") and not cam.knows("zebra")
+    samples = list(iter_clean(clean_small, load_settings(env={}), 3))
+    pix = _pixels([s.image for s in samples], CFG.image_size)
+    maps, probs = cam.name_maps(pix, ["ball", "ring", "star"])
+    assert maps.shape == (3, CFG.image_size // 8, CFG.image_size // 8)
+    # the probability is the pretraining's own prediction (levels' logits summed, softmax over the vocabulary)
+    with torch.no_grad():
+        want = body_logits(cam.body, cam.heads, normalise(pix)).softmax(1)
+    rows = [cam.vocabulary.index(n) for n in ("ball", "ring", "star")]
+    torch.testing.assert_close(probs, want[torch.arange(3), rows])
+    # a different name gives a different map of the same image
+    assert not torch.allclose(cam.name_maps(pix[:1], ["ring"])[0], maps[:1])
+    with pytest.raises(KeyError, match="zebra"):
+        cam.name_maps(pix[:1], ["zebra"])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("backbone.safetensors", "ovtasks_backbone.json"):
+        (bare / f).write_bytes(open(f"{pretrained.model_uri}/{f}", "rb").read())
+    with pytest.raises(FileNotFoundError, match="heads"):
+        NameCam.load(str(bare))
+
+
+def test_maskfree_activation_backbone_option(pretrained, clean_small, tiny_itm_dir):
+    """``maskfree.activation=backbone``: known names get the backbone's map (its score), others keep the ITM's;
+    the option off changes nothing; a missing backbone_model is a clear error."""
+    from ovtasks.data.clean import iter_clean
+    from ovtasks.models.name_cam import NameCam
+    from ovtasks.pseudolabel.maskfree.activation import activation_maps
+    from ovtasks.pseudolabel.maskfree.generator import load_maskfree
+
+    env = {"OVTASKS_MASKFREE__ITM_MODEL": tiny_itm_dir, "OVTASKS_MASKFREE__PROPOSALS": "selective_search"}
+    on = load_settings(env={**env, "OVTASKS_MASKFREE__ACTIVATION": "backbone",
+                            "OVTASKS_MASKFREE__BACKBONE_MODEL": pretrained.model_uri})
+    models = load_maskfree(on)
+    assert models.versions["activation"]["ref"] == pretrained.model_uri and isinstance(models.name_cam, NameCam)
+    assert load_maskfree(load_settings(env=env)).name_cam is None
+    with pytest.raises(ValueError, match="backbone_model"):
+        load_maskfree(load_settings(env={**env, "OVTASKS_MASKFREE__ACTIVATION": "backbone"}))
+
+    images = [s.image for s in iter_clean(clean_small, on, 3)]
+    names = ["ball", "ring", "ball"]
+    itm_only = activation_maps(models.itm, images, names, "a photo of a {name}", rounds=2)
+    cam = models.name_cam
+    partial = NameCam(cam.body, cam.heads, ["-" if n == "ring" else n for n in cam.vocabulary], cam.image_size)
+    mixed = activation_maps(models.itm, images, names, "a photo of a {name}", rounds=2, name_cam=partial)
+    pix = _pixels(images[::2], cam.image_size)  # activation_maps resizes as this does
+    want = cam.name_maps(pix, ["ball", "ball"])[1]
+    assert [m.score for m in mixed[::2]] == pytest.approx(want.tolist(), rel=1e-5)
+    assert mixed[1].score == pytest.approx(itm_only[1].score, rel=1e-5)  # alone in its batch: float sums differ slightly
+    np.testing.assert_allclose(mixed[1].soft, itm_only[1].soft, atol=1e-5)
+    assert all(m.binary.any() and m.binary.shape == im.shape[:2] for m, im in zip(mixed, images))
+    assert not np.array_equal(mixed[0].soft, itm_only[0].soft)
+
+
+def _pixels(images, size):
+    return torch.stack([torch.nn.functional.interpolate(torch.from_numpy(im).permute(2, 0, 1)[None].float(), size=(size, size),
+                                                        mode="bilinear", align_corners=False, antialias=True)[0] for im in images])

@@ -1,0 +1,91 @@
+"""Class activation maps of the caption-pretrained backbone (``ovtasks pretrain-backbone``), an option for
+Mask-free OVIS's stage 1 (``maskfree.activation=backbone``; the patent's map is the ITM's GradCAM).
+
+The pretrained body classifies which vocabulary names an image's caption mentions, with a linear head on
+each of its last three stages over a global max-pool (``HEAD_LEVELS``). Because the pool is a max, the image's
+logit for a name is its logit at the best location: applied at every location instead, each head gives a map
+of where the evidence for the name is (CAM, Zhou et al. 2016). The levels' maps (strides 8, 16, 32) are
+upsampled to the finest one's grid and summed, which is what the summed image logits rank. Only caption names
+trained it: no box, mask or point.
+
+It is a closed-vocabulary classifier: a name outside its training vocabulary has no head row, and
+:func:`ovtasks.pseudolabel.maskfree.activation.activation_maps` falls back to the ITM for such a pair.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ovtasks.core.config import S3Config
+
+
+class NameCam:
+    """The body and its name heads, in eval mode on ``device``; ``image_size`` is the side it was trained at."""
+
+    def __init__(self, body: torch.nn.Module, heads: torch.nn.ModuleDict, vocabulary: Sequence[str], image_size: int,
+                 device: str = "cpu"):
+        self.body, self.heads = body.to(device).eval(), heads.to(device).eval()
+        self.vocabulary = list(vocabulary)
+        self.index = {n: i for i, n in enumerate(self.vocabulary)}
+        self.image_size = int(image_size)
+        self.device = device
+
+    @classmethod
+    def load(cls, ref: str, device: str = "cpu", s3: S3Config | None = None) -> "NameCam":
+        """From ``ovtasks pretrain-backbone``'s directory or store URI; refuses one saved without its heads."""
+        from safetensors.torch import load_file
+
+        from ovtasks.models.hub import resolve_model
+        from ovtasks.models.ov_maskrcnn import small_backbone
+        from ovtasks.train.backbone import HEADS, META, WEIGHTS, make_heads
+
+        path = Path(resolve_model(ref, s3))
+        if not (path / META).exists() or not (path / WEIGHTS).exists():
+            raise FileNotFoundError(f"{ref} is not a pretrained backbone (no {META} / {WEIGHTS}); make one with "
+                                    "`ovtasks pretrain-backbone`")
+        if not (path / HEADS).exists():
+            raise FileNotFoundError(f"{ref} has no {HEADS} (saved before the heads were kept); retrain it with "
+                                    "`ovtasks pretrain-backbone` to use it for activation maps")
+        meta = json.loads((path / META).read_text())
+        if meta.get("architecture") != "small":
+            raise ValueError(f"backbone {ref} is {meta.get('architecture')!r}; name maps need the 'small' body")
+        body = small_backbone().body
+        body.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+        heads = make_heads(len(meta["vocabulary"]))
+        heads.load_state_dict(load_file(str(path / HEADS)), strict=True)
+        return cls(body, heads, meta["vocabulary"], meta["config"]["image_size"], device)
+
+    def knows(self, name: str) -> bool:
+        return name in self.index
+
+    @torch.no_grad()
+    def name_maps(self, pixels: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixels`` ``(B, 3, H, W)`` in [0, 255] and one known name each → the name's summed per-level logit maps
+        ``(B, H/8, W/8)`` (at ``image_size``) and its softmax probability over the vocabulary ``(B,)``."""
+        from ovtasks.train.backbone import HEAD_LEVELS, normalise
+
+        missing = [n for n in names if n not in self.index]
+        if missing:
+            raise KeyError(f"names outside the backbone's vocabulary: {sorted(set(missing))}")
+        s = self.image_size
+        x = pixels.to(self.device, torch.float32)
+        if x.shape[-2:] != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        feats = self.body(normalise(x))
+        rows = torch.tensor([self.index[n] for n in names], device=self.device)
+        grid = feats[HEAD_LEVELS[0]].shape[-2:]
+        maps, logits = 0, 0
+        for k in HEAD_LEVELS:
+            head = self.heads[k]
+            f = feats[k]
+            logits = logits + head(f.amax((2, 3)))
+            w, b = head.weight[rows], head.bias[rows]  # (B, C), (B,)
+            m = torch.einsum("bchw,bc->bhw", f, w) + b[:, None, None]
+            maps = maps + F.interpolate(m[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
+        probs = logits.softmax(1)[torch.arange(len(names), device=self.device), rows]
+        return maps, probs
