@@ -127,8 +127,8 @@ class MaskFreeConfig(_Frozen):
     activation: str = Field("itm", pattern="^(itm|backbone)$", description="stage 1's map: the ITM's GradCAM at the "
                             "object word (itm, the patent's) or the class activation map of the caption-pretrained backbone "
                             "(backbone: backbone_model's name heads; names outside its vocabulary keep the ITM's map)")
-    backbone_model: str | None = Field(None, description="activation=backbone: `ovtasks pretrain-backbone` output "
-                                       "(directory or store URI)")
+    backbone_model: str | None = Field(None, description="activation=backbone or box_rerank=backbone: `ovtasks "
+                                       "pretrain-backbone` output with its name heads (directory or store URI)")
     masking_rounds: int = Field(3, ge=1, le=10, description="G in eq. 4")
     mask_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="IM() threshold on the normalised map")
     proposals: str = Field("wspn", pattern="^(wspn|selective_search|gdino)$",
@@ -146,14 +146,17 @@ class MaskFreeConfig(_Frozen):
                                      "power (0.5: the patent's sqrt; lower favours larger boxes)")
     box_ring: float = Field(0.0, ge=0.0, le=2.0, description="eq. 6 by contrast: subtract the mean Phi of a ring this "
                             "fraction of the box's side wide around it, times the box's area (0: the patent's eq. 6)")
-    box_rerank: str = Field("none", pattern="^(none|crop|wspn)$", description="re-rank eq. 6's best box_rerank_top boxes "
-                            "by a second opinion: score = eq. 6 score / the best one x q ** box_rerank_weight, q the ITM's "
-                            "match probability of the prompt on the box's crop (crop) or the WSPN's instance score of the "
-                            "name for the box relative to its best box (wspn; needs proposals=wspn). none: the patent's eq. 6")
+    box_rerank: str = Field("none", pattern="^(none|crop|wspn|backbone)$", description="re-rank eq. 6's best box_rerank_top "
+                            "boxes by a second opinion: score = eq. 6 score / the best one x q ** box_rerank_weight, q the "
+                            "ITM's match probability of the prompt on the box's crop (crop), the WSPN's instance score of the "
+                            "name for the box relative to its best box (wspn; needs proposals=wspn) or the caption-pretrained "
+                            "backbone's probability of the name on the box's crop (backbone; needs backbone_model). none: the "
+                            "patent's eq. 6")
     box_rerank_top: int = Field(5, ge=1, le=100, description="how many of eq. 6's best boxes box_rerank considers")
     box_rerank_weight: float = Field(1.0, ge=0.0, description="exponent of the second opinion in box_rerank")
-    box_crop_context: float = Field(0.1, ge=0.0, le=1.0, description="box_rerank=crop: the crop shown to the ITM is the box "
-                                    "grown by this fraction of its side on every side")
+    box_crop_context: float = Field(0.1, ge=0.0, le=3.0, description="box_rerank=crop / backbone: the crop shown to the ITM "
+                                    "or the backbone is the box grown by this fraction of its side on every side (the "
+                                    "backbone was trained on whole scenes: 1.0 names GT boxes best, 0.1 worst)")
     wss_fg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="foreground points come from this most activated "
                                    "fraction of the box's pixels")
     wss_bg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="background points from this least activated fraction")

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -89,3 +90,43 @@ class NameCam:
             maps = maps + F.interpolate(m[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
         probs = logits.softmax(1)[torch.arange(len(names), device=self.device), rows]
         return maps, probs
+
+    @torch.no_grad()
+    def crop_probs(self, queries: Sequence[tuple[np.ndarray, np.ndarray, str]], context: float = 1.0,
+                   batch: int = 64) -> list[np.ndarray]:
+        """For each ``(image (H, W, 3) uint8, boxes (n, 4) xyxy, name)``: the backbone's probability of ``name``
+        (softmax over its vocabulary of the levels' summed logits) on each box's crop, the box grown by ``context``
+        x its side on every side (clipped to the image) and resized to ``image_size``; NaN for an unknown name
+        (``maskfree.box_rerank=backbone``)."""
+        from ovtasks.pseudolabel.maskfree.wss import grow_box
+        from ovtasks.train.backbone import body_logits, normalise
+
+        s = self.image_size
+        crops, rows, counts = [], [], []
+        for image, boxes, name in queries:
+            counts.append(len(boxes))
+            if name not in self.index:
+                rows += [-1] * len(boxes)
+                crops += [None] * len(boxes)
+                continue
+            h, w = image.shape[:2]
+            t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+            for b in boxes:
+                x1, y1, x2, y2 = grow_box(b, context, (h, w))
+                x1, y1 = min(int(x1), w - 1), min(int(y1), h - 1)
+                x2, y2 = max(int(np.ceil(x2)), x1 + 1), max(int(np.ceil(y2)), y1 + 1)
+                crops.append(F.interpolate(t[..., y1:y2, x1:x2], size=(s, s), mode="bilinear", align_corners=False,
+                                           antialias=True)[0])
+                rows.append(self.index[name])
+        probs = np.full(len(crops), np.nan)
+        known = [i for i, r in enumerate(rows) if r >= 0]
+        for k0 in range(0, len(known), batch):
+            part = known[k0:k0 + batch]
+            x = torch.stack([crops[i] for i in part]).to(self.device)
+            p = body_logits(self.body, self.heads, normalise(x)).softmax(1)
+            probs[part] = p[torch.arange(len(part)), torch.tensor([rows[i] for i in part])].cpu().numpy()
+        out, k = [], 0
+        for n in counts:
+            out.append(probs[k:k + n])
+            k += n
+        return out

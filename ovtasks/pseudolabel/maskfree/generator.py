@@ -46,14 +46,16 @@ def load_maskfree(settings: Settings) -> MaskFreeModels:
     itm = ItmModel.load(itm_path, settings.device, cfg.itm_layer)
     versions = {"itm": {"ref": cfg.itm_model, "digest": digest_path(itm_path), "layer": itm.layer}, "code": __version__}
     name_cam = None
-    if cfg.activation == "backbone":
+    if "backbone" in (cfg.activation, cfg.box_rerank):
         from ovtasks.models.name_cam import NameCam
 
         if not cfg.backbone_model:
-            raise ValueError("maskfree.activation=backbone needs maskfree.backbone_model (`ovtasks pretrain-backbone` output)")
+            raise ValueError(f"maskfree.activation={cfg.activation} / box_rerank={cfg.box_rerank} needs "
+                             "maskfree.backbone_model (`ovtasks pretrain-backbone` output)")
         bb_path = resolve_model(cfg.backbone_model, settings.s3)
         name_cam = NameCam.load(bb_path, settings.device)
-        versions["activation"] = {"source": "backbone", "ref": cfg.backbone_model, "digest": digest_path(bb_path)}
+        versions["backbone"] = {"ref": cfg.backbone_model, "digest": digest_path(bb_path), "activation": cfg.activation,
+                                "box_rerank": cfg.box_rerank}
     if cfg.proposals == "wspn":
         if not cfg.wspn_model:
             raise ValueError("maskfree.wspn_model is not set: train one with `ovtasks train-wspn` or use proposals=selective_search")
@@ -86,7 +88,8 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
     if not pairs:
         return []
     maps = activation_maps(models.itm, [samples[p.image_index].image for p in pairs], [p.candidate.name for p in pairs],
-                           cfg.prompt, cfg.masking_rounds, cfg.mask_fraction, cfg.batch_size, models.name_cam)
+                           cfg.prompt, cfg.masking_rounds, cfg.mask_fraction, cfg.batch_size,
+                           models.name_cam if cfg.activation == "backbone" else None)
     with_cands = sorted({p.image_index for p in pairs})
     names = [[c.name for c in candidates[i]] for i in with_cands]
     class_scores: dict = {}
@@ -119,6 +122,9 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
         if cfg.box_rerank == "crop":  # the ITM judges each box's crop
             second = crop_match_probs(models.itm, [(samples[p.image_index].image, boxes[p.image_index][top], p.candidate.name)
                                                    for p, _, _, top, _ in chosen], cfg.prompt, cfg.box_crop_context)
+        elif cfg.box_rerank == "backbone":  # the caption-pretrained backbone names each box's crop
+            second = models.name_cam.crop_probs([(samples[p.image_index].image, boxes[p.image_index][top], p.candidate.name)
+                                                 for p, _, _, top, _ in chosen], cfg.box_crop_context)
         else:  # the WSPN's instance score of the name (column j of the image's candidates)
             second = [class_scores[p.image_index][top, candidates[p.image_index].index(p.candidate)] for p, _, _, top, _ in chosen]
         chosen = [(p, amap, k, top[[rerank(rel, q, cfg.box_rerank_weight)]], rel) for (p, amap, k, top, rel), q in zip(chosen, second)]

@@ -116,7 +116,7 @@ def test_maskfree_activation_backbone_option(pretrained, clean_small, tiny_itm_d
     on = load_settings(env={**env, "OVTASKS_MASKFREE__ACTIVATION": "backbone",
                             "OVTASKS_MASKFREE__BACKBONE_MODEL": pretrained.model_uri})
     models = load_maskfree(on)
-    assert models.versions["activation"]["ref"] == pretrained.model_uri and isinstance(models.name_cam, NameCam)
+    assert models.versions["backbone"]["ref"] == pretrained.model_uri and isinstance(models.name_cam, NameCam)
     assert load_maskfree(load_settings(env=env)).name_cam is None
     with pytest.raises(ValueError, match="backbone_model"):
         load_maskfree(load_settings(env={**env, "OVTASKS_MASKFREE__ACTIVATION": "backbone"}))
@@ -139,3 +139,34 @@ def test_maskfree_activation_backbone_option(pretrained, clean_small, tiny_itm_d
 def _pixels(images, size):
     return torch.stack([torch.nn.functional.interpolate(torch.from_numpy(im).permute(2, 0, 1)[None].float(), size=(size, size),
                                                         mode="bilinear", align_corners=False, antialias=True)[0] for im in images])
+
+
+def test_box_rerank_backbone_names_each_crop(pretrained, clean_small, tiny_itm_dir):
+    """``maskfree.box_rerank=backbone``: one probability per box (NaN for a name the backbone does not know), the
+    backbone's own prediction on the grown crop; end to end it only changes which box is chosen."""
+    from ovtasks.data.clean import iter_clean
+    from ovtasks.pseudolabel.candidates import Vocabulary, build_extractor
+    from ovtasks.pseudolabel.maskfree.generator import label_images, load_maskfree
+    from ovtasks.train.backbone import body_logits, normalise
+
+    env = {"OVTASKS_MASKFREE__ITM_MODEL": tiny_itm_dir, "OVTASKS_MASKFREE__PROPOSALS": "selective_search",
+           "OVTASKS_MASKFREE__WSS_ITERATIONS": "5", "OVTASKS_MASKFREE__MASKING_ROUNDS": "2"}
+    on = load_settings(env={**env, "OVTASKS_MASKFREE__BOX_RERANK": "backbone", "OVTASKS_MASKFREE__BOX_RERANK_WEIGHT": "50",
+                            "OVTASKS_MASKFREE__BOX_CROP_CONTEXT": "1.0", "OVTASKS_MASKFREE__BACKBONE_MODEL": pretrained.model_uri})
+    models = load_maskfree(on)
+    samples = list(iter_clean(clean_small, on, 6))
+    img = samples[0].image
+    boxes = np.array([[30, 30, 50, 50], [0, 0, 20, 20], [5, 5, 6, 6]], np.float32)
+    got = models.name_cam.crop_probs([(img, boxes, "ball"), (img, boxes[:1], "zebra")], context=1.0)
+    assert [len(x) for x in got] == [3, 1] and ((got[0] >= 0) & (got[0] <= 1)).all() and np.isnan(got[1]).all()
+    crop = _pixels([img[10:70, 10:70]], models.name_cam.image_size)  # [30, 50] grown by its side on every side
+    with torch.no_grad():
+        want = body_logits(models.name_cam.body, models.name_cam.heads, normalise(crop)).softmax(1)[0]
+    assert got[0][0] == pytest.approx(float(want[models.name_cam.index["ball"]]), rel=1e-5)
+
+    cands = build_extractor(on, Vocabulary.load(None)).extract([s.caption for s in samples])
+    off = label_images(samples, cands, load_maskfree(load_settings(env=env)), load_settings(env=env))
+    res = label_images(samples, cands, models, on)
+    assert [p.reason for p in res] == [p.reason for p in off]
+    assert [p.score for p in res] == pytest.approx([p.score for p in off])  # the ITM's map and score are kept
+    assert any(p.box is not None for p in res)
