@@ -174,8 +174,11 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     if sam_start is None and (Path(settings.paths.committed_sam) / "model.safetensors").exists():
         sam_start = str(Path(settings.paths.committed_sam).absolute())
         print(f"      starting from the committed SAM {sam_start}\n      (made by: {SAM_RECIPE})", flush=True)
+    namer = settings.pipeline.semantic_sam_namer or backbone
+    if namer:
+        print(f"      naming prompts with the caption-pretrained backbone {namer} beside the semantic tokens", flush=True)
     ssam = train_semantic_sam(ingest_uri, str(root), sa1b_uri, ssam_dir, settings,
-                              SemanticSamConfig(steps=semantic_sam_steps, sam_model=sam_start), exclude_ids=held)
+                              SemanticSamConfig(steps=semantic_sam_steps, sam_model=sam_start, namer=namer), exclude_ids=held)
     ssam_ev = evaluate_semantic_sam(load_model(ssam_dir, settings.device)[0], synth_uri, ingest_uri, settings, limit=eval_images)
     ssam_reg = log_and_register(settings, ssam_dir, {"steps": semantic_sam_steps}, ssam.history, gate, ssam_ev,
                                 [f"{ssam_dir}/loss_curve.png"], ssam.data_manifest)

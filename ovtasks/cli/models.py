@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
             return 2
         cfg = SemanticSamConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or SemanticSamConfig.lr, seed=args.seed,
                                 generator=args.generator,
-                                sam_model=args.sam_model, freeze_image_encoder=args.freeze_image_encoder)
+                                sam_model=args.sam_model, freeze_image_encoder=args.freeze_image_encoder, namer=args.namer)
         trained = train_semantic_sam(args.src, args.pseudo, args.sa1b, args.out, settings, cfg, progress=progress)
         evaluate = evaluate_semantic_sam
     else:
@@ -267,6 +267,8 @@ def add_commands(sub) -> None:
     t.add_argument("--sa1b", default=None, help="semantic-sam: SA-1B-format tars (masks without names), mixed 1:4 with the pseudo-labels")
     t.add_argument("--sam-model", default=None, help="semantic-sam: pretrained SAM (HF id, directory, model-store URI); default a tiny random one")
     t.add_argument("--freeze-image-encoder", action="store_true", help="semantic-sam: train the decoder, tokens and heads only")
+    t.add_argument("--namer", default=None, help="semantic-sam: attach `ovtasks pretrain-backbone`'s output (with its name heads) "
+                   "to name each prompt beside the semantic tokens (directory or store URI)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=50, help="ov-maskrcnn: steps between resumable checkpoints")
     t.add_argument("--min-size", type=int, default=192, help="ov-maskrcnn: shorter image side fed to the model")

@@ -250,6 +250,9 @@ class PipelineConfig(_Frozen):
     semantic_sam_start: str | None = Field(None, description="the SamModel a Semantic-SAM retrain starts from (HF id, "
                                            "directory or store URI, e.g. one made by `ovtasks train-sam`); None: a tiny "
                                            "random SAM")
+    semantic_sam_namer: str | None = Field(None, description="the caption-pretrained backbone a Semantic-SAM retrain attaches "
+                                           "to name prompts beside its semantic tokens (`ovtasks pretrain-backbone` output, "
+                                           "directory or store URI); None: the tokens alone")
     ov_maskrcnn_backbone: str | None = Field(None, description="the backbone an OV Mask R-CNN retrain starts from (directory "
                                              "or store URI made by `ovtasks pretrain-backbone`: caption names only); None: random")
     generator: str = Field("maskfree", pattern="^(maskfree|grounded)$")

@@ -85,7 +85,7 @@ def evaluate_semantic_sam(model, gt_uri: str, clean_uri: str, settings: Settings
         kept = {cats[i]["id"] for i in keep}
         boxes = [boxes_xyxy([a for a in gt.annotations(i) if a["category_id"] in kept]) for i in ids]
         return semantic_sam.predict(model, [images[i] for i in ids], ids, boxes, [cats[i]["id"] for i in keep], emb[keep], settings.device,
-                       names=names)
+                                    names=names, category_names=[cats[i]["name"] for i in keep])
 
     named: dict = {}
     general = run(list(range(len(cats))), named)

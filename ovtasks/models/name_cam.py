@@ -35,6 +35,7 @@ class NameCam:
         self.index = {n: i for i, n in enumerate(self.vocabulary)}
         self.image_size = int(image_size)
         self.device = device
+        self.origin: dict | None = None  # the pretrained backbone it came from (ref, how it was trained, its metrics)
 
     @classmethod
     def load(cls, ref: str, device: str = "cpu", s3: S3Config | None = None) -> "NameCam":
@@ -59,7 +60,23 @@ class NameCam:
         body.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
         heads = make_heads(len(meta["vocabulary"]))
         heads.load_state_dict(load_file(str(path / HEADS)), strict=True)
-        return cls(body, heads, meta["vocabulary"], meta["config"]["image_size"], device)
+        cam = cls(body, heads, meta["vocabulary"], meta["config"]["image_size"], device)
+        cam.origin = meta.get("origin") or {"ref": ref, "trained_by": meta.get("trained_by"), "metrics": meta.get("metrics")}
+        return cam
+
+    def save(self, path) -> None:
+        """The body, heads and a ``ovtasks_backbone.json`` naming its vocabulary and size (:meth:`load` reads it)."""
+        from safetensors.torch import save_file
+
+        from ovtasks.train.backbone import HEADS, META, WEIGHTS
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.body.state_dict().items()}, str(path / WEIGHTS))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}, str(path / HEADS))
+        meta = {"architecture": "small", "vocabulary": self.vocabulary, "config": {"image_size": self.image_size},
+                **({"origin": self.origin} if self.origin else {})}
+        (path / META).write_text(json.dumps(meta, indent=2))
 
     def knows(self, name: str) -> bool:
         return name in self.index
@@ -98,35 +115,60 @@ class NameCam:
         (softmax over its vocabulary of the levels' summed logits) on each box's crop, the box grown by ``context``
         x its side on every side (clipped to the image) and resized to ``image_size``; NaN for an unknown name
         (``maskfree.box_rerank=backbone``)."""
+        out = []
+        for image, boxes, name in queries:
+            if name not in self.index or not len(boxes):
+                out.append(np.full(len(boxes), np.nan))
+                continue
+            probs = self.crop_logits(image, np.asarray(boxes, np.float32).reshape(-1, 4), context, batch).softmax(1)
+            out.append(probs[:, self.index[name]].cpu().numpy().astype(np.float64))
+        return out
+
+    @torch.no_grad()
+    def box_name_probs(self, image: np.ndarray, boxes: np.ndarray, context: float = 1.0) -> np.ndarray:
+        """``(n, V)`` probabilities over the vocabulary that each xyxy box of ``image`` holds each name: the mean of
+        two softmaxes, the name maps' maximum inside the box (summed over levels) and the prediction on the box's
+        crop grown by ``context`` (Semantic-SAM's namer; on held-out synthetic GT boxes the two together named
+        54 % / 48 % of boxes right on two sets, the crop alone 49 % / 45 %, the maps alone 44 % / 40 %)."""
+        from ovtasks.train.backbone import HEAD_LEVELS, normalise
+
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        if not len(boxes):
+            return np.zeros((0, len(self.vocabulary)), np.float32)
+        s, (h, w) = self.image_size, image.shape[:2]
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        x = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True).to(self.device)
+        feats = self.body(normalise(x))
+        in_box = 0
+        for k in HEAD_LEVELS:
+            head, f = self.heads[k], feats[k][0]
+            m = torch.einsum("chw,vc->vhw", f, head.weight) + head.bias[:, None, None]  # (V, gh, gw)
+            gh, gw = m.shape[1:]
+            cells = []
+            for x1, y1, x2, y2 in boxes:
+                i0 = min(int(np.floor(y1 / h * gh)), gh - 1)
+                j0 = min(int(np.floor(x1 / w * gw)), gw - 1)
+                i1, j1 = max(int(np.ceil(y2 / h * gh)), i0 + 1), max(int(np.ceil(x2 / w * gw)), j0 + 1)
+                cells.append(m[:, i0:i1, j0:j1].amax((1, 2)))
+            in_box = in_box + torch.stack(cells)
+        crop = self.crop_logits(image, boxes, context)
+        return (0.5 * (in_box.softmax(1) + crop.softmax(1))).cpu().numpy()
+
+    @torch.no_grad()
+    def crop_logits(self, image: np.ndarray, boxes: np.ndarray, context: float, batch: int = 64) -> torch.Tensor:
+        """``(n, V)`` summed level logits of each box's crop (grown by ``context`` x its side, clipped, resized
+        to ``image_size``)."""
         from ovtasks.pseudolabel.maskfree.wss import grow_box
         from ovtasks.train.backbone import body_logits, normalise
 
-        s = self.image_size
-        crops, rows, counts = [], [], []
-        for image, boxes, name in queries:
-            counts.append(len(boxes))
-            if name not in self.index:
-                rows += [-1] * len(boxes)
-                crops += [None] * len(boxes)
-                continue
-            h, w = image.shape[:2]
-            t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-            for b in boxes:
-                x1, y1, x2, y2 = grow_box(b, context, (h, w))
-                x1, y1 = min(int(x1), w - 1), min(int(y1), h - 1)
-                x2, y2 = max(int(np.ceil(x2)), x1 + 1), max(int(np.ceil(y2)), y1 + 1)
-                crops.append(F.interpolate(t[..., y1:y2, x1:x2], size=(s, s), mode="bilinear", align_corners=False,
-                                           antialias=True)[0])
-                rows.append(self.index[name])
-        probs = np.full(len(crops), np.nan)
-        known = [i for i, r in enumerate(rows) if r >= 0]
-        for k0 in range(0, len(known), batch):
-            part = known[k0:k0 + batch]
-            x = torch.stack([crops[i] for i in part]).to(self.device)
-            p = body_logits(self.body, self.heads, normalise(x)).softmax(1)
-            probs[part] = p[torch.arange(len(part)), torch.tensor([rows[i] for i in part])].cpu().numpy()
-        out, k = [], 0
-        for n in counts:
-            out.append(probs[k:k + n])
-            k += n
-        return out
+        s, (h, w) = self.image_size, image.shape[:2]
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        crops = []
+        for b in boxes:
+            x1, y1, x2, y2 = grow_box(b, context, (h, w))
+            x1, y1 = min(int(x1), w - 1), min(int(y1), h - 1)
+            x2, y2 = max(int(np.ceil(x2)), x1 + 1), max(int(np.ceil(y2)), y1 + 1)
+            crops.append(F.interpolate(t[..., y1:y2, x1:x2], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0])
+        out = [body_logits(self.body, self.heads, normalise(torch.stack(crops[i:i + batch]).to(self.device)))
+               for i in range(0, len(crops), batch)]
+        return torch.cat(out) if out else torch.zeros(0, len(self.vocabulary), device=self.device)

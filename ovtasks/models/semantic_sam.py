@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NUM_MASKS = 4  # SAM's mask tokens: 0 = single output, 1..3 = multimask outputs
+NAMER_DIR = "namer"  # the caption-pretrained backbone naming prompts beside the semantic tokens, when attached
 
 
 class _MLP(nn.Module):
@@ -66,6 +67,7 @@ class SemanticSam(nn.Module):
         self.score_head = _MLP(hidden, hidden, NUM_MASKS)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.namer = None  # NameCam: the caption-pretrained backbone naming each prompt beside the semantic tokens
 
     @property
     def image_size(self) -> int:
@@ -162,6 +164,8 @@ def save(model: SemanticSam, path: str | os.PathLike) -> None:
     save_model(model, str(path / "model.safetensors"))  # SAM ties its positional embeddings: stored once
     (path / "sam_config.json").write_text(json.dumps({"sam": model.sam.config.to_dict(), "embed_dim": model.embed_dim,
                                                       "image_mean": model.mean, "image_std": model.std}, indent=1, default=str))
+    if model.namer is not None:
+        model.namer.save(path / NAMER_DIR)
 
 
 def load(path: str | os.PathLike, device: str = "cpu") -> SemanticSam:
@@ -174,6 +178,10 @@ def load(path: str | os.PathLike, device: str = "cpu") -> SemanticSam:
     doc = json.loads((path / "sam_config.json").read_text())
     model = SemanticSam(SamModel(SamConfig.from_dict(doc["sam"])), doc["embed_dim"], doc["image_mean"], doc["image_std"])
     load_model(model, str(path / "model.safetensors"))
+    if (path / NAMER_DIR).is_dir():
+        from ovtasks.models.name_cam import NameCam
+
+        model.namer = NameCam.load(str(path / NAMER_DIR), device)
     return model.to(device).eval()
 
 
@@ -247,16 +255,19 @@ def image_logits(model, low: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes: Sequence[np.ndarray], category_ids: Sequence[int],
-            text_embeddings: np.ndarray, device: str = "cpu", mask_threshold: float = 0.0, names: dict | None = None) -> list[dict]:
+            text_embeddings: np.ndarray, device: str = "cpu", mask_threshold: float = 0.0, names: dict | None = None,
+            category_names: Sequence[str] | None = None) -> list[dict]:
     """COCO predictions for box prompts ``boxes[i]`` ((n, 4) pixel xyxy) in ``images[i]``: SAM's single-output
     mask (box prompts are unambiguous), named by its semantic token's nearest text embedding; score =
     softmax probability of that name x predicted IoU; ``prompt``: the box's index in ``boxes[i]`` (a prompt
     whose mask is empty gives no prediction). ``names``, when given, receives ``{(image_id, prompt): category_id}``
-    for every prompt, empty mask or not."""
+    for every prompt, empty mask or not. With a namer attached (``model.namer``) and ``category_names`` given,
+    the tokens' probabilities are multiplied by the namer's (:func:`namer_prior`) before the best name is taken."""
     from ovtasks.data.groundtruth import encode_rles, mask_bbox
 
     model.eval()
     text = F.normalize(torch.from_numpy(np.asarray(text_embeddings, np.float32)).to(device), dim=-1)
+    use_namer = model.namer is not None and category_names is not None
     preds = []
     for image, image_id, bx in zip(images, image_ids, boxes):
         if not len(bx):
@@ -266,6 +277,10 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes
         emb = model.embed(model.pixels(image, device)[None])
         d = model.decode(emb, torch.from_numpy(np.asarray(bx, np.float32) * scale).to(device))
         prob = (model.scale() * d.semantic[:, 0] @ text.T).softmax(-1)
+        if use_namer:
+            prior = torch.from_numpy(namer_prior(model.namer, image, np.asarray(bx, np.float32), category_names)).to(prob)
+            prob = prob * prior
+            prob = prob / prob.sum(-1, keepdim=True).clamp(min=1e-12)
         p, label = prob.max(-1)
         score = p * d.iou[:, 0].clamp(0, 1)
         masks = (image_logits(model, d.masks[:, :1], h, w)[:, 0] > mask_threshold).cpu().numpy()
@@ -277,3 +292,17 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes
                 preds.append({"image_id": int(image_id), "category_id": int(category_ids[lab]), "score": float(sc),
                               "bbox": mask_bbox(m), "segmentation": rle, "prompt": k})
     return preds
+
+
+def namer_prior(namer, image: np.ndarray, boxes: np.ndarray, category_names: Sequence[str]) -> np.ndarray:
+    """``(n, K)`` the namer's belief over the requested categories for each box: its probabilities of the names it
+    knows, renormalised over them and given their share ``|known| / K`` of the mass; a name it does not know gets
+    ``1 / K`` (no opinion), so an open-vocabulary name is left to the semantic tokens."""
+    k = len(category_names)
+    prior = np.full((len(boxes), k), 1.0 / max(k, 1), np.float32)
+    known = [j for j, n in enumerate(category_names) if namer.knows(n)]
+    if known and len(boxes):
+        p = namer.box_name_probs(image, boxes)[:, [namer.index[category_names[j]] for j in known]]
+        p = p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
+        prior[:, known] = p * (len(known) / k)
+    return prior

@@ -329,7 +329,8 @@ def train_model(model: str, clean_uri: str, pseudo_uri: str, out_dir: str, setti
 
         t = train_semantic_sam(clean_uri, pseudo_uri, sa1b_uri or None, out_dir, settings,
                                SemanticSamConfig(steps=steps, generator=generator, window_shards=window_shards,
-                                                 sam_model=settings.pipeline.semantic_sam_start), exclude_ids=held)
+                                                 sam_model=settings.pipeline.semantic_sam_start,
+                                                 namer=settings.pipeline.semantic_sam_namer), exclude_ids=held)
     elif model == "ov-maskrcnn":
         from ovtasks.train.ov_maskrcnn import TrainConfig, train_ov_maskrcnn
 

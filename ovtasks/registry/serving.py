@@ -81,7 +81,7 @@ class Segmenter:
             if boxes is None:
                 raise ValueError("Semantic-SAM answers box prompts: give a column 'boxes' (JSON list of [x1, y1, x2, y2])")
             prompts = [np.asarray(b, np.float32).reshape(-1, 4) for b in boxes]
-            preds = predict_prompted(self.model, list(images), ids, prompts, cat_ids, emb, self.device)
+            preds = predict_prompted(self.model, list(images), ids, prompts, cat_ids, emb, self.device, category_names=vocab)
         else:
             from ovtasks.models.ov_maskrcnn import predict
 

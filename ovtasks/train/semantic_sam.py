@@ -69,6 +69,10 @@ class SemanticSamConfig:
     checkpoint_every: int = 50
     generator: str = "maskfree"
     window_shards: int = 0  # train on the newest N validated shards only (0: all)
+    # the caption-pretrained backbone (`ovtasks pretrain-backbone` output with its name heads) attached as the namer:
+    # at prediction, each prompt's name is the semantic tokens' probability x the namer's (models/semantic_sam.py
+    # namer_prior). It is copied into the model directory (namer/) and not trained here. None: the tokens alone
+    namer: str | None = None
 
 
 def _jitter(boxes: np.ndarray, frac: float, rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
@@ -165,12 +169,17 @@ def train_semantic_sam(clean_uri: str, pseudo_uri: str, sa1b_uri: str | None, ou
             progress(rec)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             checkpoint(ckpt, hist_path, model, opt, sched, step + 1, key, data_sha, history)
+    if cfg.namer:
+        from ovtasks.models.hub import resolve_model
+        from ovtasks.models.name_cam import NameCam
+
+        model.namer = NameCam.load(resolve_model(cfg.namer, settings.s3), device)
     save(model, out)
     np.save(out / "text_embeddings.npy", emb)
     last = history[-10:]
     metrics = {"steps": cfg.steps, "final_loss": float(np.mean([h["loss"] for h in last])) if last else None,
                "images": manifest["images"], "annotations": manifest["annotations"], "categories": len(cats),
-               "sa1b_images": sa_stats.get("images", 0)}
+               "sa1b_images": sa_stats.get("images", 0), **({"namer": model.namer.origin} if model.namer else {})}
     meta = {"architecture": "semantic-sam", "embed_dim": int(emb.shape[1]), "config": asdict(cfg), "categories": cats,
             "data_manifest": manifest, "metrics": metrics, "code_version": __version__}
     (out / META).write_text(json.dumps(meta, indent=2, default=str))

@@ -170,3 +170,66 @@ def test_box_rerank_backbone_names_each_crop(pretrained, clean_small, tiny_itm_d
     assert [p.reason for p in res] == [p.reason for p in off]
     assert [p.score for p in res] == pytest.approx([p.score for p in off])  # the ITM's map and score are kept
     assert any(p.box is not None for p in res)
+
+
+class _OneHotNamer:
+    """A namer sure that every box holds ``name``; it knows only ``vocabulary``."""
+
+    def __init__(self, vocabulary, name):
+        self.vocabulary, self.index = list(vocabulary), {n: i for i, n in enumerate(vocabulary)}
+        self.name = name
+
+    def knows(self, n):
+        return n in self.index
+
+    def box_name_probs(self, image, boxes, context=1.0):
+        p = np.full((len(boxes), len(self.vocabulary)), 1e-6, np.float32)
+        p[:, self.index[self.name]] = 1.0
+        return p
+
+
+def test_namer_prior_and_semantic_sam_naming_with_it():
+    from ovtasks.models.semantic_sam import build, namer_prior, predict
+
+    img = (np.random.default_rng(1).random((80, 100, 3)) * 255).astype(np.uint8)
+    boxes = np.array([[10, 10, 50, 40], [0, 0, 20, 20]], np.float32)
+    namer = _OneHotNamer(["ball", "ring", "star"], "ring")
+    prior = namer_prior(namer, img, boxes, ["ball", "ring", "zebra", "cube"])
+    # two of four names known: they share half the mass (nearly all on ring); the unknown ones get 1/4 each
+    np.testing.assert_allclose(prior.sum(1), 1.0, rtol=1e-5)
+    assert prior[:, 1] == pytest.approx([0.5, 0.5], rel=1e-4) and prior[:, 2:].tolist() == [[0.25, 0.25]] * 2
+    assert namer_prior(namer, img, boxes, ["zebra", "cube"]).tolist() == [[0.5, 0.5]] * 2  # knows none: no opinion
+
+    torch.manual_seed(0)
+    model = build(384).eval()
+    text = np.random.default_rng(0).normal(size=(3, 384))
+    named, plain = {}, {}
+    predict(model, [img], [1], [boxes], [7, 8, 9], text, names=plain)
+    model.namer = namer
+    predict(model, [img], [1], [boxes], [7, 8, 9], text, names=named, category_names=["ball", "ring", "star"])
+    assert set(named.values()) == {8}  # the namer's certainty outweighs the untrained tokens
+    other = {}
+    predict(model, [img], [1], [boxes], [7, 8, 9], text, names=other)  # without category names: the tokens alone
+    assert other == plain
+
+
+def test_semantic_sam_carries_its_namer(pretrained, clean_small, labelled, tmp_path):
+    from ovtasks.models.loading import load_model
+    from ovtasks.train.semantic_sam import SemanticSamConfig, train_semantic_sam
+
+    s = load_settings(env={})
+    trained = train_semantic_sam(clean_small, labelled, None, str(tmp_path / "ssam"), s,
+                                 SemanticSamConfig(steps=2, batch_size=2, max_prompts=2, namer=pretrained.model_uri))
+    assert trained.metrics["namer"]["ref"] == pretrained.model_uri
+    model, _ = load_model(trained.model_dir)
+    assert model.namer is not None and model.namer.knows("ball")
+    img = (np.random.default_rng(2).random((96, 128, 3)) * 255).astype(np.uint8)
+    boxes = np.array([[10, 10, 60, 50]], np.float32)
+    from ovtasks.models.name_cam import NameCam
+
+    want = NameCam.load(pretrained.model_uri).box_name_probs(img, boxes)
+    np.testing.assert_allclose(model.namer.box_name_probs(img, boxes), want, rtol=1e-5)
+    assert want.shape == (1, len(model.namer.vocabulary)) and want.sum() == pytest.approx(1.0, rel=1e-5)
+    without, _ = load_model(train_semantic_sam(clean_small, labelled, None, str(tmp_path / "plain"), s,
+                                               SemanticSamConfig(steps=1, batch_size=2, max_prompts=2)).model_dir)
+    assert without.namer is None
