@@ -4,12 +4,17 @@ beats the pseudo-masks themselves), measured side by side in one run.
 Novel mask AP50 (generalized: all categories in the vocabulary) on held-out images of:
   (1) the pseudo-labels themselves (maskfree generator, committed ITM, WSPN trained here on captions),
   (2) the OV Mask R-CNN trained on those pseudo-labels (held-out images excluded from training),
-  (3) an oracle: the same model and budget trained on the GT masks of the same training images.
+  (3) an oracle: the same model and budget trained on the GT masks of the same training images;
+  optionally (``--models ...,semantic-sam``) Semantic-SAM trained as ``make demo`` trains it (SA-1B-format
+  masks + the pseudo-labels' names, 1:4, from the committed SAM), prompted with the GT boxes of the held-out
+  images: names right, mask IoU and novel mask AP50, with the caption-pretrained namer (``--backbone-init``)
+  and without it, on the same trained model.
 
     python benchmarks/model_quality.py --itm-model models/itm-synth
     python benchmarks/model_quality.py --itm-model models/itm-synth --seeds 0,1,2    # spread over training seeds
     python benchmarks/model_quality.py --itm-model models/itm-synth --shards 8 --steps 600 --device cuda
     python benchmarks/model_quality.py --itm-model models/itm-synth --backbone-init models/backbone-synth   # caption-pretrained backbone
+    python benchmarks/model_quality.py --itm-model models/itm-synth --backbone-init models/backbone-synth --models semantic-sam
 
 Targets: (3) >= 50 within 20 minutes of training, (2) >= (1), and (2) >= 70% of (3) (``oracle_fraction``).
 Every stage's output is hashed (pseudo-label shards, trained weights) into the JSON, so two runs can be
@@ -94,7 +99,9 @@ def main() -> int:
     ap.add_argument("--backbone-lr-scale", type=float, default=1.0, help="the pretrained body's LR relative to --lr")
     ap.add_argument("--models", default="pseudo,oracle",
                     help="which to train: pseudo (the student), oracle, and with --backbone-init also pseudo-random / "
-                         "oracle-random (the same from a random backbone, side by side on the same pseudo-labels)")
+                         "oracle-random (the same from a random backbone, side by side on the same pseudo-labels); "
+                         "semantic-sam (the demo's recipe; with --backbone-init its namer, evaluated with and without it)")
+    ap.add_argument("--ssam-steps", type=int, default=500, help="semantic-sam: training steps (the demo's 500)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(RESULTS), help="results directory (model_quality.json / .md)")
@@ -125,6 +132,7 @@ def main() -> int:
         if {"pseudo-random", "oracle-random"} & set(wanted) and not args.backbone_init:
             ap.error("pseudo-random / oracle-random compare against --backbone-init; without it pseudo / oracle are random")
         runs: dict[str, list] = {m: [] for m in ("pseudo", "oracle", "pseudo-random", "oracle-random")}
+        ssam = semantic_sam_rows(laion, clean, d, settings, held, args) if "semantic-sam" in wanted else None
         for seed in seeds:
             cfg = TrainConfig(steps=args.steps, batch_size=4, backbone=args.backbone, seed=seed, optimizer=args.optimizer, lr=lr,
                               backbone_init=args.backbone_init, backbone_lr_scale=args.backbone_lr_scale)
@@ -156,6 +164,7 @@ def main() -> int:
                        "student_ge_70pct_oracle": fraction is not None and fraction >= 0.7},
            "pseudo_label_rows": rows_pl, "trained": runs["pseudo"], "oracle": runs["oracle"],
            **{f"{k.replace('-', '_')}_backbone": runs[k] for k in ("pseudo-random", "oracle-random") if runs[k]}, "digests": digests,
+           **({"semantic_sam": ssam} if ssam else {}),
            "gx": {k: gate[k] for k in ("passed", "failed")},
            "config": {**vars(args), "train": {**cfg.__dict__, "seed": seeds}}, "held_out_images": len(held),
            "machine": f"{platform.machine()} {platform.processor() or ''} {base.workers} workers, torch threads {torch.get_num_threads()}".strip(),
@@ -168,7 +177,7 @@ def main() -> int:
     body = ", from the caption-pretrained backbone" if args.backbone_init else ""
     md = ["| novel mask AP50 (generalized), held-out images | % |", "|---|---:|",
           f"| (1) pseudo-labels (maskfree) | {fmt(pl)} |",
-          f"| (2) OV Mask R-CNN trained on (1), {args.steps} steps{body} | {spread(tr)} |",
+          *([f"| (2) OV Mask R-CNN trained on (1), {args.steps} steps{body} | {spread(tr)} |"] if tr["n"] else []),
           *([f"| (3) oracle: same model and budget on GT masks | {spread(orc)} |"] if orc["n"] else []),
           *(f"| {label}, from a random backbone (side by side) | {spread(randoms[key])} |" for key, label in
             (("pseudo_random_backbone", "(2)"), ("oracle_random_backbone", "(3)")) if key in randoms),
@@ -177,6 +186,7 @@ def main() -> int:
           *(["", "maskfree overrides: " + " ".join(args.set)] if args.set else []),
           *(["", f"backbone from {args.backbone_init}"] if args.backbone_init else []),
           "", "Pseudo-labels:", format_eval_table(rows_pl),
+          *(semantic_sam_md(ssam) if ssam else []),
           *(x for name, title in (("pseudo", "Trained on pseudo-labels"), ("oracle", "Oracle"),
                                   ("pseudo-random", "Trained on pseudo-labels, random backbone"),
                                   ("oracle-random", "Oracle, random backbone")) if runs[name]
@@ -185,6 +195,48 @@ def main() -> int:
     print("\n".join(md))
     print(f"oracle_fraction={fraction}")
     return 0
+
+
+def semantic_sam_rows(laion: str, clean: str, root: str, settings, held: list[int], args) -> dict:
+    """Semantic-SAM as ``make demo`` trains it, on these pseudo-labels; GT-box prompts on the held-out images,
+    evaluated with the namer (``--backbone-init``) and, on the same model, without it."""
+    from ovtasks.data.sa1b import write_synthetic
+    from ovtasks.evaluate.models import evaluate_semantic_sam
+    from ovtasks.train.semantic_sam import SemanticSamConfig, train_semantic_sam
+
+    sa1b = f"{root}/sa1b"
+    write_synthetic(sa1b, settings, images=512, image_size=settings.synth.image_size)
+    start = str(settings.paths.committed_sam) if (Path(settings.paths.committed_sam) / "model.safetensors").exists() else None
+    t = time.perf_counter()
+    trained = train_semantic_sam(clean, root, sa1b, f"{root}/semantic-sam", settings,
+                                 SemanticSamConfig(steps=args.ssam_steps, sam_model=start, seed=args.seed, namer=args.backbone_init),
+                                 exclude_ids=held)
+    train_s = time.perf_counter() - t
+    model, _ = load_model(trained.model_dir, settings.device)
+    out = {"steps": args.ssam_steps, "sam_start": start, "train_seconds": round(train_s, 1), "namer": args.backbone_init}
+    namer = model.namer
+    for key, attached in (("with_namer", namer), ("tokens_only", None)):
+        if key == "with_namer" and namer is None:
+            continue
+        model.namer = attached
+        ev = evaluate_semantic_sam(model, laion, clean, settings, limit=args.eval_images)
+        out[key] = {"novel_mask_AP50": ev["novel_mask_AP50"], "name_accuracy": ev["name_accuracy"], "mask_quality": ev["mask_quality"],
+                    "rows": ev["rows"], "table": ev["table"]}
+        print(f"semantic-sam {key}: names {ev['name_accuracy']}, novel mask AP50 {ev['novel_mask_AP50']}", flush=True)
+    return out
+
+
+def semantic_sam_md(ssam: dict) -> list[str]:
+    rows = ["", f"Semantic-SAM ({ssam['steps']} steps from {ssam['sam_start'] or 'a random SAM'}, {ssam['train_seconds']:.0f} s), "
+            "GT boxes as prompts:", "",
+            "| names from | names right (all / base / novel) | mask IoU >= 0.5 | novel mask AP50 |", "|---|---:|---:|---:|"]
+    for key, label in (("with_namer", "semantic tokens x caption-pretrained namer"), ("tokens_only", "semantic tokens alone")):
+        if key in ssam:
+            r = ssam[key]
+            acc = r["name_accuracy"]
+            rows.append(f"| {label} | {acc['all']:.1f} / {acc['base']:.1f} / {acc['novel']:.1f} % | "
+                        f"{r['mask_quality']['iou50']:.1f} % | {r['novel_mask_AP50']:.1f} |")
+    return rows
 
 
 def _digest(root: Path, pattern: str) -> str:
