@@ -179,7 +179,12 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
         print(f"      naming prompts with the caption-pretrained backbone {namer} beside the semantic tokens", flush=True)
     ssam = train_semantic_sam(ingest_uri, str(root), sa1b_uri, ssam_dir, settings,
                               SemanticSamConfig(steps=semantic_sam_steps, sam_model=sam_start, namer=namer), exclude_ids=held)
-    ssam_ev = evaluate_semantic_sam(load_model(ssam_dir, settings.device)[0], synth_uri, ingest_uri, settings, limit=eval_images)
+    ssam_model = load_model(ssam_dir, settings.device)[0]
+    ssam_ev = evaluate_semantic_sam(ssam_model, synth_uri, ingest_uri, settings, limit=eval_images)
+    ssam_plain = None
+    if ssam_model.namer is not None:  # the same model without its namer: what the semantic tokens name alone
+        ssam_model.namer = None
+        ssam_plain = evaluate_semantic_sam(ssam_model, synth_uri, ingest_uri, settings, limit=eval_images)
     ssam_reg = log_and_register(settings, ssam_dir, {"steps": semantic_sam_steps}, ssam.history, gate, ssam_ev,
                                 [f"{ssam_dir}/loss_curve.png"], ssam.data_manifest)
     table, samples, results = evaluate_pseudo_labels(ingest_uri, synth_uri, settings, models, limit=eval_images)
@@ -194,7 +199,7 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
         print("[10/10] Airflow: skipped (--no-airflow)", flush=True)
     run = DemoRun(root, settings, synth_uri, ingest_uri, itm_uri, wspn_uri, model_dir, ssam_dir, summary, result, wspn, pl, gate,
                   trained, train_steps, reg, promo, ssam, semantic_sam_steps, ssam_reg, table, budget, ev, ssam_ev, chain, af_outcome,
-                  ui_script, picture, overlays, time.perf_counter() - t0)
+                  ui_script, picture, overlays, time.perf_counter() - t0, ssam_plain)
     print_summary(run)
     return 1 if result.failed_shards else 0
 
@@ -233,6 +238,7 @@ class DemoRun:
     picture: Path
     overlays: Path
     seconds: float
+    ssam_plain: dict | None = None  # Semantic-SAM evaluated again without its namer
 
 
 def print_summary(run: DemoRun) -> None:
@@ -273,6 +279,11 @@ def print_summary(run: DemoRun) -> None:
     print(run.ev["table"])
     print(f"\nSemantic-SAM, GT boxes as prompts (names and masks, not detection), {run.ssam_ev['images']} images (%):")
     print(run.ssam_ev["table"])
+    if run.ssam_plain:
+        acc = run.ssam_plain["name_accuracy"]
+        print(f"(names above: the semantic tokens x the caption-pretrained namer; the same model's tokens alone name "
+              f"{acc['all']:.1f}% right (base {acc['base']:.1f}%, novel {acc['novel']:.1f}%), novel mask AP50 "
+              f"{run.ssam_plain['novel_mask_AP50']:.1f})")
     print(f"\nfinished in {run.seconds:.1f}s. Results:")
     print(f"  synthetic LAION shards + COCO GT : {run.synth_uri}  (gt/instances.json, gt/categories.json)")
     print(f"  clean shards + manifests        : {run.ingest_uri}/shards/")
