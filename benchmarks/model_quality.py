@@ -113,7 +113,7 @@ def main() -> int:
         generate(SynthSpec(seed=args.seed, shards=args.shards, images_per_shard=args.images_per_shard), laion, base, workers=base.workers)
         ingest(laion, clean, base, workers=base.workers)
         train_wspn(clean, f"{d}/wspn", base, WspnTrainConfig(steps=args.wspn_steps))
-        digests_wspn = _digest(Path(d) / "wspn", "*")
+        digests_wspn = _digest(Path(d) / "wspn", "*", d)
         maskfree = base.maskfree.model_validate({**base.maskfree.model_dump(), "itm_model": args.itm_model, "wspn_model": f"{d}/wspn",
                                                  **dict(kv.split("=", 1) for kv in args.set)})
         settings = base.model_copy(update={"device": args.device, "maskfree": maskfree})
@@ -122,7 +122,7 @@ def main() -> int:
         gt = GroundTruth.load(laion, settings)
         held = eval_image_ids(laion, clean, settings, args.eval_images)
         doc = gt.subset(held)
-        digests = {"wspn": digests_wspn, "pseudo_labels": _digest(Path(d) / "pseudo" / "maskfree", "*.json")}
+        digests = {"wspn": digests_wspn, "pseudo_labels": _digest(Path(d) / "pseudo" / "maskfree", "*.json", d)}
 
         rows_pl = evaluation_table(doc, pseudo_label_predictions(d, gt, held))
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
@@ -239,11 +239,14 @@ def semantic_sam_md(ssam: dict) -> list[str]:
     return rows
 
 
-def _digest(root: Path, pattern: str) -> str:
-    """sha256 over the files matching ``pattern`` under ``root`` (names and bytes, sorted)."""
+def _digest(root: Path, pattern: str, tmp: str | None = None) -> str:
+    """sha256 over the files matching ``pattern`` under ``root`` (names and bytes, sorted); the run's temporary
+    directory ``tmp``, which the files name (model refs, sources), is hashed as ``<tmp>`` so that two runs with
+    the same outputs get the same digest."""
     h = hashlib.sha256()
     for p in sorted(q for q in root.glob(pattern) if q.is_file()):
-        h.update(p.name.encode() + p.read_bytes())
+        data = p.read_bytes()
+        h.update(p.name.encode() + (data.replace(tmp.encode(), b"<tmp>") if tmp else data))
     return h.hexdigest()[:16]
 
 
