@@ -22,7 +22,7 @@ class MaskFreeModels:
     proposals: object  # ProposalSource
     versions: dict
     name: str = "maskfree"
-    name_cam: object = None  # NameCam when maskfree.activation=backbone
+    name_cam: object = None  # NameCam when maskfree.activation or box_rerank is backbone
 
     def chunk_size(self, settings: Settings) -> int:
         return settings.label_chunk
