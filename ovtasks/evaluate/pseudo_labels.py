@@ -79,7 +79,8 @@ def error_budget(samples, results, gt: GroundTruth, settings: Settings) -> dict:
     per bound row. Returns ``{row: {"all", "base", "novel"}, "_grounding": {...}, "_proposals": {...}}``."""
     from ovtasks.evaluate.ap import mask_ap50
     from ovtasks.pseudolabel.maskfree.pseudo_box import pseudo_box
-    from ovtasks.pseudolabel.maskfree.wss import WssJob, grow_box, point_map
+    from ovtasks.core.imaging import grow_box
+    from ovtasks.pseudolabel.maskfree.wss import WssJob, point_map
 
     cfg = settings.maskfree
     dets: dict[str, list] = {k: [] for k, _ in BUDGET_ROWS}

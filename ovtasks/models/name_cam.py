@@ -1,17 +1,17 @@
-"""Class activation maps of the caption-pretrained backbone (``ovtasks pretrain-backbone``), an option for
-Mask-free OVIS's stage 1 (``maskfree.activation=backbone``; the patent's map is the ITM's GradCAM).
+"""The caption-pretrained backbone's name heads (``ovtasks pretrain-backbone``) as a model of its own:
+where in an image the evidence for a name is, and which name a box holds. No box, mask or point trained it.
 
 The pretrained body classifies which vocabulary names an image's caption mentions, with a linear head on
 each of its last three stages over a global max-pool (``HEAD_LEVELS``). Because the pool is a max, the image's
 logit for a name is its logit at the best location: applied at every location instead, each head gives a map
 of where the evidence for the name is (CAM, Zhou et al. 2016). The levels' maps (strides 8, 16, 32) are
-upsampled to the finest one's grid and summed, which is what the summed image logits rank. Only caption names
-trained it: no box, mask or point.
+upsampled to the finest one's grid and summed, which is what the summed image logits rank.
 
-It is a closed-vocabulary classifier: a name outside its training vocabulary has no head row, and
-:func:`ovtasks.pseudolabel.maskfree.activation.activation_maps` falls back to the ITM for such a pair.
+Users: ``maskfree.activation=backbone`` (the map as stage 1's, in place of the ITM's GradCAM),
+``maskfree.box_rerank=backbone`` (:meth:`NameCam.crop_probs` judges eq. 6's best boxes) and Semantic-SAM's namer
+(:meth:`NameCam.box_name_probs`). It is a closed-vocabulary classifier: a name outside its training vocabulary
+has no head row; each user leaves such a name to its own model (the ITM, the semantic tokens).
 """
-
 from __future__ import annotations
 
 import json
@@ -23,6 +23,38 @@ import torch
 import torch.nn.functional as F
 
 from ovtasks.core.config import S3Config
+from ovtasks.models.ov_maskrcnn import IMAGE_MEAN, IMAGE_STD, SMALL_CHANNELS
+
+# The files of `ovtasks pretrain-backbone`'s output (ovtasks/train/backbone.py trains them).
+WEIGHTS, HEADS, META = "backbone.safetensors", "heads.safetensors", "ovtasks_backbone.json"
+
+# the body's outputs (layer2, layer3, layer4: strides 8, 16, 32) that each get a classifier head. A head on the
+# last stage alone never left chance in 2250 steps (its 4x4 grid and ten layers give the first convolutions no
+# usable signal); a head on layer2 alone did within ~500, as the ITM's stride-8 stem does. So every level
+# classifies on its own, and each is trained for the detector's FPN, which reads them all.
+HEAD_LEVELS = ("1", "2", "3")
+
+
+def make_heads(classes: int) -> torch.nn.ModuleDict:
+    return torch.nn.ModuleDict({k: torch.nn.Linear(SMALL_CHANNELS[int(k)], classes) for k in HEAD_LEVELS})
+
+
+def level_logits(body: torch.nn.Module, heads: torch.nn.ModuleDict, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per level, vocabulary logits of normalised images: the level's features max-pooled over the image."""
+    feats = body(x)
+    return {k: heads[k](feats[k].amax((2, 3))) for k in HEAD_LEVELS}
+
+
+def body_logits(body: torch.nn.Module, heads: torch.nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+    """The levels' logits summed: the held-out metrics' prediction."""
+    return sum(level_logits(body, heads, x).values())
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """uint8-valued ``(B, 3, H, W)`` → what the detector's transform feeds its backbone."""
+    mean = torch.tensor(IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD, device=x.device).view(1, 3, 1, 1)
+    return (x / 255.0 - mean) / std
 
 
 class NameCam:
@@ -44,7 +76,6 @@ class NameCam:
 
         from ovtasks.models.hub import resolve_model
         from ovtasks.models.ov_maskrcnn import small_backbone
-        from ovtasks.train.backbone import HEADS, META, WEIGHTS, make_heads
 
         path = Path(resolve_model(ref, s3))
         if not (path / META).exists() or not (path / WEIGHTS).exists():
@@ -68,7 +99,6 @@ class NameCam:
         """The body, heads and a ``ovtasks_backbone.json`` naming its vocabulary and size (:meth:`load` reads it)."""
         from safetensors.torch import save_file
 
-        from ovtasks.train.backbone import HEADS, META, WEIGHTS
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -85,8 +115,6 @@ class NameCam:
     def name_maps(self, pixels: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``pixels`` ``(B, 3, H, W)`` in [0, 255] and one known name each → the name's summed per-level logit maps
         ``(B, H/8, W/8)`` (at ``image_size``) and its softmax probability over the vocabulary ``(B,)``."""
-        from ovtasks.train.backbone import HEAD_LEVELS, normalise
-
         missing = [n for n in names if n not in self.index]
         if missing:
             raise KeyError(f"names outside the backbone's vocabulary: {sorted(set(missing))}")
@@ -130,8 +158,6 @@ class NameCam:
         two softmaxes, the name maps' maximum inside the box (summed over levels) and the prediction on the box's
         crop grown by ``context`` (Semantic-SAM's namer; on held-out synthetic GT boxes the two together named
         54 % / 48 % of boxes right on two sets, the crop alone 49 % / 45 %, the maps alone 44 % / 40 %)."""
-        from ovtasks.train.backbone import HEAD_LEVELS, normalise
-
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if not len(boxes):
             return np.zeros((0, len(self.vocabulary)), np.float32)
@@ -158,8 +184,7 @@ class NameCam:
     def crop_logits(self, image: np.ndarray, boxes: np.ndarray, context: float, batch: int = 64) -> torch.Tensor:
         """``(n, V)`` summed level logits of each box's crop (grown by ``context`` x its side, clipped, resized
         to ``image_size``)."""
-        from ovtasks.pseudolabel.maskfree.wss import grow_box
-        from ovtasks.train.backbone import body_logits, normalise
+        from ovtasks.core.imaging import grow_box
 
         s, (h, w) = self.image_size, image.shape[:2]
         t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()

@@ -37,15 +37,13 @@ import torch
 from ovtasks import __version__
 from ovtasks.core.config import S3Config, Settings
 from ovtasks.models.hub import publish_model, resolve_model
-from ovtasks.models.ov_maskrcnn import IMAGE_MEAN, IMAGE_STD, SMALL_CHANNELS, small_backbone
+from ovtasks.models.name_cam import HEADS, META, WEIGHTS, body_logits, level_logits, make_heads, normalise  # noqa: F401
+from ovtasks.models.ov_maskrcnn import IMAGE_MEAN, IMAGE_STD, small_backbone
 from ovtasks.pseudolabel.candidates import Vocabulary
 from ovtasks.train.data import flip_turn, name_targets, named_images, names_softmax_loss
 from ovtasks.train.engine import TrainedCheckpoint, warmup_cosine
 
 log = logging.getLogger(__name__)
-
-WEIGHTS, HEADS, META = "backbone.safetensors", "heads.safetensors", "ovtasks_backbone.json"
-
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -58,35 +56,6 @@ class BackboneConfig:
     holdout: int = 400  # last images of the source, kept out of training for the metrics
     max_images: int | None = None
     seed: int = 0
-
-
-# the body's outputs (layer2, layer3, layer4: strides 8, 16, 32) that each get a classifier head. A head on the
-# last stage alone never left chance in 2250 steps (its 4x4 grid and ten layers give the first convolutions no
-# usable signal); a head on layer2 alone did within ~500, as the ITM's stride-8 stem does. So every level
-# classifies on its own, and each is trained for the detector's FPN, which reads them all.
-HEAD_LEVELS = ("1", "2", "3")
-
-
-def make_heads(classes: int) -> torch.nn.ModuleDict:
-    return torch.nn.ModuleDict({k: torch.nn.Linear(SMALL_CHANNELS[int(k)], classes) for k in HEAD_LEVELS})
-
-
-def level_logits(body: torch.nn.Module, heads: torch.nn.ModuleDict, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per level, vocabulary logits of normalised images: the level's features max-pooled over the image."""
-    feats = body(x)
-    return {k: heads[k](feats[k].amax((2, 3))) for k in HEAD_LEVELS}
-
-
-def body_logits(body: torch.nn.Module, heads: torch.nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
-    """The levels' logits summed: the held-out metrics' prediction."""
-    return sum(level_logits(body, heads, x).values())
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """uint8-valued ``(B, 3, H, W)`` → what the detector's transform feeds its backbone."""
-    mean = torch.tensor(IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=x.device).view(1, 3, 1, 1)
-    return (x / 255.0 - mean) / std
 
 
 def _average_precision(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -120,7 +120,7 @@ def crop_match_probs(itm: ItmModel, queries: Sequence[tuple[np.ndarray, np.ndarr
     """For each ``(image, boxes (n, 4) xyxy, name)``: the ITM's match probability of the prompt for ``name``
     on each box's crop (the box grown by ``context`` x its side, clipped), resized to the model's input
     (``maskfree.box_rerank=crop`` re-ranks eq. 6's boxes by it)."""
-    from ovtasks.pseudolabel.maskfree.wss import grow_box
+    from ovtasks.core.imaging import grow_box
 
     s = itm.image_size
     crops, texts, counts = [], [], []

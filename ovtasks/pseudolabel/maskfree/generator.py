@@ -81,7 +81,8 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
     """Run stages 2-5 for already-extracted candidates; one :class:`PairResult` per (image, candidate)."""
     from ovtasks.pseudolabel.maskfree.activation import activation_maps, crop_match_probs
     from ovtasks.pseudolabel.maskfree.pseudo_box import best_boxes, rerank
-    from ovtasks.pseudolabel.maskfree.wss import WssJob, grow_box, point_map
+    from ovtasks.core.imaging import grow_box
+    from ovtasks.pseudolabel.maskfree.wss import WssJob, point_map
 
     cfg = settings.maskfree
     pairs = [PairResult(i, c) for i, cands in enumerate(candidates) for c in cands]

@@ -40,16 +40,6 @@ class WssInputs:
     boxes: list[tuple[int, int, int, int]]  # integer xyxy actually cropped
 
 
-def grow_box(box, margin: float, hw: tuple[int, int]) -> tuple[float, float, float, float]:
-    """xyxy ``box`` grown by ``margin`` x its width / height on each side, clipped to the ``(H, W)`` image."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    if margin <= 0:
-        return x1, y1, x2, y2
-    h, w = hw
-    dx, dy = margin * (x2 - x1), margin * (y2 - y1)
-    return max(0.0, x1 - dx), max(0.0, y1 - dy), min(float(w), x2 + dx), min(float(h), y2 + dy)
-
-
 def box_prior(box, hw: tuple[int, int]) -> np.ndarray:
     """``(H, W)`` float32: a tent over xyxy ``box``, 1 at its centre falling linearly to 0 at its edges, 0 outside."""
     h, w = hw

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ovtasks.core.config import load_settings
-from ovtasks.pseudolabel.maskfree.wss import WssJob, box_prior, grow_box, point_map, prepare
+from ovtasks.core.imaging import grow_box
+from ovtasks.pseudolabel.maskfree.wss import WssJob, box_prior, point_map, prepare
 
 
 def test_box_prior_is_a_tent_inside_the_box_and_zero_outside():
