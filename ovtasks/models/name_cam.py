@@ -184,16 +184,9 @@ class NameCam:
     def crop_logits(self, image: np.ndarray, boxes: np.ndarray, context: float, batch: int = 64) -> torch.Tensor:
         """``(n, V)`` summed level logits of each box's crop (grown by ``context`` x its side, clipped, resized
         to ``image_size``)."""
-        from ovtasks.core.imaging import grow_box
+        from ovtasks.models.preprocess import box_crops
 
-        s, (h, w) = self.image_size, image.shape[:2]
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-        crops = []
-        for b in boxes:
-            x1, y1, x2, y2 = grow_box(b, context, (h, w))
-            x1, y1 = min(int(x1), w - 1), min(int(y1), h - 1)
-            x2, y2 = max(int(np.ceil(x2)), x1 + 1), max(int(np.ceil(y2)), y1 + 1)
-            crops.append(F.interpolate(t[..., y1:y2, x1:x2], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0])
+        crops = box_crops(image, boxes, context, self.image_size)
         out = [body_logits(self.body, self.heads, normalise(torch.stack(crops[i:i + batch]).to(self.device)))
                for i in range(0, len(crops), batch)]
         return torch.cat(out) if out else torch.zeros(0, len(self.vocabulary), device=self.device)

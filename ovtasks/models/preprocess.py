@@ -53,3 +53,19 @@ def wspn_input(images: Sequence[np.ndarray], device: str = "cpu") -> torch.Tenso
     mean = torch.tensor(IMAGE_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD, device=device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def box_crops(image: np.ndarray, boxes, context: float, size: int) -> list[torch.Tensor]:
+    """Each xyxy box of ``image`` (H, W, 3) uint8 grown by ``context`` x its side on every side, clipped to the
+    image (at least one pixel), resized to ``(3, size, size)`` float in [0, 255] (antialiased bilinear)."""
+    from ovtasks.core.imaging import grow_box
+
+    h, w = image.shape[:2]
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    crops = []
+    for b in boxes:
+        x1, y1, x2, y2 = grow_box(b, context, (h, w))
+        x1, y1 = min(int(x1), w - 1), min(int(y1), h - 1)
+        x2, y2 = max(int(np.ceil(x2)), x1 + 1), max(int(np.ceil(y2)), y1 + 1)
+        crops.append(F.interpolate(t[..., y1:y2, x1:x2], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0])
+    return crops

@@ -120,20 +120,12 @@ def crop_match_probs(itm: ItmModel, queries: Sequence[tuple[np.ndarray, np.ndarr
     """For each ``(image, boxes (n, 4) xyxy, name)``: the ITM's match probability of the prompt for ``name``
     on each box's crop (the box grown by ``context`` x its side, clipped), resized to the model's input
     (``maskfree.box_rerank=crop`` re-ranks eq. 6's boxes by it)."""
-    from ovtasks.core.imaging import grow_box
+    from ovtasks.models.preprocess import box_crops
 
-    s = itm.image_size
     crops, texts, counts = [], [], []
     for image, boxes, name in queries:
-        h, w = image.shape[:2]
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-        prompt = prompt_span(template, name)[0]
-        for b in boxes:
-            x1, y1, x2, y2 = grow_box(b, context, (h, w))
-            x1, y1 = min(int(x1), w - 1), min(int(y1), h - 1)
-            x2, y2 = max(int(np.ceil(x2)), x1 + 1), max(int(np.ceil(y2)), y1 + 1)
-            crops.append(F.interpolate(t[..., y1:y2, x1:x2], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0])
-            texts.append(prompt)
+        crops += box_crops(image, boxes, context, itm.image_size)
+        texts += [prompt_span(template, name)[0]] * len(boxes)
         counts.append(len(boxes))
     probs = [ps[0] for ps in itm.match_probs(torch.stack(crops), [[t] for t in texts], batch)] if crops else []
     out, k = [], 0
