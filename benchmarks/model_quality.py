@@ -153,7 +153,7 @@ def main() -> int:
 
     pl = novel(rows_pl)
     tr, orc = _summary([r["novel"] for r in runs["pseudo"]]), _summary([r["novel"] for r in runs["oracle"]])
-    fraction = round(tr["mean"] / orc["mean"], 3) if orc["mean"] else None
+    fraction = round(tr["mean"] / orc["mean"], 3) if orc["mean"] and tr["mean"] is not None else None
     oracle_s = max((r["train_seconds"] for r in runs["oracle"]), default=float("nan"))
     randoms = {f"{k}_random_backbone": _summary([r["novel"] for r in runs[f"{k}-random"]]) for k in ("pseudo", "oracle")
                if runs[f"{k}-random"]}
