@@ -99,7 +99,6 @@ class NameCam:
         """The body, heads and a ``ovtasks_backbone.json`` naming its vocabulary and size (:meth:`load` reads it)."""
         from safetensors.torch import save_file
 
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.body.state_dict().items()}, str(path / WEIGHTS))
