@@ -30,7 +30,8 @@ def cmd_train_sam(args: argparse.Namespace, settings: Settings) -> int:
     cfg = SamTrainConfig(steps=args.steps, batch_size=args.batch_size, max_prompts=args.max_prompts, lr=args.lr,
                          image_size=args.image_size, hidden=args.hidden, patch_size=args.patch_size, layers=args.layers,
                          heads=args.heads, holdout=args.holdout, seed=args.seed, max_images=args.max_images,
-                         box_jitter=args.box_jitter, pixel_loss=args.pixel_loss, grad_clip=args.grad_clip,
+                         box_jitter=args.box_jitter, pixel_loss=args.pixel_loss, grad_clip=args.grad_clip, hires=args.hires,
+                         box_mask_prompt=args.box_mask_prompt,
                          max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     command = " ".join(["ovtasks", *(shlex.quote(a) for a in sys.argv[1:])])  # recorded in the checkpoint's JSON
     return report_trained(train_sam(args.sa1b, args.out, on_device(args, settings), cfg, progress=print_progress,
@@ -216,6 +217,10 @@ def add_commands(sub) -> None:
     s.add_argument("--box-jitter", type=float, default=0.1, help="box prompt noise, std as a fraction of the box side (SAM's 0.1)")
     s.add_argument("--pixel-loss", choices=("bce", "focal"), default="bce")
     s.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: none)")
+    s.add_argument("--box-mask-prompt", action="store_true",
+                   help="the box prompt also enters as SAM's dense mask prompt (a filled rectangle)")
+    s.add_argument("--hires", action="store_true",
+                   help="SAM 2's high-resolution features in the mask decoder (a conv stem on the pixels; saved as hires.safetensors)")
     s.add_argument("--holdout", type=int, default=128, help="images kept out of training for the metrics")
     s.add_argument("--max-images", type=int, default=None)
     s.add_argument("--max-minutes", type=float, default=None,

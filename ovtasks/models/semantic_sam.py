@@ -29,6 +29,7 @@ from torch import nn
 
 NUM_MASKS = 4  # SAM's mask tokens: 0 = single output, 1..3 = multimask outputs
 NAMER_DIR = "namer"  # the caption-pretrained backbone naming prompts beside the semantic tokens, when attached
+HIRES_FILE = "hires.safetensors"  # a SAM directory's high-resolution feature path (HiResFeatures), when it has one
 
 
 class _MLP(nn.Module):
@@ -45,6 +46,54 @@ class _MLP(nn.Module):
         return x
 
 
+class HiResFeatures(nn.Module):
+    """High-resolution features for the mask decoder's upscaling, as SAM 2 feeds its backbone's stride-4 and
+    stride-8 maps into it (``use_high_res_features_in_sam``): a ViT encoder has no early stages, so a small
+    conv stem on the input pixels makes them. ``s0`` matches the second upscaling (``hidden / 8`` channels,
+    4x the embedding grid), ``s1`` the first (``hidden / 4`` channels, 2x the grid). Each branch's last conv
+    starts at zero, so a SAM trained without the path decodes exactly as before until this is trained."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        c0, c1 = max(1, hidden // 8), max(1, hidden // 4)
+        self.stem0 = nn.Sequential(nn.Conv2d(3, c0, 3, 2, 1), nn.GELU(), nn.Conv2d(c0, c0, 3, 1, 1), nn.GELU())
+        self.stem1 = nn.Sequential(nn.Conv2d(c0, c1, 3, 2, 1), nn.GELU(), nn.Conv2d(c1, c1, 3, 1, 1), nn.GELU())
+        self.out0, self.out1 = nn.Conv2d(c0, c0, 1), nn.Conv2d(c1, c1, 1)
+        for conv in (self.out0, self.out1):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, pixels: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixels`` (B, 3, S, S) → (s0 (B, hidden/8, 4g, 4g), s1 (B, hidden/4, 2g, 2g)) for a g x g embedding."""
+        x = self.stem0(pixels)
+        if x.shape[-1] != 4 * grid:
+            x = F.adaptive_avg_pool2d(x, 4 * grid)
+        y = self.stem1(x)
+        if y.shape[-1] != 2 * grid:
+            y = F.adaptive_avg_pool2d(y, 2 * grid)
+        return self.out0(x), self.out1(y)
+
+
+@dataclass
+class ImageFeatures:
+    """What :meth:`SemanticSam.embed` gives per image: SAM's embedding and, with a high-resolution path, its two
+    maps. Indexing picks images (``feats[k:k + 1]``, ``feats[owner]`` for one row per box) from all of them."""
+
+    emb: torch.Tensor  # (B, C, g, g)
+    s0: torch.Tensor | None = None
+    s1: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.emb.shape
+
+    def __len__(self) -> int:
+        return len(self.emb)
+
+    def __getitem__(self, idx) -> "ImageFeatures":
+        return ImageFeatures(self.emb[idx], None if self.s0 is None else self.s0[idx], None if self.s1 is None else self.s1[idx])
+
+
 @dataclass
 class Decoded:
     """One image's answer for its ``n`` box prompts."""
@@ -56,9 +105,12 @@ class Decoded:
 
 
 class SemanticSam(nn.Module):
-    def __init__(self, sam, embed_dim: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    def __init__(self, sam, embed_dim: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                 hires: HiResFeatures | None = None, box_mask_prompt: bool = False):
         super().__init__()
         self.sam = sam
+        self.hires = hires
+        self.box_mask_prompt = bool(box_mask_prompt)
         hidden = sam.config.mask_decoder_config.hidden_size
         self.embed_dim = int(embed_dim)
         self.semantic_tokens = nn.Embedding(NUM_MASKS, hidden)
@@ -86,14 +138,19 @@ class SemanticSam(nn.Module):
         x = resize_normalise(image, (rh, rw), self.mean, self.std, device, dtype)
         return F.pad(x, (0, self.image_size - rw, 0, self.image_size - rh))
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.sam.get_image_embeddings(pixels)
+    def embed(self, pixels: torch.Tensor) -> ImageFeatures:
+        emb = self.sam.get_image_embeddings(pixels)
+        if self.hires is None:
+            return ImageFeatures(emb)
+        return ImageFeatures(emb, *self.hires(pixels.to(emb.dtype), emb.shape[-1]))
 
-    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, extra: bool = True) -> Decoded:
-        """``emb``: (1, C, h, w) one image's embedding, or (n, C, h, w) one per box (prompts of several images
-        decoded in one call); ``boxes``: (n, 4) xyxy in the padded input frame."""
+    def decode(self, feats: ImageFeatures, boxes: torch.Tensor, extra: bool = True) -> Decoded:
+        """``feats``: one image's features (batch 1), or one per box (prompts of several images decoded in one
+        call); ``boxes``: (n, 4) xyxy in the padded input frame."""
         dec = self.sam.mask_decoder
-        sparse, dense = self.sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=boxes[None], input_masks=None)
+        emb = feats.emb
+        masks_in = box_masks(boxes, 4 * emb.shape[-1], self.image_size).to(emb.dtype) if self.box_mask_prompt else None
+        sparse, dense = self.sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=boxes[None], input_masks=masks_in)
         n = sparse.shape[1]
         out_tokens = [dec.iou_token.weight, dec.mask_tokens.weight]
         if extra:
@@ -102,14 +159,19 @@ class SemanticSam(nn.Module):
         tokens = torch.cat((tokens, sparse), dim=2).to(dec.iou_token.weight.dtype)
         if emb.shape[0] not in (1, n):
             raise ValueError(f"{emb.shape[0]} embeddings for {n} boxes: give one, or one per box")
-        image = (emb + dense).repeat_interleave(n, 0) if emb.shape[0] == 1 else emb + dense
+        image = emb.expand(n, -1, -1, -1) + dense
         pos = self.sam.get_image_wide_positional_embeddings().repeat_interleave(n, 0)
         q, image = dec.transformer(point_embeddings=tokens, image_embeddings=image, image_positional_embeddings=pos,
                                    attention_similarity=None, target_embedding=None)[:2]
         _, c, h, w = emb.shape
         image = image.transpose(2, 3).reshape(n, c, h, w)
-        up = dec.activation(dec.upscale_layer_norm(dec.upscale_conv1(image)))
-        up = dec.activation(dec.upscale_conv2(up))
+        if feats.s0 is None:
+            up = dec.activation(dec.upscale_layer_norm(dec.upscale_conv1(image)))
+            up = dec.activation(dec.upscale_conv2(up))
+        else:  # SAM 2: each upscaling adds its high-resolution map before its norm / activation
+            s0, s1 = (f.expand(n, -1, -1, -1) if f.shape[0] == 1 else f for f in (feats.s0, feats.s1))
+            up = dec.activation(dec.upscale_layer_norm(dec.upscale_conv1(image) + s1))
+            up = dec.activation(dec.upscale_conv2(up) + s0)
         k = dec.num_mask_tokens
         hyper = torch.stack([dec.output_hypernetworks_mlps[i](q[:, :, 1 + i, :]) for i in range(k)], dim=2)
         _, cu, hu, wu = up.shape
@@ -123,6 +185,18 @@ class SemanticSam(nn.Module):
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
+
+def box_masks(boxes: torch.Tensor, size: int, frame: int) -> torch.Tensor:
+    """Boxes ``(n, 4)`` xyxy in a ``frame`` x ``frame`` input → ``(n, 1, size, size)`` the share of each cell the
+    box covers (SAM's mask-prompt input: 4x the embedding grid)."""
+    b = boxes.float() * (size / frame)
+    edges = torch.arange(size, device=boxes.device, dtype=torch.float32)
+
+    def cover(lo, hi):  # (n, size): overlap of [lo, hi) with each cell [i, i + 1)
+        return (torch.minimum(hi[:, None], edges + 1) - torch.maximum(lo[:, None], edges)).clamp(0, 1)
+
+    return (cover(b[:, 1], b[:, 3])[:, :, None] * cover(b[:, 0], b[:, 2])[:, None, :])[:, None]
 
 
 def sam_config(image_size: int = 128, hidden: int = 32, patch_size: int = 16, layers: int = 2, heads: int = 2):
@@ -139,18 +213,34 @@ def sam_config(image_size: int = 128, hidden: int = 32, patch_size: int = 16, la
 
 
 def build(embed_dim: int, sam_model: str | None = None, image_size: int = 128, hidden: int = 32, s3=None,
-          patch_size: int = 16) -> SemanticSam:
-    """From a pretrained SAM (HF id, directory, model-store URI) or, with ``sam_model=None``, a tiny random one."""
+          patch_size: int = 16, hires: bool = False) -> SemanticSam:
+    """From a pretrained SAM (HF id, directory, model-store URI; its high-resolution path comes with it when the
+    directory has one, ``hires.safetensors``) or, with ``sam_model=None``, a tiny random one. ``hires`` adds a
+    (new, zero-started) high-resolution path where the SAM has none."""
     from transformers import SamModel
 
     if sam_model is None:
-        return SemanticSam(SamModel(sam_config(image_size, hidden, patch_size)), embed_dim)
+        sam = SamModel(sam_config(image_size, hidden, patch_size))
+        return SemanticSam(sam, embed_dim, hires=HiResFeatures(hidden) if hires else None)
     from ovtasks.models.hub import image_processor_config, resolve_model
 
     path = resolve_model(sam_model, s3)
     cfg = image_processor_config(path)
-    return SemanticSam(SamModel.from_pretrained(path, use_safetensors=True), embed_dim, cfg.get("image_mean", (0.485, 0.456, 0.406)),
-                       cfg.get("image_std", (0.229, 0.224, 0.225)))
+    sam = SamModel.from_pretrained(path, use_safetensors=True)
+    return SemanticSam(sam, embed_dim, cfg.get("image_mean", (0.485, 0.456, 0.406)), cfg.get("image_std", (0.229, 0.224, 0.225)),
+                       load_hires(path, sam.config.mask_decoder_config.hidden_size, hires))
+
+
+def load_hires(path: str | os.PathLike, hidden: int, new: bool = False) -> HiResFeatures | None:
+    """A SAM directory's high-resolution path (``hires.safetensors``); else a new one when ``new``, else None."""
+    from safetensors.torch import load_model
+
+    f = Path(path) / HIRES_FILE
+    if not f.exists():
+        return HiResFeatures(hidden) if new else None
+    hires = HiResFeatures(hidden)
+    load_model(hires, str(f))
+    return hires
 
 
 def save(model: SemanticSam, path: str | os.PathLike) -> None:
@@ -163,7 +253,8 @@ def save(model: SemanticSam, path: str | os.PathLike) -> None:
     path.mkdir(parents=True, exist_ok=True)
     save_model(model, str(path / "model.safetensors"))  # SAM ties its positional embeddings: stored once
     (path / "sam_config.json").write_text(json.dumps({"sam": model.sam.config.to_dict(), "embed_dim": model.embed_dim,
-                                                      "image_mean": model.mean, "image_std": model.std}, indent=1, default=str))
+                                                      "image_mean": model.mean, "image_std": model.std,
+                                                      "hires": model.hires is not None}, indent=1, default=str))
     if model.namer is not None:
         model.namer.save(path / NAMER_DIR)
 
@@ -176,7 +267,9 @@ def load(path: str | os.PathLike, device: str = "cpu") -> SemanticSam:
 
     path = Path(path)
     doc = json.loads((path / "sam_config.json").read_text())
-    model = SemanticSam(SamModel(SamConfig.from_dict(doc["sam"])), doc["embed_dim"], doc["image_mean"], doc["image_std"])
+    sam = SamModel(SamConfig.from_dict(doc["sam"]))
+    hires = HiResFeatures(sam.config.mask_decoder_config.hidden_size) if doc.get("hires") else None
+    model = SemanticSam(sam, doc["embed_dim"], doc["image_mean"], doc["image_std"], hires)
     load_model(model, str(path / "model.safetensors"))
     if (path / NAMER_DIR).is_dir():
         from ovtasks.models.name_cam import NameCam

@@ -56,6 +56,11 @@ class SamTrainConfig:
     pixel_loss: str = "bce"  # "bce" or "focal" (x20, SAM's own; collapses to empty masks from scratch here)
     box_jitter: float = 0.1
     grad_clip: float = 1.0  # max gradient norm (0: no clipping)
+    # SAM 2's high-resolution features in the mask decoder's upscaling, from a conv stem on the pixels
+    # (models/semantic_sam.py HiResFeatures), saved beside the SamModel as hires.safetensors
+    hires: bool = False
+    # the box prompt also enters as SAM's dense mask prompt (the share of each cell the box covers)
+    box_mask_prompt: bool = False
     holdout: int = 128  # images kept out of training for the metrics
     # wall-clock budget (None: none). The LR schedule follows max(step / steps, elapsed / max_seconds), so a run
     # cut short by the budget still warms up and anneals; the steps it did are in the metrics
@@ -122,7 +127,7 @@ def train_sam(sa1b_uri: str, out_uri: str, settings: Settings, cfg: SamTrainConf
     from transformers import SamModel
 
     from ovtasks.data.sa1b import iter_sa1b
-    from ovtasks.models.semantic_sam import SemanticSam, mask_losses, sam_config
+    from ovtasks.models.semantic_sam import HIRES_FILE, HiResFeatures, SemanticSam, mask_losses, sam_config
     from ovtasks.train.semantic_sam import _jitter
 
     if cfg.pixel_loss not in ("bce", "focal"):
@@ -137,10 +142,11 @@ def train_sam(sa1b_uri: str, out_uri: str, settings: Settings, cfg: SamTrainConf
                          f"need more than the {cfg.holdout} held out")
     train_pairs, held = pairs[:-cfg.holdout] if cfg.holdout else pairs, pairs[-cfg.holdout:] if cfg.holdout else []
     # embed_dim only sizes the (unused here) semantic head: SemanticSam is used for its SAM preprocessing/decoder
-    model = SemanticSam(SamModel(sam_config(cfg.image_size, cfg.hidden, cfg.patch_size, cfg.layers, cfg.heads)), 8).to(device)
+    model = SemanticSam(SamModel(sam_config(cfg.image_size, cfg.hidden, cfg.patch_size, cfg.layers, cfg.heads)), 8,
+                        hires=HiResFeatures(cfg.hidden) if cfg.hires else None, box_mask_prompt=cfg.box_mask_prompt).to(device)
     pixels, boxes, targets = _prepare(model, train_pairs)
     load_s = time.perf_counter() - t_load
-    params = list(model.sam.parameters())
+    params = list(model.sam.parameters()) + (list(model.hires.parameters()) if model.hires is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = min(cfg.warmup, max(1, cfg.steps // 10))
     history: list[dict] = []
@@ -190,6 +196,10 @@ def train_sam(sa1b_uri: str, out_uri: str, settings: Settings, cfg: SamTrainConf
             "skipped": stats.get("skipped", {}), "code_version": __version__, **({"command": command} if command else {})}
     with tempfile.TemporaryDirectory(prefix="ovtasks-sam-out-") as d:
         model.sam.save_pretrained(d, safe_serialization=True)
+        if model.hires is not None:
+            from safetensors.torch import save_model
+
+            save_model(model.hires, str(Path(d) / HIRES_FILE))
         (Path(d) / "preprocessor_config.json").write_text(json.dumps(
             {"image_processor_type": "SamImageProcessor", "image_mean": list(model.mean), "image_std": list(model.std),
              "size": {"longest_edge": model.image_size}, "pad_size": {"height": model.image_size, "width": model.image_size}}, indent=1))
