@@ -43,8 +43,11 @@ class BoxMasks:
 
 class SamSegmenter:
     def __init__(self, model, mean, std, device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 4,
-                 box_batch: int = 64, mask_threshold: float = 0.0, pixel_budget: int = 1 << 26):
+                 box_batch: int = 64, mask_threshold: float = 0.0, pixel_budget: int = 1 << 26, extras=None):
         self.model = model.to(device=device, dtype=dtype).eval()
+        # a SAM made by `ovtasks train-sam --hires / --box-mask-prompt` decodes through SemanticSam.decode (the stock
+        # decoder with its additions); None: transformers' own prompt encoder and mask decoder
+        self.extras = None if extras is None else extras.to(device=device, dtype=dtype).eval()
         self.size = int(model.config.vision_config.image_size)
         self.mean, self.std, self.device, self.dtype = tuple(mean), tuple(std), device, dtype
         self.batch_size, self.box_batch, self.mask_threshold = batch_size, box_batch, mask_threshold
@@ -54,11 +57,15 @@ class SamSegmenter:
     def load(cls, ref: str, device: str = "cpu", dtype: str = "auto", s3=None, **kwargs) -> "SamSegmenter":
         from transformers import SamModel
 
+        from ovtasks.models.semantic_sam import SemanticSam, sam_extras
+
         path = resolve_model(ref, s3)
         model = SamModel.from_pretrained(path, use_safetensors=True)
         cfg = image_processor_config(path)
         mean, std = cfg.get("image_mean", (0.485, 0.456, 0.406)), cfg.get("image_std", (0.229, 0.224, 0.225))
-        return cls(model, mean, std, device, resolve_dtype(dtype, device), **kwargs)
+        hires, box_prompt = sam_extras(path, model.config.mask_decoder_config.hidden_size)
+        extras = SemanticSam(model, 1, mean, std, hires, box_prompt) if hires is not None or box_prompt else None
+        return cls(model, mean, std, device, resolve_dtype(dtype, device), extras=extras, **kwargs)
 
     def _resized(self, h: int, w: int) -> tuple[int, int, float]:
         scale = self.size / max(h, w)
@@ -71,9 +78,10 @@ class SamSegmenter:
         return F.pad(x, (0, self.size - rw, 0, self.size - rh))
 
     @torch.inference_mode()
-    def embed(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Image embeddings ``(B, C, h, w)`` for images of any sizes."""
-        return self.model.get_image_embeddings(torch.stack([self._pixels(im) for im in images]))
+    def embed(self, images: Sequence[np.ndarray]):
+        """Image embeddings ``(B, C, h, w)`` for images of any sizes (with ``extras``: their ImageFeatures)."""
+        x = torch.stack([self._pixels(im) for im in images])
+        return self.model.get_image_embeddings(x) if self.extras is None else self.extras.embed(x)
 
     @torch.inference_mode()
     def segment(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[BoxMasks]:
@@ -108,13 +116,19 @@ class SamSegmenter:
     def _scaled(self, hw: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
         return boxes * self._resized(*hw)[2]
 
-    def _best_masks(self, emb: torch.Tensor, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _best_masks(self, emb, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res logits of the highest-IoU mask per box ``(B, n, mh, mw)`` and that IoU ``(B, n)`` for
         ``boxes`` ``(B, n, 4)`` already in the encoder's input frame."""
         bx = torch.from_numpy(np.ascontiguousarray(boxes)).to(self.device, self.dtype)
-        sparse, dense = self.model.prompt_encoder(input_points=None, input_labels=None, input_boxes=bx, input_masks=None)
-        low, iou = self.model.mask_decoder(image_embeddings=emb, image_positional_embeddings=self._pos(len(emb)),
-                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+        if self.extras is None:
+            sparse, dense = self.model.prompt_encoder(input_points=None, input_labels=None, input_boxes=bx, input_masks=None)
+            low, iou = self.model.mask_decoder(image_embeddings=emb, image_positional_embeddings=self._pos(len(emb)),
+                                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+        else:  # the same multimask outputs (1..3 of SemanticSam's 4), every box its own row
+            b, n = bx.shape[:2]
+            d = self.extras.decode(emb if b == 1 else emb[torch.arange(b, device=bx.device).repeat_interleave(n)],
+                                   bx.reshape(-1, 4), extra=False)
+            low, iou = d.masks[:, 1:].reshape(b, n, 3, *d.masks.shape[-2:]), d.iou[:, 1:].reshape(b, n, 3)
         low, iou = low.float(), iou.float()  # (B, n, 3, mh, mw), (B, n, 3)
         best = iou.argmax(dim=2, keepdim=True)
         chosen = torch.take_along_dim(low, best[..., None, None], dim=2)[:, :, 0]

@@ -30,6 +30,7 @@ from torch import nn
 NUM_MASKS = 4  # SAM's mask tokens: 0 = single output, 1..3 = multimask outputs
 NAMER_DIR = "namer"  # the caption-pretrained backbone naming prompts beside the semantic tokens, when attached
 HIRES_FILE = "hires.safetensors"  # a SAM directory's high-resolution feature path (HiResFeatures), when it has one
+SAM_META = "ovtasks_sam.json"  # `ovtasks train-sam`'s record in a SAM directory (its config says how boxes are prompted)
 
 
 class _MLP(nn.Module):
@@ -86,6 +87,10 @@ class ImageFeatures:
     @property
     def shape(self) -> torch.Size:
         return self.emb.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb.device
 
     def __len__(self) -> int:
         return len(self.emb)
@@ -213,34 +218,44 @@ def sam_config(image_size: int = 128, hidden: int = 32, patch_size: int = 16, la
 
 
 def build(embed_dim: int, sam_model: str | None = None, image_size: int = 128, hidden: int = 32, s3=None,
-          patch_size: int = 16, hires: bool = False) -> SemanticSam:
-    """From a pretrained SAM (HF id, directory, model-store URI; its high-resolution path comes with it when the
-    directory has one, ``hires.safetensors``) or, with ``sam_model=None``, a tiny random one. ``hires`` adds a
-    (new, zero-started) high-resolution path where the SAM has none."""
+          patch_size: int = 16, hires: bool = False, box_mask_prompt: bool = False) -> SemanticSam:
+    """From a pretrained SAM (HF id, directory, model-store URI; a directory made by ``ovtasks train-sam`` brings its
+    high-resolution path and box mask prompt, :func:`sam_extras`) or, with ``sam_model=None``, a tiny random one.
+    ``hires`` adds a (new, zero-started) high-resolution path where the SAM has none; ``box_mask_prompt`` turns the
+    box mask prompt on where the SAM was trained without it."""
     from transformers import SamModel
 
     if sam_model is None:
         sam = SamModel(sam_config(image_size, hidden, patch_size))
-        return SemanticSam(sam, embed_dim, hires=HiResFeatures(hidden) if hires else None)
+        return SemanticSam(sam, embed_dim, hires=HiResFeatures(hidden) if hires else None, box_mask_prompt=box_mask_prompt)
     from ovtasks.models.hub import image_processor_config, resolve_model
 
     path = resolve_model(sam_model, s3)
     cfg = image_processor_config(path)
     sam = SamModel.from_pretrained(path, use_safetensors=True)
+    own_hires, own_box = sam_extras(path, sam.config.mask_decoder_config.hidden_size)
+    if own_hires is None and hires:
+        own_hires = HiResFeatures(sam.config.mask_decoder_config.hidden_size)
     return SemanticSam(sam, embed_dim, cfg.get("image_mean", (0.485, 0.456, 0.406)), cfg.get("image_std", (0.229, 0.224, 0.225)),
-                       load_hires(path, sam.config.mask_decoder_config.hidden_size, hires))
+                       own_hires, own_box or box_mask_prompt)
 
 
-def load_hires(path: str | os.PathLike, hidden: int, new: bool = False) -> HiResFeatures | None:
-    """A SAM directory's high-resolution path (``hires.safetensors``); else a new one when ``new``, else None."""
+def sam_extras(path: str | os.PathLike, hidden: int) -> tuple[HiResFeatures | None, bool]:
+    """What a SAM directory adds to the stock model: its high-resolution path (``hires.safetensors``, None without
+    one) and whether it was trained with the box as a mask prompt (``ovtasks_sam.json``'s config; False for any
+    other SAM, e.g. Meta's)."""
+    import json
+
     from safetensors.torch import load_model
 
-    f = Path(path) / HIRES_FILE
-    if not f.exists():
-        return HiResFeatures(hidden) if new else None
+    path = Path(path)
+    meta = path / SAM_META
+    box = bool(json.loads(meta.read_text()).get("config", {}).get("box_mask_prompt", False)) if meta.exists() else False
+    if not (path / HIRES_FILE).exists():
+        return None, box
     hires = HiResFeatures(hidden)
-    load_model(hires, str(f))
-    return hires
+    load_model(hires, str(path / HIRES_FILE))
+    return hires, box
 
 
 def save(model: SemanticSam, path: str | os.PathLike) -> None:
@@ -254,7 +269,8 @@ def save(model: SemanticSam, path: str | os.PathLike) -> None:
     save_model(model, str(path / "model.safetensors"))  # SAM ties its positional embeddings: stored once
     (path / "sam_config.json").write_text(json.dumps({"sam": model.sam.config.to_dict(), "embed_dim": model.embed_dim,
                                                       "image_mean": model.mean, "image_std": model.std,
-                                                      "hires": model.hires is not None}, indent=1, default=str))
+                                                      "hires": model.hires is not None,
+                                                      "box_mask_prompt": model.box_mask_prompt}, indent=1, default=str))
     if model.namer is not None:
         model.namer.save(path / NAMER_DIR)
 
@@ -269,7 +285,7 @@ def load(path: str | os.PathLike, device: str = "cpu") -> SemanticSam:
     doc = json.loads((path / "sam_config.json").read_text())
     sam = SamModel(SamConfig.from_dict(doc["sam"]))
     hires = HiResFeatures(sam.config.mask_decoder_config.hidden_size) if doc.get("hires") else None
-    model = SemanticSam(sam, doc["embed_dim"], doc["image_mean"], doc["image_std"], hires)
+    model = SemanticSam(sam, doc["embed_dim"], doc["image_mean"], doc["image_std"], hires, doc.get("box_mask_prompt", False))
     load_model(model, str(path / "model.safetensors"))
     if (path / NAMER_DIR).is_dir():
         from ovtasks.models.name_cam import NameCam

@@ -33,11 +33,11 @@ from ovtasks import __version__
 from ovtasks.core.config import Settings
 from ovtasks.data.groundtruth import boxes_xyxy
 from ovtasks.models.hub import publish_model
+from ovtasks.models.semantic_sam import SAM_META as META_FILE
 from ovtasks.train.engine import TrainedCheckpoint
 
 log = logging.getLogger(__name__)
 
-META_FILE = "ovtasks_sam.json"
 
 
 @dataclass(frozen=True)

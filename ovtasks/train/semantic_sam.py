@@ -65,6 +65,11 @@ class SemanticSamConfig:
     # (x20, SAM's own; here it collapsed to empty masks, mIoU 0.00 vs 0.22 with bce, docs/model-quality.md); + dice
     pixel_loss: str = "bce"
     box_jitter: float = 0.1  # SAM: noise with std 10% of the box side, at most 20 px
+    # the box also as SAM's dense mask prompt / SAM 2's high-resolution features (models/semantic_sam.py): on for a
+    # SAM trained with them (`ovtasks train-sam --box-mask-prompt --hires`) whatever these say; these add them to
+    # a SAM without them (the high-resolution path then starts at zero)
+    box_mask_prompt: bool = False
+    hires: bool = False
     seed: int = 0
     checkpoint_every: int = 50
     generator: str = "maskfree"
@@ -115,7 +120,8 @@ def train_semantic_sam(clean_uri: str, pseudo_uri: str, sa1b_uri: str | None, ou
     out.mkdir(parents=True, exist_ok=True)
     device = settings.device
     torch.manual_seed(cfg.seed)
-    model = build(emb.shape[1], cfg.sam_model, cfg.image_size, cfg.hidden, settings.s3, cfg.patch_size).to(device)
+    model = build(emb.shape[1], cfg.sam_model, cfg.image_size, cfg.hidden, settings.s3, cfg.patch_size, cfg.hires,
+                  cfg.box_mask_prompt).to(device)
     if cfg.freeze_image_encoder:
         model.sam.vision_encoder.requires_grad_(False)
     text = torch.from_numpy(np.asarray(emb, np.float32)).to(device)

@@ -31,7 +31,7 @@ def test_decoder_without_extra_tokens_is_sams_own(tiny):
     sparse, dense = tiny.sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=boxes[None], input_masks=None)
     pos = tiny.sam.get_image_wide_positional_embeddings()
     for multi, sl in ((True, slice(1, None)), (False, slice(0, 1))):
-        masks, iou = tiny.sam.mask_decoder(image_embeddings=emb, image_positional_embeddings=pos, sparse_prompt_embeddings=sparse,
+        masks, iou = tiny.sam.mask_decoder(image_embeddings=emb.emb, image_positional_embeddings=pos, sparse_prompt_embeddings=sparse,
                                            dense_prompt_embeddings=dense, multimask_output=multi)[:2]
         assert torch.allclose(masks[0], ours.masks[:, sl], atol=1e-5) and torch.allclose(iou[0], ours.iou[:, sl], atol=1e-5)
 
