@@ -55,17 +55,23 @@ def wspn_input(images: Sequence[np.ndarray], device: str = "cpu") -> torch.Tenso
     return (x - mean) / std
 
 
-def box_crops(image: np.ndarray, boxes, context: float, size: int) -> list[torch.Tensor]:
+def box_crops(image: np.ndarray, boxes, context: float, size: int, masks: np.ndarray | None = None,
+              fill: Sequence[float] | None = None) -> list[torch.Tensor]:
     """Each xyxy box of ``image`` (H, W, 3) uint8 grown by ``context`` x its side on every side, clipped to the
-    image (at least one pixel), resized to ``(3, size, size)`` float in [0, 255] (antialiased bilinear)."""
+    image (at least one pixel), resized to ``(3, size, size)`` float in [0, 255] (antialiased bilinear). With
+    ``masks`` ((n, H, W) bool, one per box), pixels outside a box's mask take the colour ``fill`` first."""
     from ovtasks.core.imaging import grow_box
 
     h, w = image.shape[:2]
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    colour = None if masks is None else torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1)
     crops = []
-    for b in boxes:
+    for k, b in enumerate(boxes):
         x1, y1, x2, y2 = grow_box(b, context, (h, w))
         x1, y1 = min(int(x1), w - 1), min(int(y1), h - 1)
         x2, y2 = max(int(np.ceil(x2)), x1 + 1), max(int(np.ceil(y2)), y1 + 1)
-        crops.append(F.interpolate(t[..., y1:y2, x1:x2], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0])
+        region = t[..., y1:y2, x1:x2]
+        if colour is not None:
+            region = torch.where(torch.from_numpy(np.ascontiguousarray(masks[k][y1:y2, x1:x2])), region, colour)
+        crops.append(F.interpolate(region, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0])
     return crops

@@ -385,14 +385,14 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes
         scale = model.resized(h, w)[2]
         emb = model.embed(model.pixels(image, device)[None])
         d = model.decode(emb, torch.from_numpy(np.asarray(bx, np.float32) * scale).to(device))
+        masks = (image_logits(model, d.masks[:, :1], h, w)[:, 0] > mask_threshold).cpu().numpy()
         prob = (model.scale() * d.semantic[:, 0] @ text.T).softmax(-1)
         if use_namer:
-            prior = torch.from_numpy(namer_prior(model.namer, image, np.asarray(bx, np.float32), category_names)).to(prob)
+            prior = torch.from_numpy(namer_prior(model.namer, image, np.asarray(bx, np.float32), category_names, masks)).to(prob)
             prob = prob * prior
             prob = prob / prob.sum(-1, keepdim=True).clamp(min=1e-12)
         p, label = prob.max(-1)
         score = p * d.iou[:, 0].clamp(0, 1)
-        masks = (image_logits(model, d.masks[:, :1], h, w)[:, 0] > mask_threshold).cpu().numpy()
         rles = encode_rles(masks.transpose(1, 2, 0).astype(np.uint8))
         for k, (m, rle, lab, sc) in enumerate(zip(masks, rles, label.tolist(), score.tolist())):
             if names is not None:
@@ -403,15 +403,17 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes
     return preds
 
 
-def namer_prior(namer, image: np.ndarray, boxes: np.ndarray, category_names: Sequence[str]) -> np.ndarray:
-    """``(n, K)`` the namer's belief over the requested categories for each box: its probabilities of the names it
-    knows, renormalised over them and given their share ``|known| / K`` of the mass; a name it does not know gets
+def namer_prior(namer, image: np.ndarray, boxes: np.ndarray, category_names: Sequence[str],
+                masks: np.ndarray | None = None) -> np.ndarray:
+    """``(n, K)`` the namer's belief over the requested categories for each box (and its mask, when given: the
+    masked region is classified too, ``NameCam.box_name_probs``): its probabilities of the names it knows,
+    renormalised over them and given their share ``|known| / K`` of the mass; a name it does not know gets
     ``1 / K`` (no opinion), so an open-vocabulary name is left to the semantic tokens."""
     k = len(category_names)
     prior = np.full((len(boxes), k), 1.0 / max(k, 1), np.float32)
     known = [j for j, n in enumerate(category_names) if namer.knows(n)]
     if known and len(boxes):
-        p = namer.box_name_probs(image, boxes)[:, [namer.index[category_names[j]] for j in known]]
+        p = namer.box_name_probs(image, boxes, masks=masks)[:, [namer.index[category_names[j]] for j in known]]
         p = p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
         prior[:, known] = p * (len(known) / k)
     return prior

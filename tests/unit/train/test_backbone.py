@@ -182,7 +182,8 @@ class _OneHotNamer:
     def knows(self, n):
         return n in self.index
 
-    def box_name_probs(self, image, boxes, context=1.0):
+    def box_name_probs(self, image, boxes, context=1.0, masks=None):
+        self.masks = masks
         p = np.full((len(boxes), len(self.vocabulary)), 1e-6, np.float32)
         p[:, self.index[self.name]] = 1.0
         return p
@@ -208,6 +209,7 @@ def test_namer_prior_and_semantic_sam_naming_with_it():
     model.namer = namer
     predict(model, [img], [1], [boxes], [7, 8, 9], text, names=named, category_names=["ball", "ring", "star"])
     assert set(named.values()) == {8}  # the namer's certainty outweighs the untrained tokens
+    assert namer.masks.shape == (2, 80, 100) and namer.masks.dtype == bool  # it was shown each prompt's mask
     other = {}
     predict(model, [img], [1], [boxes], [7, 8, 9], text, names=other)  # without category names: the tokens alone
     assert other == plain
@@ -229,6 +231,15 @@ def test_semantic_sam_carries_its_namer(pretrained, clean_small, labelled, tmp_p
 
     want = NameCam.load(pretrained.model_uri).box_name_probs(img, boxes)
     np.testing.assert_allclose(model.namer.box_name_probs(img, boxes), want, rtol=1e-5)
+    # with masks, the masked crop's prediction joins in; a row with an empty mask keeps the box's answer
+    two = np.array([[10, 10, 60, 50], [20, 30, 90, 80]], np.float32)
+    masks = np.zeros((2, 96, 128), bool)
+    masks[0, 20:40, 15:50] = True
+    plain, masked = model.namer.box_name_probs(img, two), model.namer.box_name_probs(img, two, masks=masks)
+    np.testing.assert_allclose(masked[1], plain[1], rtol=1e-6)
+    np.testing.assert_allclose(masked.sum(1), 1.0, rtol=1e-5)
+    alone = model.namer.crop_logits(img, two[:1], 1.5, masks=masks[:1]).softmax(1).numpy()
+    np.testing.assert_allclose(masked[0], 0.5 * (plain[0] + alone[0]), rtol=1e-5)
     assert want.shape == (1, len(model.namer.vocabulary)) and want.sum() == pytest.approx(1.0, rel=1e-5)
     without, _ = load_model(train_semantic_sam(clean_small, labelled, None, str(tmp_path / "plain"), s,
                                                SemanticSamConfig(steps=1, batch_size=2, max_prompts=2)).model_dir)
