@@ -102,6 +102,7 @@ def main() -> int:
                          "oracle-random (the same from a random backbone, side by side on the same pseudo-labels); "
                          "semantic-sam (the demo's recipe; with --backbone-init its namer, evaluated with and without it)")
     ap.add_argument("--ssam-steps", type=int, default=500, help="semantic-sam: training steps (the demo's 500)")
+    ap.add_argument("--keep-semantic-sam", default=None, metavar="DIR", help="semantic-sam: copy the trained model here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(RESULTS), help="results directory (model_quality.json / .md)")
@@ -212,6 +213,10 @@ def semantic_sam_rows(laion: str, clean: str, root: str, settings, held: list[in
                                  SemanticSamConfig(steps=args.ssam_steps, sam_model=start, seed=args.seed, namer=args.backbone_init),
                                  exclude_ids=held)
     train_s = time.perf_counter() - t
+    if args.keep_semantic_sam:
+        import shutil
+
+        shutil.copytree(trained.model_dir, args.keep_semantic_sam, dirs_exist_ok=True)
     model, _ = load_model(trained.model_dir, settings.device)
     out = {"steps": args.ssam_steps, "sam_start": start, "train_seconds": round(train_s, 1), "namer": args.backbone_init}
     namer = model.namer

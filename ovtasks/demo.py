@@ -65,11 +65,12 @@ ITM_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard
               "ovtasks train-itm --src data/itm/clean --out models/itm-synth --gt data/itm/laion --init data/itm/mosaic1 "
               "--steps 2500 --lr 3e-4 --mosaic-weight 3")
 
-# SAM's own stage for Semantic-SAM (no SAM weights can be downloaded here): trained on a lent GPU by
-# benchmarks/gpu_session.sh (16 synth-sa1b processes of 750 images, seeds 100-115, then train-sam)
-SAM_RECIPE = ("for k in $(seq 100 115); do ovtasks synth-sa1b --out data/sam/sa1b/s$k --images 750 --seed $k; done && "
-              "ovtasks train-sam --sa1b data/sam/sa1b --out models/sam-synth --device cuda --steps 40000 --batch-size 32 "
-              "--lr 1e-3 --image-size 128 --patch-size 8 --hidden 64 --layers 2 --heads 2 --max-minutes 3.5")
+# SAM's own stage for Semantic-SAM (no SAM weights can be downloaded here): 6 x 750 synthetic SA-1B-format images
+# (seeds 100-105), then train-sam on this CPU, one thread, with the box also as a mask prompt and SAM 2's
+# high-resolution features (docs/model-quality.md, section 4)
+SAM_RECIPE = ("for k in $(seq 100 105); do ovtasks synth-sa1b --out data/sam/sa1b/s$k --images 750 --seed $k; done && "
+              "OMP_NUM_THREADS=1 ovtasks train-sam --sa1b data/sam/sa1b --out models/sam-synth --device cpu --steps 25000 "
+              "--batch-size 8 --box-mask-prompt --hires")
 
 
 # The OV Mask R-CNN's backbone, pretrained to classify the names the ITM data's captions mention (no box or mask

@@ -30,6 +30,7 @@ from torch import nn
 NUM_MASKS = 4  # SAM's mask tokens: 0 = single output, 1..3 = multimask outputs
 NAMER_DIR = "namer"  # the caption-pretrained backbone naming prompts beside the semantic tokens, when attached
 HIRES_FILE = "hires.safetensors"  # a SAM directory's high-resolution feature path (HiResFeatures), when it has one
+TOKEN_WEIGHT = 0.5  # the semantic tokens' power in the product with the namer's probabilities (SemanticSam.token_weight)
 SAM_META = "ovtasks_sam.json"  # `ovtasks train-sam`'s record in a SAM directory (its config says how boxes are prompted)
 
 
@@ -125,6 +126,9 @@ class SemanticSam(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.namer = None  # NameCam: the caption-pretrained backbone naming each prompt beside the semantic tokens
+        # with a namer: the semantic tokens' probabilities enter the product to this power (they learn names from the
+        # pseudo-labels' boxes and are far less sure than the namer; docs/model-quality.md, section 4)
+        self.token_weight = TOKEN_WEIGHT
 
     @property
     def image_size(self) -> int:
@@ -270,7 +274,8 @@ def save(model: SemanticSam, path: str | os.PathLike) -> None:
     (path / "sam_config.json").write_text(json.dumps({"sam": model.sam.config.to_dict(), "embed_dim": model.embed_dim,
                                                       "image_mean": model.mean, "image_std": model.std,
                                                       "hires": model.hires is not None,
-                                                      "box_mask_prompt": model.box_mask_prompt}, indent=1, default=str))
+                                                      "box_mask_prompt": model.box_mask_prompt,
+                                                      "token_weight": model.token_weight}, indent=1, default=str))
     if model.namer is not None:
         model.namer.save(path / NAMER_DIR)
 
@@ -287,6 +292,7 @@ def load(path: str | os.PathLike, device: str = "cpu") -> SemanticSam:
     hires = HiResFeatures(sam.config.mask_decoder_config.hidden_size) if doc.get("hires") else None
     model = SemanticSam(sam, doc["embed_dim"], doc["image_mean"], doc["image_std"], hires, doc.get("box_mask_prompt", False))
     load_model(model, str(path / "model.safetensors"))
+    model.token_weight = float(doc.get("token_weight", TOKEN_WEIGHT))
     if (path / NAMER_DIR).is_dir():
         from ovtasks.models.name_cam import NameCam
 
@@ -371,7 +377,8 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes
     softmax probability of that name x predicted IoU; ``prompt``: the box's index in ``boxes[i]`` (a prompt
     whose mask is empty gives no prediction). ``names``, when given, receives ``{(image_id, prompt): category_id}``
     for every prompt, empty mask or not. With a namer attached (``model.namer``) and ``category_names`` given,
-    the tokens' probabilities are multiplied by the namer's (:func:`namer_prior`) before the best name is taken."""
+    the tokens' probabilities, to the power ``model.token_weight``, are multiplied by the namer's (:func:`namer_prior`,
+    which also sees each prompt's mask) before the best name is taken."""
     from ovtasks.data.groundtruth import encode_rles, mask_bbox
 
     model.eval()
@@ -389,7 +396,7 @@ def predict(model, images: Sequence[np.ndarray], image_ids: Sequence[int], boxes
         prob = (model.scale() * d.semantic[:, 0] @ text.T).softmax(-1)
         if use_namer:
             prior = torch.from_numpy(namer_prior(model.namer, image, np.asarray(bx, np.float32), category_names, masks)).to(prob)
-            prob = prob * prior
+            prob = prob.pow(model.token_weight) * prior
             prob = prob / prob.sum(-1, keepdim=True).clamp(min=1e-12)
         p, label = prob.max(-1)
         score = p * d.iou[:, 0].clamp(0, 1)

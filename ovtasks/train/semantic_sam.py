@@ -78,6 +78,7 @@ class SemanticSamConfig:
     # at prediction, each prompt's name is the semantic tokens' probability x the namer's (models/semantic_sam.py
     # namer_prior). It is copied into the model directory (namer/) and not trained here. None: the tokens alone
     namer: str | None = None
+    namer_token_weight: float = 0.5  # with a namer: the tokens' probabilities enter the product to this power
 
 
 def _jitter(boxes: np.ndarray, frac: float, rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
@@ -180,6 +181,7 @@ def train_semantic_sam(clean_uri: str, pseudo_uri: str, sa1b_uri: str | None, ou
         from ovtasks.models.name_cam import NameCam
 
         model.namer = NameCam.load(resolve_model(cfg.namer, settings.s3), device)
+        model.token_weight = cfg.namer_token_weight
     save(model, out)
     np.save(out / "text_embeddings.npy", emb)
     last = history[-10:]

@@ -213,6 +213,9 @@ def test_namer_prior_and_semantic_sam_naming_with_it():
     other = {}
     predict(model, [img], [1], [boxes], [7, 8, 9], text, names=other)  # without category names: the tokens alone
     assert other == plain
+    model.token_weight = 0.0  # the tokens without a say: the namer's probabilities are the scores' names
+    scored = predict(model, [img], [1], [boxes], [7, 8, 9], text, category_names=["ball", "ring", "star"])
+    assert scored and all(p["category_id"] == 8 for p in scored)
 
 
 def test_semantic_sam_carries_its_namer(pretrained, clean_small, labelled, tmp_path):
@@ -224,7 +227,7 @@ def test_semantic_sam_carries_its_namer(pretrained, clean_small, labelled, tmp_p
                                  SemanticSamConfig(steps=2, batch_size=2, max_prompts=2, namer=pretrained.model_uri))
     assert trained.metrics["namer"]["ref"] == pretrained.model_uri
     model, _ = load_model(trained.model_dir)
-    assert model.namer is not None and model.namer.knows("ball")
+    assert model.namer is not None and model.namer.knows("ball") and model.token_weight == 0.5
     img = (np.random.default_rng(2).random((96, 128, 3)) * 255).astype(np.uint8)
     boxes = np.array([[10, 10, 60, 50]], np.float32)
     from ovtasks.models.name_cam import NameCam
