@@ -160,8 +160,8 @@ class NameCam:
         54 % / 48 % of boxes right on two sets, the crop alone 49 % / 45 %, the maps alone 44 % / 40 %). With the
         boxes' ``masks`` ((n, H, W) bool), that is averaged with the prediction on the masked crop
         (:meth:`crop_logits` with the masks, grown by ``mask_context``); a row whose mask is empty keeps the box's
-        answer. On two held-out synthetic sets with Semantic-SAM's masks for the GT boxes: 70 / 67 % right, from
-        53 / 46 % without the masks (docs/model-quality.md, section 4)."""
+        answer. On two held-out synthetic sets, with the committed SAM's masks for the GT boxes: 78 / 67 % right, from
+        53 / 46 % without the masks (benchmarks/sam_prompts.py; docs/model-quality.md, section 4)."""
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if not len(boxes):
             return np.zeros((0, len(self.vocabulary)), np.float32)

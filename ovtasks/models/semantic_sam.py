@@ -12,6 +12,9 @@ loaded by Hugging Face id, local directory or model-store URI, or built tiny and
 :meth:`SemanticSam.decode` reimplements ``SamMaskDecoder.forward`` with the extra tokens and returns all
 4 masks (SAM's single-output mask 0 and its 3 multimask outputs); with ``extra=False`` it is exactly
 the stock decoder (a test checks this, so a transformers upgrade that changes the decoder is caught).
+Two optional additions, carried by a SAM directory that ``ovtasks train-sam`` made with them: the box also
+entered as SAM's dense mask prompt (``box_mask_prompt``, :func:`box_masks`) and SAM 2's high-resolution
+features added into the decoder's upscaling (:class:`HiResFeatures`). Without them ``decode`` is the stock one.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from ovtasks import __version__
 from ovtasks.core.config import Settings
 from ovtasks.data.groundtruth import boxes_xyxy
 from ovtasks.models.loading import META
+from ovtasks.models.semantic_sam import TOKEN_WEIGHT
 from ovtasks.report.pictures import loss_curve
 from ovtasks.train.data import training_data
 from ovtasks.train.engine import checkpoint, optimizer_step, resume, warmup_cosine
@@ -78,7 +79,7 @@ class SemanticSamConfig:
     # at prediction, each prompt's name is the semantic tokens' probability x the namer's (models/semantic_sam.py
     # namer_prior). It is copied into the model directory (namer/) and not trained here. None: the tokens alone
     namer: str | None = None
-    namer_token_weight: float = 0.5  # with a namer: the tokens' probabilities enter the product to this power
+    namer_token_weight: float = TOKEN_WEIGHT  # with a namer: the tokens' probabilities enter the product to this power
 
 
 def _jitter(boxes: np.ndarray, frac: float, rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
