@@ -133,6 +133,7 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 HASH_SIDE = 32  # phash64's thumbnail side
+HASH_DECIMALS = 6  # phash64's DCT coefficients are compared at this precision
 _DCT8 = _dct_matrix(HASH_SIDE)[:8]  # only the 8 lowest frequencies are needed
 _DCT8_T = np.ascontiguousarray(_DCT8.T)
 
@@ -144,7 +145,10 @@ def phash64(image: Image.Image) -> int:
     """
     thumb = image.resize((HASH_SIDE, HASH_SIDE), Image.BOX, reducing_gap=2.0).convert("L")
     grey = np.frombuffer(thumb.tobytes(), dtype=np.uint8).reshape(HASH_SIDE, HASH_SIDE)  # (asarray is slower)
-    flat = (_DCT8 @ grey @ _DCT8_T).ravel()  # the uint8 thumbnail is promoted to float64 by the product
+    # the uint8 thumbnail is promoted to float64 by the product. Rounded to 1e-6: a flat or symmetric thumbnail has
+    # coefficients that are exactly 0 but come out as +-1e-13 rounding noise whose signs depend on the BLAS kernel
+    # (the CPU), and its hash would be that noise; real coefficients of 8-bit pixels are far from 1e-6 apart
+    flat = np.round(_DCT8 @ grey @ _DCT8_T, HASH_DECIMALS).ravel()
     mid = np.partition(flat, (31, 32))  # the two middle values, as a full sort would place them
     median = (mid[31] + mid[32]) * 0.5
     return int.from_bytes(np.packbits(flat > median).tobytes(), "big")
