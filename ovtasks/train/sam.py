@@ -39,7 +39,6 @@ from ovtasks.train.engine import TrainedCheckpoint
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class SamTrainConfig:
     steps: int = 2000
