@@ -157,6 +157,13 @@ class MaskFreeConfig(_Frozen):
     box_crop_context: float = Field(0.1, ge=0.0, le=3.0, description="box_rerank=crop / backbone: the crop shown to the ITM "
                                     "or the backbone is the box grown by this fraction of its side on every side (the "
                                     "backbone was trained on whole scenes: 1.0 names GT boxes best, 0.1 worst)")
+    instances: str = Field("one", pattern="^(one|caption)$", description="pseudo-masks per candidate name: one (the "
+                           "patent's eq. 6 box) or as many as the caption says (caption: 'two balls' -> eq. 6's two best "
+                           "boxes that overlap each other by less than instance_iou; a bare plural counts as two; at "
+                           "most max_instances)")
+    instance_iou: float = Field(0.3, gt=0.0, le=1.0, description="instances=caption: a further box must overlap each box "
+                                "already chosen for the name by less than this IoU")
+    max_instances: int = Field(4, ge=1, le=10, description="instances=caption: at most this many boxes per name")
     wss_fg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="foreground points come from this most activated "
                                    "fraction of the box's pixels")
     wss_bg_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="background points from this least activated fraction")

@@ -32,7 +32,7 @@ def evaluate_pseudo_labels(clean_uri: str, gt_uri: str, settings: Settings, mode
     for r in results:
         s = samples[r.image_index]
         base = {"image_id": s.image_id, "category_id": r.candidate.category_id, "score": r.score}
-        if r.activation is not None and r.activation.binary.any():
+        if r.activation is not None and r.activation.binary.any() and not r.instance:  # one map per name
             dets["gradcam"].append({**base, "mask": r.activation.binary})
         if r.box is not None:
             dets["pseudo_box"].append({**base, "mask": box_mask(r.box, s.image.shape[:2])})
@@ -104,6 +104,8 @@ def error_budget(samples, results, gt: GroundTruth, settings: Settings) -> dict:
             continue
         if r.mask is not None:
             dets["chain"].append({**base, "mask": r.mask})
+        if r.instance:  # a name's further box (maskfree.instances=caption): the bounds already have every instance
+            continue
         masks = [decode_rle(a["segmentation"]) for a in inst]
         union = np.logical_or.reduce(masks)
         amap = r.activation

@@ -69,6 +69,7 @@ class PairResult:
     proposals: np.ndarray | None = field(default=None, repr=False)
     rle: dict | None = None  # the mask as COCO RLE (generators that encode as they go)
     mask_iou: float | None = None  # the mask model's own quality estimate, when it has one
+    instance: int = 0  # which of its candidate's boxes this is (> 0 only with maskfree.instances=caption)
 
     @property
     def has_mask(self) -> bool:

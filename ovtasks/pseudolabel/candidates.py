@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -37,6 +37,26 @@ _STOPWORDS = frozenset(
     "background wallpaper hd free download close-up closeup isolated jpg img sale shop today cute "
     "still life kid drew object objects thing things none nothing unknown".split()
 )
+
+
+_NUMBER_WORDS = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "pair": 2, "couple": 2, "three": 3, "four": 4,
+                 "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+MAX_COUNT = 10  # a caption's number is believed up to this; "100 balls" counts as 10
+_COUNT_LOOKBACK = 4  # a number may stand this many words before the name ("two small light blue balls")
+
+
+def phrase_count(before: str, term: str, entry: "VocabEntry") -> int:
+    """How many objects a name in a text stands for: the number word or digits among the few words just before
+    it (``before``: the text up to the name), else 2 for a plural term, else 1."""
+    words = _WORD_OR_DIGITS_RE.findall(before.lower())[-_COUNT_LOOKBACK:]
+    for w in reversed(words):
+        if w.isdigit():
+            return max(1, min(int(w), MAX_COUNT))
+        if w in _NUMBER_WORDS:
+            return min(_NUMBER_WORDS[w], MAX_COUNT)
+        if w not in _COLOURS and w not in _SIZE_WORDS:
+            break  # another content word: the number, if any, belongs to something else
+    return 2 if term != entry.name and term in entry.plural_terms() else 1
 
 
 def _singular(word: str) -> str:
@@ -65,6 +85,11 @@ class VocabEntry:
             out |= {s, s + "s", s + "es"}
         return {t.lower() for t in out if t}
 
+    def plural_terms(self) -> set[str]:
+        """The terms that name more than one (the plural and the synonyms' plural forms)."""
+        return {t.lower() for t in (self.plural, *(s + e for s in self.synonyms for e in ("s", "es"))) if t} - {
+            self.name, *self.synonyms}
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -75,6 +100,7 @@ class Candidate:
     known: bool
     phrase: str  # the text it was read from
     source: str  # "lexicon" | "llm"
+    count: int = 1  # how many the text says there are ("two balls": 2; a bare plural: 2; see phrase_count)
 
 
 class Vocabulary:
@@ -136,7 +162,16 @@ class Vocabulary:
 
     def match(self, text: str) -> list[tuple[VocabEntry, str]]:
         """Every vocabulary term in ``text`` (case-insensitive), in order of appearance."""
-        return [(self._term_to_entry[m.group(1)], m.group(1)) for m in self._pattern.finditer(text.lower())]
+        return [(e, t) for e, t, _ in self.match_counted(text)]
+
+    def match_counted(self, text: str) -> list[tuple[VocabEntry, str, int]]:
+        """:meth:`match` with how many objects each term stands for (:func:`phrase_count`)."""
+        low = text.lower()
+        out = []
+        for m in self._pattern.finditer(low):
+            entry = self._term_to_entry[m.group(1)]
+            out.append((entry, m.group(1), phrase_count(low[:m.start()], m.group(1), entry)))
+        return out
 
     def normalise(self, phrase: str, source: str, keep_unknown: bool = True) -> Candidate | None:
         """Map a free-text object phrase ("two red balls", "Wheels") to a canonical candidate.
@@ -145,10 +180,10 @@ class Vocabulary:
         singularised, becomes an open-vocabulary name (or None when ``keep_unknown`` is False or the
         phrase holds no content word).
         """
-        hits = self.match(phrase)
+        hits = self.match_counted(phrase)
         if hits:
-            entry, term = hits[-1]  # the head noun comes last in English noun phrases
-            return Candidate(entry.name, entry.id, True, phrase.strip(), source)
+            entry, term, count = hits[-1]  # the head noun comes last in English noun phrases
+            return Candidate(entry.name, entry.id, True, phrase.strip(), source, count)
         if not keep_unknown:
             return None
         words = [w.strip("'-") for w in _WORD_RE.findall(phrase.lower())]
@@ -163,6 +198,9 @@ class Vocabulary:
 
 
 _COLOURS = frozenset("red orange yellow green cyan blue purple magenta pink white black gray grey brown".split())
+# words that may stand between a number and its name ("two small light blue balls", "a pair of balls")
+_SIZE_WORDS = frozenset("big small large little tiny huge giant cute new old light dark pale bright more other of".split())
+_WORD_OR_DIGITS_RE = re.compile(r"[a-z][a-z'\-]*|\d+")
 
 
 def open_vocab_id(name: str) -> int:
@@ -171,14 +209,14 @@ def open_vocab_id(name: str) -> int:
 
 
 def dedupe(cands: Iterable[Candidate]) -> list[Candidate]:
-    """First occurrence of each canonical name wins (synonyms merged by normalisation)."""
-    seen: set[str] = set()
-    out = []
+    """First occurrence of each canonical name wins (synonyms merged by normalisation), with the largest count
+    any occurrence gives ("a ball ... two balls": 2)."""
+    first: dict[str, Candidate] = {}
     for c in cands:
-        if c.name not in seen:
-            seen.add(c.name)
-            out.append(c)
-    return out
+        kept = first.setdefault(c.name, c)
+        if c.count > kept.count:
+            first[c.name] = replace(kept, count=c.count)
+    return list(first.values())
 
 
 class LexiconExtractor:
@@ -192,7 +230,7 @@ class LexiconExtractor:
     def extract(self, captions: Sequence[str]) -> list[list[Candidate]]:
         out = []
         for caption in captions:
-            cands = [Candidate(e.name, e.id, True, term, self.source) for e, term in self.vocab.match(caption or "")]
+            cands = [Candidate(e.name, e.id, True, term, self.source, n) for e, term, n in self.vocab.match_counted(caption or "")]
             out.append(dedupe(cands))
         return out
 

@@ -4,7 +4,7 @@ pair: the ITM activation map with iterative masking, proposals, the eq. 6 pseudo
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -79,8 +79,8 @@ def load_maskfree(settings: Settings) -> MaskFreeModels:
 def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], models: MaskFreeModels,
                  settings: Settings, keep_maps: bool = False) -> list[PairResult]:
     """Run stages 2-5 for already-extracted candidates; one :class:`PairResult` per (image, candidate)."""
-    from ovtasks.pseudolabel.maskfree.activation import activation_maps, crop_match_probs
-    from ovtasks.pseudolabel.maskfree.pseudo_box import best_boxes, rerank
+    from ovtasks.pseudolabel.maskfree.activation import activation_maps
+    from ovtasks.pseudolabel.maskfree.pseudo_box import best_boxes, box_scores, rerank
     from ovtasks.core.imaging import grow_box
     from ovtasks.pseudolabel.maskfree.wss import WssJob, point_map
 
@@ -101,7 +101,7 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
         boxes, class_scores = dict(zip(with_cands, found)), dict(zip(with_cands, scores))
     else:
         boxes = dict(zip(with_cands, models.proposals.propose([samples[i].image for i in with_cands], names)))
-    chosen = []  # (pair, map, seed index, eq. 6's best boxes, their relative scores)
+    chosen = []  # one _Choice per pair that gets a box
     nth: Counter = Counter()
     for p, amap in zip(pairs, maps):
         k = nth[p.image_index]  # the seed depends on the image and the candidate, not on the chunk
@@ -113,39 +113,92 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
             p.reason = "low_itm_score"
             continue
         phi = amap.binary.astype(np.float32) if cfg.box_map == "binary" else amap.soft
-        top, rel, reason = best_boxes(phi, boxes[p.image_index], cfg.box_area_exponent, cfg.box_ring,
-                                      1 if cfg.box_rerank == "none" else cfg.box_rerank_top)
-        if reason:
-            p.reason = reason
-            continue
-        chosen.append((p, amap, k, top, rel))
-    if cfg.box_rerank != "none" and chosen:  # option: a second opinion on eq. 6's best boxes
-        if cfg.box_rerank == "crop":  # the ITM judges each box's crop
-            second = crop_match_probs(models.itm, [(samples[p.image_index].image, boxes[p.image_index][top], p.candidate.name)
-                                                   for p, _, _, top, _ in chosen], cfg.prompt, cfg.box_crop_context)
-        elif cfg.box_rerank == "backbone":  # the caption-pretrained backbone names each box's crop
-            second = models.name_cam.crop_probs([(samples[p.image_index].image, boxes[p.image_index][top], p.candidate.name)
-                                                 for p, _, _, top, _ in chosen], cfg.box_crop_context)
-        else:  # the WSPN's instance score of the name (column j of the image's candidates)
-            second = [class_scores[p.image_index][top, candidates[p.image_index].index(p.candidate)] for p, _, _, top, _ in chosen]
-        chosen = [(p, amap, k, top[[rerank(rel, q, cfg.box_rerank_weight)]], rel) for (p, amap, k, top, rel), q in zip(chosen, second)]
+        want = min(p.candidate.count, cfg.max_instances) if cfg.instances == "caption" else 1
+        chosen.append(_Choice(p, amap, k, phi, want))
+    for r in range(max((c.want for c in chosen), default=0)):  # round r picks each name's (r+1)-th box
+        todo = []
+        for c in chosen if r == 0 else [c for c in chosen if c.want > r and len(c.picked) == r]:
+            props = boxes[c.pair.image_index]
+            allowed = np.arange(len(props)) if r == 0 else _apart(props, c.picked, cfg.instance_iou)
+            top, rel, reason = best_boxes(c.phi, props[allowed], cfg.box_area_exponent, cfg.box_ring,
+                                          1 if cfg.box_rerank == "none" else cfg.box_rerank_top)
+            if reason and r == 0:
+                c.pair.reason = reason
+            elif not reason:
+                todo.append((c, allowed[top], rel))
+        if cfg.box_rerank != "none" and todo:  # option: a second opinion on eq. 6's best boxes
+            second = _second_opinions([(c.pair, top) for c, top, _ in todo], samples, boxes, candidates, class_scores,
+                                      models, cfg)
+            todo = [(c, top[[rerank(rel, q, cfg.box_rerank_weight)]], rel) for (c, top, rel), q in zip(todo, second)]
+        for c, top, _ in todo:
+            c.picked.append(int(top[0]))
+    chosen = [c for c in chosen if c.picked]
+    extra: dict[int, list] = {}  # a pair's further instances (instances=caption), after it in the output
     jobs, job_pairs = [], []
-    for p, amap, k, top, _ in chosen:
-        box = np.asarray(boxes[p.image_index][top[0]], np.float32)
-        p.box = box
+    for c in chosen:
+        p, props = c.pair, boxes[c.pair.image_index]
         sample = samples[p.image_index]
-        jobs.append(WssJob(sample.image, grow_box(box, cfg.wss_box_margin, sample.image.shape[:2]),
-                           point_map(cfg.wss_point_map, amap.soft, box), cfg.seed * 1_000_003 + sample.image_id * 31 + k))
-        job_pairs.append(p)
+        if len(c.picked) > 1:  # a further instance scores the ITM's score x its eq. 6 score relative to the best box
+            eq6 = box_scores(c.phi, props, cfg.box_area_exponent, cfg.box_ring)
+            best = float(np.max(eq6))
+        for j, b in enumerate(c.picked):
+            q = p if j == 0 else PairResult(p.image_index, p.candidate, p.score * float(np.clip(eq6[b] / best, 0, 1)),
+                                            p.activation, instance=j)
+            if j:
+                extra.setdefault(id(p), []).append(q)
+            box = np.asarray(props[b], np.float32)
+            q.box = box
+            jobs.append(WssJob(sample.image, grow_box(box, cfg.wss_box_margin, sample.image.shape[:2]),
+                               point_map(cfg.wss_point_map, c.amap.soft, box),
+                               cfg.seed * 1_000_003 + sample.image_id * 31 + c.seed_index + 7919 * j))
+            job_pairs.append(q)
     for p, m in zip(job_pairs, wss_masks(jobs, settings)):
         if m.any():
             p.mask = m
         else:
             p.reason = "empty_mask"
+    if extra:
+        pairs = [q for p in pairs for q in (p, *extra.get(id(p), ()))]
     if not keep_maps:
         for p in pairs:
             p.activation = None
     return pairs
+
+
+@dataclass
+class _Choice:
+    """A pair on its way to its boxes: its map, the seed index of its candidate, Phi, how many boxes it wants and
+    the proposals picked so far (indices into the image's proposals)."""
+
+    pair: PairResult
+    amap: object
+    seed_index: int
+    phi: np.ndarray
+    want: int
+    picked: list = field(default_factory=list)
+
+
+def _apart(props: np.ndarray, picked: list, max_iou: float) -> np.ndarray:
+    """Indices of the proposals that overlap every picked one by less than ``max_iou``."""
+    import torch
+    from torchvision.ops import box_iou
+
+    iou = box_iou(torch.as_tensor(np.asarray(props, np.float32)), torch.as_tensor(np.asarray(props[picked], np.float32)))
+    return np.flatnonzero(iou.max(1).values.numpy() < max_iou)
+
+
+def _second_opinions(entries, samples, boxes, candidates, class_scores, models: MaskFreeModels, cfg) -> list:
+    """``maskfree.box_rerank``'s opinion in [0, 1] of each ``(pair, proposal indices)`` entry's boxes."""
+    from ovtasks.pseudolabel.maskfree.activation import crop_match_probs
+
+    if cfg.box_rerank == "crop":  # the ITM judges each box's crop
+        return crop_match_probs(models.itm, [(samples[p.image_index].image, boxes[p.image_index][top], p.candidate.name)
+                                             for p, top in entries], cfg.prompt, cfg.box_crop_context)
+    if cfg.box_rerank == "backbone":  # the caption-pretrained backbone names each box's crop
+        return models.name_cam.crop_probs([(samples[p.image_index].image, boxes[p.image_index][top], p.candidate.name)
+                                           for p, top in entries], cfg.box_crop_context)
+    # the WSPN's instance score of the name (column j of the image's candidates)
+    return [class_scores[p.image_index][top, candidates[p.image_index].index(p.candidate)] for p, top in entries]
 
 
 def wss_masks(jobs: Sequence, settings: Settings) -> list[np.ndarray]:

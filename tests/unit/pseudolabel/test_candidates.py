@@ -146,3 +146,20 @@ def test_llm_generation_failure_is_recorded_not_raised(vocab):
     ex = Broken()
     assert ex.extract(["a ball", "a box"]) == [[], []]
     assert len(ex.failures) == 2 and "out of memory" in ex.failures[0][1]
+
+
+@pytest.mark.parametrize("caption, counts", [
+    ("Two red balls and a crate on a striped background", {"ball": 2, "box": 1}),
+    ("three small light blue stars, four hearts", {"star": 3, "heart": 4}),
+    ("a pair of spheres", {"ball": 2}),
+    ("balls", {"ball": 2}),  # a bare plural: at least two
+    ("a photo of 12 rings", {"ring": 10}),  # digits, believed up to MAX_COUNT
+    ("two photos of a ball", {"ball": 1}),  # the number belongs to another word
+    ("a ball ... and two more balls", {"ball": 2}),  # the largest count of any mention
+    ("IMG_2.jpg star", {"star": 1}),
+])
+def test_counts_from_the_caption(vocab, caption, counts):
+    [cands] = LexiconExtractor(vocab).extract([caption])
+    assert {c.name: c.count for c in cands} == counts
+    phrase = caption.split(",")[0]
+    assert vocab.normalise(phrase, "llm").count == counts[vocab.normalise(phrase, "llm").name]  # the LLM's phrases too

@@ -190,3 +190,44 @@ def test_crop_rerank_option_runs_end_to_end_and_off_changes_nothing(clean, itm_d
     assert [len(x) for x in p] == [3, 1] and all(((x >= 0) & (x <= 1)).all() for x in p)
     with pytest.raises(ValueError, match="needs maskfree.proposals=wspn"):  # selective search has no class scores
         label_images(samples, cands, models, _settings(itm_dir, OVTASKS_MASKFREE__BOX_RERANK="wspn"))
+
+
+def test_instances_from_the_caption_give_one_box_per_counted_object(itm_dir, monkeypatch):
+    """``maskfree.instances=caption``: "two balls" gets eq. 6's two best boxes that do not overlap, the second scored
+    below the first; ``one`` (the patent's) keeps one box per name, and a count of one changes nothing."""
+    import ovtasks.pseudolabel.maskfree.activation as activation
+    from ovtasks.data.clean import CleanSample
+    from ovtasks.pseudolabel.candidates import Candidate
+    from ovtasks.pseudolabel.maskfree.activation import ActivationMap
+    from ovtasks.pseudolabel.maskfree.generator import label_images
+
+    soft = np.zeros((64, 64), np.float32)
+    soft[4:20, 4:20], soft[40:56, 36:52] = 1.0, 0.6  # two activated blobs, the first brighter
+    amap = ActivationMap(soft > 0.5, soft, 0.9, ())
+    monkeypatch.setattr(activation, "activation_maps", lambda itm, images, names, *a, **k: [amap for _ in names])
+    boxes = np.array([[4, 4, 20, 20], [5, 5, 19, 19], [36, 40, 52, 56], [0, 0, 64, 64]], np.float32)
+
+    class Fixed:
+        def propose(self, images, names=None):
+            return [boxes for _ in images]
+
+    img = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    samples = [CleanSample("00000", "1", img, "two balls", {})]
+    two, one = Candidate("ball", 1, True, "balls", "lexicon", 2), Candidate("ball", 1, True, "ball", "lexicon")
+    models = load_maskfree(_settings(itm_dir))
+    models.proposals = Fixed()
+    eq6 = {"OVTASKS_MASKFREE__BOX_RING": "0.5", "OVTASKS_MASKFREE__BOX_MAP": "soft"}
+    on = _settings(itm_dir, OVTASKS_MASKFREE__INSTANCES="caption", **eq6)
+    res = label_images(samples, [[two]], models, on)
+    assert [r.instance for r in res] == [0, 1] and [r.candidate for r in res] == [two, two]
+    assert [r.box.tolist() for r in res] == [boxes[0].tolist(), boxes[2].tolist()]  # not the overlapping [5, 5, 19, 19]
+    assert res[0].score == pytest.approx(0.9) and 0 < res[1].score < res[0].score
+    assert all(r.mask is not None and r.mask.any() for r in res)
+    default = label_images(samples, [[two]], models, _settings(itm_dir, **eq6))
+    assert len(default) == 1 and default[0].box.tolist() == res[0].box.tolist()
+    assert (default[0].mask == res[0].mask).all()  # the first box's mask is the patent path's, bit for bit
+    single = label_images(samples, [[one]], models, on)
+    assert len(single) == 1 and (single[0].mask == default[0].mask).all()
+    capped = label_images(samples, [[Candidate("ball", 1, True, "balls", "lexicon", 9)]], models,
+                          _settings(itm_dir, OVTASKS_MASKFREE__INSTANCES="caption", OVTASKS_MASKFREE__MAX_INSTANCES="3", **eq6))
+    assert [r.instance for r in capped] == [0, 1, 2]  # nine asked for, three allowed (the whole image overlaps each by < 0.3)
