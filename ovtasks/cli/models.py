@@ -42,7 +42,7 @@ def cmd_pretrain_backbone(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.train.backbone import BackboneConfig, pretrain_backbone
 
     cfg = BackboneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
-                         holdout=args.holdout, max_images=args.max_images, seed=args.seed)
+                         holdout=args.holdout, max_images=args.max_images, seed=args.seed, init=args.init)
     command = " ".join(["ovtasks", *(shlex.quote(a) for a in sys.argv[1:])])  # recorded in the checkpoint's JSON
     return report_trained(pretrain_backbone(args.src, args.out, on_device(args, settings), cfg, progress=print_progress,
                                             command=command), "pretrain-backbone metrics")
@@ -240,6 +240,8 @@ def add_commands(sub) -> None:
     b.add_argument("--holdout", type=int, default=400, help="last images kept out of training for the metrics")
     b.add_argument("--max-images", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--init", default=None, help="continue from this pretrained backbone (with its heads; a fresh "
+                   "warm-up and cosine schedule over --steps)")
     b.add_argument("--device", default=None, help="cpu | cuda (default from config)")
     b.set_defaults(func=cmd_pretrain_backbone)
 

@@ -56,6 +56,7 @@ class BackboneConfig:
     holdout: int = 400  # last images of the source, kept out of training for the metrics
     max_images: int | None = None
     seed: int = 0
+    init: str | None = None  # continue from a pretrained backbone with its heads (directory or store URI)
 
 
 def _average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -102,6 +103,17 @@ def pretrain_backbone(src_uri: str, out_uri: str, settings: Settings, cfg: Backb
     y = name_targets(names, vocab_names)
     body = small_backbone().body.to(device)
     head = make_heads(len(vocab_names)).to(device)
+    origin = None
+    if cfg.init:  # a further round with a fresh schedule: the body and heads of an earlier run
+        from ovtasks.models.name_cam import NameCam
+
+        start = NameCam.load(cfg.init, device, settings.s3)
+        if start.vocabulary != vocab_names:
+            raise ValueError(f"--init {cfg.init} was trained on another vocabulary ({len(start.vocabulary)} names)")
+        body.load_state_dict(start.body.state_dict())
+        head.load_state_dict(start.heads.state_dict())
+        was = json.loads((Path(resolve_model(cfg.init, settings.s3)) / META).read_text())
+        origin = {"ref": cfg.init, **{k: was[k] for k in ("command", "metrics", "config", "init_from") if k in was}}
     params = list(body.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
@@ -127,7 +139,7 @@ def pretrain_backbone(src_uri: str, out_uri: str, settings: Settings, cfg: Backb
     metrics.update(train_images=n - hold, steps=cfg.steps, train_seconds=round(time.perf_counter() - t0, 1))
     meta = {"architecture": "small", "trained_by": f"ovtasks {__version__} pretrain-backbone", "config": asdict(cfg),
             "metrics": metrics, "source": src_uri, "vocabulary": vocab_names, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD,
-            **({"command": command} if command else {})}
+            **({"command": command} if command else {}), **({"init_from": origin} if origin else {})}
     with tempfile.TemporaryDirectory(prefix="ovtasks-backbone-") as d:
         save_file({k: v.detach().cpu().contiguous() for k, v in body.state_dict().items()}, str(Path(d) / WEIGHTS))
         save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(Path(d) / HEADS))

@@ -27,6 +27,7 @@ class TrainedCheckpoint:
 
 def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
     """The LR factor at scheduler step ``s``: linear warmup over ``warmup`` steps times a cosine decay to 0 at ``steps``."""
+    steps = max(steps, 1)  # zero steps (a run that only evaluates) never calls it past the first
     return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
 

@@ -34,6 +34,23 @@ def test_pretraining_fits_the_caption_names_and_saves_the_body(pretrained):
     assert set(weights) == set(build(8).backbone.body.state_dict())
 
 
+def test_pretraining_continues_from_an_earlier_backbone(pretrained, clean_small, tmp_path):
+    """``--init``: the body and heads start where the earlier run ended (zero steps leave them bit for bit), and the
+    JSON records what it continued from."""
+    from dataclasses import replace
+
+    again = pretrain_backbone(clean_small, str(tmp_path / "zero"), load_settings(env={}), replace(CFG, steps=0, init=pretrained.model_uri))
+    for f in ("backbone.safetensors", "heads.safetensors"):
+        a, b = load_file(f"{pretrained.model_uri}/{f}"), load_file(f"{again.model_uri}/{f}")
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.metrics["holdout_top1"] == pretrained.metrics["holdout_top1"]
+    more = pretrain_backbone(clean_small, str(tmp_path / "more"), load_settings(env={}), replace(CFG, steps=10, init=pretrained.model_uri))
+    meta = json.loads(open(f"{more.model_uri}/ovtasks_backbone.json").read())
+    assert meta["init_from"]["ref"] == pretrained.model_uri and meta["init_from"]["command"] == "ovtasks pretrain-backbone --test"
+    assert meta["init_from"]["metrics"] == pretrained.metrics and meta["config"]["init"] == pretrained.model_uri
+    assert more.history[0]["loss"] < pretrained.history[0]["loss"]  # it did not start from scratch
+
+
 def test_load_backbone_sets_the_body_only_and_refuses_what_does_not_fit(pretrained, tmp_path):
     torch.manual_seed(0)
     model = build(8)
