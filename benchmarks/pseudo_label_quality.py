@@ -56,6 +56,8 @@ def main() -> int:
     ap.add_argument("--wspn-cache", default=None, metavar="DIR",
                     help="keep the WSPN trained on the evaluation set under DIR/seed<S>-steps<N> and reuse it next time "
                          "(two ITMs are then scored against the same proposals)")
+    ap.add_argument("--sam-model", default=None, metavar="DIR",
+                    help="grounded.sam_model, for --set mask_stage=sam / box_rerank=namer (e.g. models/sam-synth)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a maskfree setting")
     ap.add_argument("--out", default=str(RESULTS), help="results directory")
@@ -78,7 +80,8 @@ def main() -> int:
             wspn, wspn_metrics = trained.model_uri, trained.metrics
         maskfree = base.maskfree.model_validate({**base.maskfree.model_dump(), "itm_model": args.itm_model, "wspn_model": wspn,
                                                  "proposals": args.proposals, **overrides})
-        settings = base.model_copy(update={"device": args.device, "maskfree": maskfree})
+        grounded = base.grounded.model_copy(update={"sam_model": args.sam_model}) if args.sam_model else base.grounded
+        settings = base.model_copy(update={"device": args.device, "maskfree": maskfree, "grounded": grounded})
         models = load_maskfree(settings)
         table, samples, results = evaluate_pseudo_labels(clean, laion, settings, models)
         gt = GroundTruth.load(laion, settings)
@@ -90,7 +93,7 @@ def main() -> int:
     out = {"table": table, "novel_ratio_c_over_a": None if ratio is None else round(ratio, 2),
            "itm_model": args.itm_model, "itm_metrics": meta.get("metrics"), "wspn_metrics": wspn_metrics,
            "proposals": args.proposals, "images": table["_meta"]["images"], "settings": settings.maskfree.model_dump(mode="json"),
-           "overrides": overrides, "error_budget": budget,
+           "overrides": overrides, "sam_model": args.sam_model, "error_budget": budget,
            "targets_met": {"novel_c_ge_25": (c or 0) >= 25, "base_c_ge_35": (table["wss"]["base"] or 0) >= 35,
                            "a_lt_b_lt_c": (a or 0) < (table["pseudo_box"]["novel"] or 0) < (c or 0)}}
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -146,12 +146,14 @@ class MaskFreeConfig(_Frozen):
                                      "power (0.5: the patent's sqrt; lower favours larger boxes)")
     box_ring: float = Field(0.0, ge=0.0, le=2.0, description="eq. 6 by contrast: subtract the mean Phi of a ring this "
                             "fraction of the box's side wide around it, times the box's area (0: the patent's eq. 6)")
-    box_rerank: str = Field("none", pattern="^(none|crop|wspn|backbone)$", description="re-rank eq. 6's best box_rerank_top "
-                            "boxes by a second opinion: score = eq. 6 score / the best one x q ** box_rerank_weight, q the "
-                            "ITM's match probability of the prompt on the box's crop (crop), the WSPN's instance score of the "
-                            "name for the box relative to its best box (wspn; needs proposals=wspn) or the caption-pretrained "
-                            "backbone's probability of the name on the box's crop (backbone; needs backbone_model). none: the "
-                            "patent's eq. 6")
+    box_rerank: str = Field("none", pattern="^(none|crop|wspn|backbone|namer)$", description="re-rank eq. 6's best "
+                            "box_rerank_top boxes by a second opinion: score = eq. 6 score / the best one x q ** "
+                            "box_rerank_weight, q the ITM's match probability of the prompt on the box's crop (crop), the "
+                            "WSPN's instance score of the name for the box relative to its best box (wspn; needs "
+                            "proposals=wspn), the caption-pretrained backbone's probability of the name on the box's crop "
+                            "(backbone; needs backbone_model) or that backbone naming the box's region as Semantic-SAM's "
+                            "namer does: the crop, its name maps in the box and the region SAM segments in the box (namer; "
+                            "needs backbone_model and grounded.sam_model). none: the patent's eq. 6")
     box_rerank_top: int = Field(5, ge=1, le=100, description="how many of eq. 6's best boxes box_rerank considers")
     box_rerank_weight: float = Field(1.0, ge=0.0, description="exponent of the second opinion in box_rerank")
     box_crop_context: float = Field(0.1, ge=0.0, le=3.0, description="box_rerank=crop / backbone: the crop shown to the ITM "
@@ -174,6 +176,9 @@ class MaskFreeConfig(_Frozen):
                                "activation map (the patent's), a centre prior of the eq. 6 box (1 at its centre, 0 at and "
                                "outside its edges; use with wss_box_margin > 0 so background points fall outside the box), "
                                "or their product")
+    mask_stage: str = Field("wss", pattern="^(wss|sam)$", description="the pseudo box's mask: eq. 7's WSS network (the "
+                            "patent's) or SAM prompted with the box (sam: grounded.sam_model; the wss_* settings are then "
+                            "unused)")
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="drop candidates whose ITM score is below")
     batch_size: int = Field(8, ge=1, description="images per GradCAM batch")
     seed: int = 0

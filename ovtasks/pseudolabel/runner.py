@@ -95,7 +95,8 @@ def run_fingerprint(settings: Settings, generator: str, versions: dict) -> str:
     parts = {"generator": generator, "candidates": settings.candidates.model_dump(mode="json"), "versions": versions}
     if generator == "maskfree":
         parts["maskfree"] = settings.maskfree.model_dump(mode="json")
-    if generator == "grounded" or settings.maskfree.proposals == "gdino":
+    mf = settings.maskfree
+    if generator == "grounded" or mf.proposals == "gdino" or mf.mask_stage == "sam" or mf.box_rerank == "namer":
         parts["grounded"] = settings.grounded.model_dump(mode="json", exclude={"batch_size", "box_batch"})
     blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -22,7 +22,8 @@ class MaskFreeModels:
     proposals: object  # ProposalSource
     versions: dict
     name: str = "maskfree"
-    name_cam: object = None  # NameCam when maskfree.activation or box_rerank is backbone
+    name_cam: object = None  # NameCam when maskfree.activation or box_rerank is backbone (or namer)
+    sam: object = None  # SamSegmenter when maskfree.mask_stage is sam or box_rerank is namer
 
     def chunk_size(self, settings: Settings) -> int:
         return settings.label_chunk
@@ -46,7 +47,7 @@ def load_maskfree(settings: Settings) -> MaskFreeModels:
     itm = ItmModel.load(itm_path, settings.device, cfg.itm_layer)
     versions = {"itm": {"ref": cfg.itm_model, "digest": digest_path(itm_path), "layer": itm.layer}, "code": __version__}
     name_cam = None
-    if "backbone" in (cfg.activation, cfg.box_rerank):
+    if "backbone" in (cfg.activation, cfg.box_rerank) or cfg.box_rerank == "namer":
         from ovtasks.models.name_cam import NameCam
 
         if not cfg.backbone_model:
@@ -56,6 +57,17 @@ def load_maskfree(settings: Settings) -> MaskFreeModels:
         name_cam = NameCam.load(bb_path, settings.device)
         versions["backbone"] = {"ref": cfg.backbone_model, "digest": digest_path(bb_path), "activation": cfg.activation,
                                 "box_rerank": cfg.box_rerank}
+    sam = None
+    if cfg.mask_stage == "sam" or cfg.box_rerank == "namer":
+        from ovtasks.models.sam import SamSegmenter
+
+        g = settings.grounded
+        if not g.sam_model:
+            raise ValueError(f"maskfree.mask_stage={cfg.mask_stage} / box_rerank={cfg.box_rerank} needs grounded.sam_model "
+                             "(SamModel weights: HF id, directory or store URI; `ovtasks train-sam` makes one)")
+        sam = SamSegmenter.load(g.sam_model, settings.device, g.dtype, settings.s3, batch_size=g.batch_size,
+                                box_batch=g.box_batch)
+        versions["sam"] = {**model_version(g.sam_model, settings), "mask_stage": cfg.mask_stage}
     if cfg.proposals == "wspn":
         if not cfg.wspn_model:
             raise ValueError("maskfree.wspn_model is not set: train one with `ovtasks train-wspn` or use proposals=selective_search")
@@ -73,7 +85,7 @@ def load_maskfree(settings: Settings) -> MaskFreeModels:
     else:
         proposals = SelectiveSearch()
         versions["proposals"] = "selective_search"
-    return MaskFreeModels(itm, proposals, versions, name_cam=name_cam)
+    return MaskFreeModels(itm, proposals, versions, name_cam=name_cam, sam=sam)
 
 
 def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[Candidate]], models: MaskFreeModels,
@@ -152,7 +164,9 @@ def label_images(samples: Sequence[CleanSample], candidates: Sequence[Sequence[C
                                point_map(cfg.wss_point_map, c.amap.soft, box),
                                cfg.seed * 1_000_003 + sample.image_id * 31 + c.seed_index + 7919 * j))
             job_pairs.append(q)
-    for p, m in zip(job_pairs, wss_masks(jobs, settings)):
+    masks = sam_masks(models.sam, [j.image for j in jobs], [p.box for p in job_pairs]) if cfg.mask_stage == "sam" \
+        else wss_masks(jobs, settings)
+    for p, m in zip(job_pairs, masks):
         if m.any():
             p.mask = m
         else:
@@ -197,8 +211,34 @@ def _second_opinions(entries, samples, boxes, candidates, class_scores, models: 
     if cfg.box_rerank == "backbone":  # the caption-pretrained backbone names each box's crop
         return models.name_cam.crop_probs([(samples[p.image_index].image, boxes[p.image_index][top], p.candidate.name)
                                            for p, top in entries], cfg.box_crop_context)
+    if cfg.box_rerank == "namer":  # ... and the region SAM segments in it, as Semantic-SAM's namer names a prompt
+        cam, out = models.name_cam, []
+        regions = sam_masks(models.sam, [samples[p.image_index].image for p, _ in entries],
+                            [boxes[p.image_index][top] for p, top in entries], per_image=True)
+        for (p, top), masks in zip(entries, regions):
+            if not cam.knows(p.candidate.name):
+                out.append(np.full(len(top), np.nan))
+                continue
+            probs = cam.box_name_probs(samples[p.image_index].image, boxes[p.image_index][top], cfg.box_crop_context, masks)
+            out.append(probs[:, cam.index[p.candidate.name]].astype(np.float64))
+        return out
     # the WSPN's instance score of the name (column j of the image's candidates)
     return [class_scores[p.image_index][top, candidates[p.image_index].index(p.candidate)] for p, top in entries]
+
+
+def sam_masks(sam, images: Sequence[np.ndarray], boxes: Sequence, per_image: bool = False) -> list[np.ndarray]:
+    """SAM's (H, W) bool mask for each image's xyxy box (``per_image``: for each image's ``(n, 4)`` boxes, an
+    ``(n, H, W)`` array), a few images at a time (the segmenter's micro-batches)."""
+    from ovtasks.data.groundtruth import decode_rle
+
+    out = []
+    for i0 in range(0, len(images), 16):
+        chunk = [np.asarray(b, np.float32).reshape(-1, 4) for b in boxes[i0:i0 + 16]]
+        for image, found in zip(images[i0:i0 + 16], sam.segment(images[i0:i0 + 16], chunk)):
+            masks = np.stack([decode_rle(r).astype(bool) for r in found.rles]) if found.rles else \
+                np.zeros((0, *image.shape[:2]), bool)
+            out.append(masks if per_image else masks[0])
+    return out
 
 
 def wss_masks(jobs: Sequence, settings: Settings) -> list[np.ndarray]:
