@@ -189,6 +189,46 @@ def test_box_rerank_backbone_names_each_crop(pretrained, clean_small, tiny_itm_d
     assert any(p.box is not None for p in res)
 
 
+def test_box_rerank_namer_and_the_sam_mask_stage(pretrained, clean_small, tiny_itm_dir, tiny_grounded):
+    """``box_rerank=namer``: each candidate box's opinion is the namer's probability of the name with SAM's mask of the
+    box (what Semantic-SAM's namer gives a prompt); ``mask_stage=sam``: the pseudo box's mask is SAM's. Both need
+    grounded.sam_model."""
+    from ovtasks.data.clean import iter_clean
+    from ovtasks.data.groundtruth import decode_rle
+    from ovtasks.models.sam import SamSegmenter
+    from ovtasks.pseudolabel.candidates import Vocabulary, build_extractor
+    from ovtasks.pseudolabel.maskfree.generator import _second_opinions, label_images, load_maskfree
+
+    env = {"OVTASKS_MASKFREE__ITM_MODEL": tiny_itm_dir, "OVTASKS_MASKFREE__PROPOSALS": "selective_search",
+           "OVTASKS_MASKFREE__WSS_ITERATIONS": "5", "OVTASKS_MASKFREE__MASKING_ROUNDS": "2",
+           "OVTASKS_MASKFREE__BACKBONE_MODEL": pretrained.model_uri, "OVTASKS_MASKFREE__BOX_CROP_CONTEXT": "1.0"}
+    with pytest.raises(ValueError, match="grounded.sam_model"):
+        load_maskfree(load_settings(env={**env, "OVTASKS_MASKFREE__MASK_STAGE": "sam"}))
+    env["OVTASKS_GROUNDED__SAM_MODEL"] = tiny_grounded[1]
+    on = load_settings(env={**env, "OVTASKS_MASKFREE__BOX_RERANK": "namer", "OVTASKS_MASKFREE__MASK_STAGE": "sam"})
+    models = load_maskfree(on)
+    assert models.versions["sam"]["mask_stage"] == "sam" and models.versions["backbone"]["box_rerank"] == "namer"
+    samples = list(iter_clean(clean_small, on, 6))
+    sam = SamSegmenter.load(tiny_grounded[1])
+    img, boxes = samples[0].image, np.array([[30, 30, 50, 50], [0, 0, 20, 20]], np.float32)
+    masks = np.stack([decode_rle(r).astype(bool) for r in sam.segment([img], [boxes])[0].rles])
+
+    class Pair:  # what _second_opinions reads of a PairResult
+        image_index, candidate = 0, type("C", (), {"name": "ball"})()
+
+    [got] = _second_opinions([(Pair(), np.array([0, 1]))], samples, {0: boxes}, None, {}, models, on.maskfree)
+    want = models.name_cam.box_name_probs(img, boxes, 1.0, masks)[:, models.name_cam.index["ball"]]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    cands = build_extractor(on, Vocabulary.load(None)).extract([s.caption for s in samples])
+    res = label_images(samples, cands, models, on)
+    off = label_images(samples, cands, load_maskfree(load_settings(env=env)), load_settings(env=env))
+    assert [p.reason for p in res] == [p.reason for p in off] and any(p.mask is not None for p in res)
+    for p in res:
+        if p.mask is not None:  # SAM's mask of the chosen box, not WSS's
+            [rle] = sam.segment([samples[p.image_index].image], [p.box[None]])[0].rles
+            assert (p.mask == decode_rle(rle).astype(bool)).all()
+
+
 class _OneHotNamer:
     """A namer sure that every box holds ``name``; it knows only ``vocabulary``."""
 
