@@ -85,7 +85,7 @@ def main() -> int:
         models = load_maskfree(settings)
         table, samples, results = evaluate_pseudo_labels(clean, laion, settings, models)
         gt = GroundTruth.load(laion, settings)
-        budget = error_budget(samples, results, gt, settings)
+        budget = error_budget(samples, results, gt, settings, models)
         picture = overlay_grid(samples, results, results_dir / "pseudo_label_overlays.png", novel=gt.names("novel"))
     a, c = table["gradcam"]["novel"], table["wss"]["novel"]
     ratio = (c / a) if a else None

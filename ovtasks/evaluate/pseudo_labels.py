@@ -16,7 +16,7 @@ from ovtasks.core.config import Settings
 from ovtasks.data.clean import iter_clean
 from ovtasks.evaluate.ap import box_mask, mask_ap50
 from ovtasks.data.groundtruth import GroundTruth, decode_rle
-from ovtasks.pseudolabel.maskfree.generator import MaskFreeModels, label_images, wss_masks
+from ovtasks.pseudolabel.maskfree.generator import MaskFreeModels, label_images, sam_masks, wss_masks
 
 
 def evaluate_pseudo_labels(clean_uri: str, gt_uri: str, settings: Settings, models: MaskFreeModels,
@@ -42,6 +42,7 @@ def evaluate_pseudo_labels(clean_uri: str, gt_uri: str, settings: Settings, mode
     table = {k: mask_ap50(gt, ids, v) for k, v in dets.items()}
     # the thread count is part of the result: BLAS sums differ with it, and WSS points are ranked on the map
     table["_meta"] = {"images": len(samples), "candidates": len(results), "masks": len(dets["wss"]),
+                      "mask_stage": settings.maskfree.mask_stage,
                       "torch_threads": torch.get_num_threads(),
                       "seconds": round(seconds, 1), "images_per_second": round(len(samples) / max(seconds, 1e-9), 2)}
     return table, samples, results
@@ -71,12 +72,13 @@ def _xyxy(ann: dict) -> np.ndarray:
     return np.array([x, y, x + w, y + h], np.float32)
 
 
-def error_budget(samples, results, gt: GroundTruth, settings: Settings) -> dict:
+def error_budget(samples, results, gt: GroundTruth, settings: Settings, models: MaskFreeModels | None = None) -> dict:
     """Pseudo-mask AP50 with one stage at a time replaced by its ground-truth version (see ``BUDGET_ROWS``),
     proposal recall@0.5 of the top-K and the ITM's grounding, from :func:`evaluate_pseudo_labels`' results
     (``keep_maps=True``). A pair whose name has no GT instance in its image keeps the chain's mask in every
     row (no stage can be "fixed" for it); otherwise each GT instance of the named category gets one mask
-    per bound row. Returns ``{row: {"all", "base", "novel"}, "_grounding": {...}, "_proposals": {...}}``."""
+    per bound row. The bound rows' masks come from the chain's mask stage (``maskfree.mask_stage``: WSS, or SAM on
+    the row's box from ``models``). Returns ``{row: {"all", "base", "novel"}, "_grounding": {...}, "_proposals": {...}}``."""
     from ovtasks.evaluate.ap import mask_ap50
     from ovtasks.pseudolabel.maskfree.pseudo_box import pseudo_box
     from ovtasks.core.imaging import grow_box
@@ -120,30 +122,40 @@ def error_budget(samples, results, gt: GroundTruth, settings: Settings) -> dict:
         box, _ = pseudo_box(union.astype(np.float32), props, cfg.box_area_exponent, cfg.box_ring)
         if box is not None:
             jobs["selection_bound"].append(({**base}, WssJob(s.image, grow_box(box, cfg.wss_box_margin, union.shape),
-                                                              point_map(cfg.wss_point_map, soft, box), seed)))
+                                                              point_map(cfg.wss_point_map, soft, box), seed), box))
         for a, m in zip(inst, masks):
             g = _xyxy(a)
             if len(props):
                 best = props[int(np.argmax(_box_iou(props, g)))]
                 jobs["proposal_bound"].append(({**base}, WssJob(s.image, grow_box(best, cfg.wss_box_margin, m.shape),
-                                                                 point_map(cfg.wss_point_map, soft, best), seed)))
-            jobs["mask_bound"].append(({**base}, WssJob(s.image, tuple(map(float, g)), m.astype(np.float32), seed)))
+                                                                 point_map(cfg.wss_point_map, soft, best), seed), best))
+            jobs["mask_bound"].append(({**base}, WssJob(s.image, tuple(map(float, g)), m.astype(np.float32), seed), g))
     for k, items in jobs.items():
-        dets[k] += [{**d, "mask": m} for (d, _), m in zip(items, wss_masks([j for _, j in items], settings)) if m.any()]
+        if cfg.mask_stage == "sam":
+            if models is None or models.sam is None:
+                raise ValueError("maskfree.mask_stage=sam: error_budget needs the generator's models (its SAM)")
+            masks = sam_masks(models.sam, [j.image for _, j, _ in items], [b for _, _, b in items])
+        else:
+            masks = wss_masks([j for _, j, _ in items], settings)
+        dets[k] += [{**d, "mask": m} for (d, _, _), m in zip(items, masks) if m.any()]
     ids = [s.image_id for s in samples]
     table = {k: mask_ap50(gt, ids, v) for k, v in dets.items()}
     table["_grounding"] = {"pairs_with_gt": grounded_pairs, "right_object_rate": round(right / max(grounded_pairs, 1), 4),
                            "phi_iou_mean": round(float(np.mean(ious)) if ious else 0.0, 4), "rounds": cfg.masking_rounds}
     table["_proposals"] = {"recall_at_0.5": round(recall_hits / max(recall_total, 1), 4), "gt_instances": recall_total,
                            "top_k": cfg.top_k}
+    table["_mask_stage"] = cfg.mask_stage
     return table
 
 
 def format_budget(table: dict) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
     lines = ["| pseudo-masks with ... | mask AP50 base | mask AP50 novel | mask AP50 all |", "|---|---:|---:|---:|"]
+    sam = table.get("_mask_stage") == "sam"
     for key, label in BUDGET_ROWS:
         t = table[key]
+        if sam:  # maskfree.mask_stage=sam: SAM on each row's box makes the masks
+            label = label.replace("WSS on the GT box, points from the GT mask", "SAM on the GT box").replace("WSS", "SAM")
         lines.append(f"| {label} | {fmt(t['base'])} | {fmt(t['novel'])} | {fmt(t['all'])} |")
     g, p = table["_grounding"], table["_proposals"]
     lines += ["", f"ITM grounding ({g['pairs_with_gt']} named pairs, G={g['rounds']}): map peak on the named object "
@@ -153,7 +165,8 @@ def format_budget(table: dict) -> str:
 
 
 def format_table(table: dict) -> str:
-    rows = [("(a) GradCAM map as mask", "gradcam"), ("(b) pseudo box as mask", "pseudo_box"), ("(c) WSS pseudo-mask", "wss")]
+    stage = "SAM" if table.get("_meta", {}).get("mask_stage") == "sam" else "WSS"  # maskfree.mask_stage
+    rows = [("(a) GradCAM map as mask", "gradcam"), ("(b) pseudo box as mask", "pseudo_box"), (f"(c) {stage} pseudo-mask", "wss")]
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
     lines = ["| stage | mask AP50 base | mask AP50 novel | mask AP50 all |", "|---|---:|---:|---:|"]
     for label, key in rows:

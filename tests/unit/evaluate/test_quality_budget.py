@@ -45,3 +45,33 @@ def test_error_budget_on_planted_pairs(synth_small, clean_small):
     assert table["_proposals"] == {"recall_at_0.5": 1.0, "gt_instances": 12, "top_k": s.maskfree.top_k}
     text = format_budget(table)
     assert "mask-stage bound" in text and "recall@0.5" in text
+
+    # maskfree.mask_stage=sam: every bound row's masks are SAM's on that row's box (here a SAM that fills the box)
+    from ovtasks.data.groundtruth import encode_rle
+    from ovtasks.models.sam import BoxMasks
+
+    class BoxFiller:
+        boxes: list = []
+
+        def segment(self, images, boxes):
+            out = []
+            for image, bx in zip(images, boxes):
+                rles = []
+                for x1, y1, x2, y2 in np.asarray(bx).round().astype(int):
+                    m = np.zeros(image.shape[:2], bool)
+                    m[y1:y2, x1:x2] = True
+                    rles.append(encode_rle(m))
+                    self.boxes.append([x1, y1, x2, y2])
+                out.append(BoxMasks(rles, np.zeros(len(rles)), np.zeros(len(rles))))
+            return out
+
+    sam_s = load_settings(env={"OVTASKS_MASKFREE__MASK_STAGE": "sam"})
+    with pytest.raises(ValueError, match="needs the generator's models"):
+        error_budget(samples, results, gt, sam_s)
+    filler = BoxFiller()
+    boxed = error_budget(samples, results, gt, sam_s, type("Models", (), {"sam": filler})())
+    gt_boxes = [[round(v) for v in (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3])]
+                for smp in samples for a in gt.annotations(smp.image_id)]
+    assert all(b in filler.boxes for b in gt_boxes) and len(filler.boxes) == 3 * 12  # three bound rows, 12 pairs each
+    assert boxed["_mask_stage"] == "sam" and boxed["chain"] == table["chain"]  # the chain's own masks are kept
+    assert "SAM on the GT box" in format_budget(boxed) and "WSS" not in format_budget(boxed)
