@@ -91,6 +91,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seeds", default=None, help="comma-separated training seeds (default: --seed); mean and range reported")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a maskfree setting")
+    ap.add_argument("--sam-model", default=None, metavar="DIR",
+                    help="grounded.sam_model, for --set mask_stage=sam / box_rerank=namer (e.g. models/sam-synth)")
     ap.add_argument("--wspn-steps", type=int, default=300)
     ap.add_argument("--backbone", default="small", choices=("small", "resnet50_fpn"))
     ap.add_argument("--backbone-init", default=None, metavar="DIR",
@@ -117,7 +119,8 @@ def main() -> int:
         digests_wspn = _digest(Path(d) / "wspn", "*", d)
         maskfree = base.maskfree.model_validate({**base.maskfree.model_dump(), "itm_model": args.itm_model, "wspn_model": f"{d}/wspn",
                                                  **dict(kv.split("=", 1) for kv in args.set)})
-        settings = base.model_copy(update={"device": args.device, "maskfree": maskfree})
+        grounded = base.grounded.model_copy(update={"sam_model": args.sam_model}) if args.sam_model else base.grounded
+        settings = base.model_copy(update={"device": args.device, "maskfree": maskfree, "grounded": grounded})
         pseudo_label(clean, d, settings, models=load_maskfree(settings))
         gate = validate(d, settings, "maskfree").report
         gt = GroundTruth.load(laion, settings)
@@ -185,6 +188,7 @@ def main() -> int:
           "", f"oracle_fraction={fraction} (target >= 0.7); trained >= pseudo-labels: {out['trained_beats_pseudo_labels']}; "
           f"oracle training {oracle_s:.0f} s (target <= 1200 s); {len(held)} held-out images; {args.shards * args.images_per_shard} synthetic images",
           *(["", "maskfree overrides: " + " ".join(args.set)] if args.set else []),
+          *(["", f"grounded.sam_model: {args.sam_model}"] if args.sam_model else []),
           *(["", f"backbone from {args.backbone_init}"] if args.backbone_init else []),
           "", "Pseudo-labels:", format_eval_table(rows_pl),
           *(semantic_sam_md(ssam) if ssam else []),
