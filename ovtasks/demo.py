@@ -77,8 +77,9 @@ SAM_RECIPE = ("for k in $(seq 100 105); do ovtasks synth-sa1b --out data/sam/sa1
 # labels; the same 20,480 seed-1 images as the ITM, none of them in the demo or the benchmarks)
 BACKBONE_RECIPE = ("ovtasks synth --out data/itm/laion --shards 80 --images-per-shard 256 --seed 1 --failure-rate 0.02 && "
                    "OVTASKS_INGEST__SCALED_DECODE=false ovtasks ingest --src data/itm/laion --out data/itm/clean && "
-                   "ovtasks pretrain-backbone --src data/itm/clean --out models/backbone-synth --steps 3000 --batch-size 32 "
-                   "--image-size 128")
+                   "ovtasks pretrain-backbone --src data/itm/clean --out data/itm/backbone-3000 --steps 3000 --batch-size 32 "
+                   "--image-size 128 && ovtasks pretrain-backbone --src data/itm/clean --out models/backbone-synth "
+                   "--init data/itm/backbone-3000 --steps 6000 --batch-size 32 --image-size 128")
 
 
 def detector_backbone(settings: Settings) -> str | None:
