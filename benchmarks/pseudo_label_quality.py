@@ -86,9 +86,8 @@ def main() -> int:
         table, samples, results = evaluate_pseudo_labels(clean, laion, settings, models)
         gt = GroundTruth.load(laion, settings)
         budget = error_budget(samples, results, gt, settings, models)
-        stage = "SAM mask (box prompt)" if settings.maskfree.mask_stage == "sam" else "WSS mask (eq. 7)"
         picture = overlay_grid(samples, results, results_dir / "pseudo_label_overlays.png", novel=gt.names("novel"),
-                               mask_stage=stage)
+                               mask_stage=settings.maskfree.mask_stage)
     a, c = table["gradcam"]["novel"], table["wss"]["novel"]
     ratio = (c / a) if a else None
     meta = json.loads((Path(args.itm_model) / "ovtasks_itm.json").read_text()) if (Path(args.itm_model) / "ovtasks_itm.json").exists() else {}

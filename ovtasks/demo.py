@@ -192,7 +192,8 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
     table, samples, results = evaluate_pseudo_labels(ingest_uri, synth_uri, settings, models, limit=eval_images)
     gt = GroundTruth.load(synth_uri, settings)
     budget = error_budget(samples, results, gt, settings, models)
-    overlays = overlay_grid(samples, results, root / "report" / "pseudo_label_overlays.png", novel=gt.names("novel"))
+    overlays = overlay_grid(samples, results, root / "report" / "pseudo_label_overlays.png", novel=gt.names("novel"),
+                            mask_stage=settings.maskfree.mask_stage)
     (root / "report" / "pseudo_label_quality.json").write_text(json.dumps({**table, "error_budget": budget}, indent=2))
     chain, af_outcome, ui_script = [], "", None
     if airflow:

@@ -63,15 +63,17 @@ def ingest_overview(synth_uri: str, ingest_uri: str, settings: Settings, path: P
     return path
 
 
-def overlay_grid(samples, results, path: Path, n: int = 8, novel: Collection[str] = (),
-                 mask_stage: str = "WSS mask (eq. 7)") -> Path:
+MASK_STAGES = {"wss": "WSS mask (eq. 7)", "sam": "SAM mask (box prompt)"}  # maskfree.mask_stage -> column title
+
+
+def overlay_grid(samples, results, path: Path, n: int = 8, novel: Collection[str] = (), mask_stage: str = "wss") -> Path:
     """Rows of (image + caption name, activation map, pseudo box, mask) for the first ``n`` masks; names in
-    ``novel`` are labelled novel, the others base; ``mask_stage`` names the last column."""
+    ``novel`` are labelled novel, the others base; ``mask_stage`` (``maskfree.mask_stage``) titles the last column."""
     rows = [r for r in results if r.mask is not None][:n]
     cell, pad = 160, 4
     sheet = Image.new("RGB", (4 * (cell + pad) + pad, len(rows) * (cell + 18 + pad) + 30), "white")
     d = ImageDraw.Draw(sheet)
-    d.text((pad, 6), f"Mask-free OVIS pseudo-labels: image | activation map (G rounds) | pseudo box (eq. 6) | {mask_stage}",
+    d.text((pad, 6), f"Mask-free OVIS pseudo-labels: image | activation map (G rounds) | pseudo box (eq. 6) | {MASK_STAGES[mask_stage]}",
            fill="black", font=font(13))
     for k, r in enumerate(rows):
         s = samples[r.image_index]
