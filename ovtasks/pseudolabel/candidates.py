@@ -162,7 +162,7 @@ class Vocabulary:
 
     def match(self, text: str) -> list[tuple[VocabEntry, str]]:
         """Every vocabulary term in ``text`` (case-insensitive), in order of appearance."""
-        return [(e, t) for e, t, _ in self.match_counted(text)]
+        return [(self._term_to_entry[m.group(1)], m.group(1)) for m in self._pattern.finditer(text.lower())]
 
     def match_counted(self, text: str) -> list[tuple[VocabEntry, str, int]]:
         """:meth:`match` with how many objects each term stands for (:func:`phrase_count`)."""
