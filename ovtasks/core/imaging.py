@@ -23,7 +23,7 @@ class ImageRejected(Exception):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    image: Image.Image  # RGB, EXIF orientation applied; at 1/2-1/8 scale when decoded for checks only (see `size`)
+    image: Image.Image  # RGB, EXIF orientation applied; decoded for checks only: luma (L) at 1/2-1/8 scale (see `size`)
     data: bytes  # JPEG bytes to publish (the original when it needed no change)
     source_format: str
     source_mode: str
@@ -68,7 +68,8 @@ def decode_image(data: bytes, cfg: IngestConfig, check_side: int | None = None) 
     decoded at reduced scale when ``check_side`` is given: libjpeg's DCT scaling to 1/2, 1/4 or 1/8, no
     smaller than ``check_side`` on either side. Every entropy-coded byte is still read, so a truncated or
     corrupt file fails exactly as in a full decode; only the inverse DCT, upsampling and colour
-    conversion run on fewer pixels. ``image`` is then that small view (enough for a 32x32 hash).
+    conversion run on fewer pixels, and only for the luma channel: ``image`` is then that small grey view (all a
+    32x32 grey hash needs; libjpeg skips the chroma channels' inverse DCT, upsampling and colour conversion).
     """
     if not data:
         raise ImageRejected("empty_image", "0 bytes")
@@ -103,7 +104,7 @@ def decode_image(data: bytes, cfg: IngestConfig, check_side: int | None = None) 
         raise ImageRejected("bad_aspect_ratio", f"{size[0]}x{size[1]} > {cfg.max_aspect_ratio}:1")
     write_through = fmt == "JPEG" and mode == "RGB" and orientation in (1, None)
     if write_through and check_side:
-        im.draft("RGB", (check_side, check_side))
+        im.draft("L", (check_side, check_side))  # luma only: chroma is entropy-decoded, never transformed
     try:
         im.load()
     except OSError as exc:
@@ -143,7 +144,9 @@ def phash64(image: Image.Image) -> int:
 
     Same construction as ``imagehash.phash``; a few bits differ between near-identical images.
     """
-    thumb = image.resize((HASH_SIDE, HASH_SIDE), Image.BOX, reducing_gap=2.0).convert("L")
+    thumb = image.resize((HASH_SIDE, HASH_SIDE), Image.BOX, reducing_gap=2.0)
+    if thumb.mode != "L":
+        thumb = thumb.convert("L")
     grey = np.frombuffer(thumb.tobytes(), dtype=np.uint8).reshape(HASH_SIDE, HASH_SIDE)  # (asarray is slower)
     # the uint8 thumbnail is promoted to float64 by the product. Rounded to 1e-6: a flat or symmetric thumbnail has
     # coefficients that are exactly 0 but come out as +-1e-13 rounding noise whose signs depend on the BLAS kernel

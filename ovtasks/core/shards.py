@@ -315,6 +315,29 @@ class ShardWriter:
         if pad:
             self._write(bytes(pad))
 
+    @classmethod
+    def resume(cls, fileobj: BinaryIO, length: int) -> "ShardWriter":
+        """A writer that continues ``fileobj`` (opened ``r+b``) after its first ``length`` bytes: whole members
+        that a ShardWriter wrote, without the trailer. Those bytes are read once for the checksum, not rewritten;
+        what follows is overwritten (call :meth:`truncate` after :meth:`close` when the result is shorter)."""
+        w = cls(fileobj)
+        fileobj.seek(0)
+        left = length
+        while left > 0:
+            chunk = fileobj.read(min(left, 1 << 20))
+            if not chunk:
+                raise OSError(f"{getattr(fileobj, 'name', '?')} ended {left} bytes before the {length} to resume after")
+            w.sha.update(chunk)
+            left -= len(chunk)
+        w.bytes = length
+        fileobj.seek(length)
+        return w
+
+    def truncate(self) -> None:
+        """Cut the file at what this writer wrote (after :meth:`resume` over a longer file)."""
+        self._out.flush()
+        self._out.truncate(self.bytes)
+
     def write_raw(self, data: bytes) -> None:
         """Append bytes that are already whole members of this format (copied from another ShardWriter's tar)."""
         self._write(data)

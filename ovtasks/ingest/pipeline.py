@@ -423,37 +423,40 @@ def publish_shard(stage: ShardStage, drops: dict[str, dict], src_uri: str, out_u
         return entry
     quarantined = Counter(stage.quarantined)
     index = list(stage.rejected_index)
-    workdir = os.path.dirname(stage.kept_path)
-    clean_path = os.path.join(workdir, f"{name}.clean.tar")
-    quar_path = os.path.join(workdir, f"{name}.quarantine.tar")
+    clean_path, quar_path = stage.kept_path, stage.rejected_path
     kept = len(stage.kept)
     if not drops:  # nothing to remove: the staged tars are the final ones
-        clean_path, quar_path = stage.kept_path, stage.rejected_path
         digests = {clean_path: stage.kept_file, quar_path: stage.rejected_file}
     else:
-        # Copy the staged bytes through, sample by sample, dropping these few: the staged tars are already the
-        # canonical serialisation, so this gives the bytes a parse and rewrite would, without re-serialising
-        # every member (the old tars' trailers are left off; the writers add their own)
+        # Remove these few samples in place: the bytes before the first of them stay where they are (read once for
+        # the checksum), the ones after it move down over the gaps, and the dropped samples are appended to the
+        # staged quarantine tar. The staged tars are already the canonical serialisation, so this gives the bytes a
+        # parse and rewrite would, without re-serialising or rewriting whole shards.
         kept = 0
-        with open(clean_path, "wb") as cf, open(quar_path, "wb") as qf, ShardWriter(cf) as clean_w, ShardWriter(qf) as quar_w:
-            with open(stage.rejected_path, "rb") as rf:
-                _copy_bytes(rf, quar_w, stage.rejected_file[1] - len(TAR_TRAILER))
-            with open(stage.kept_path, "rb") as kf:
-                start, run = 0, 0
-                for (key, _), end in zip(stage.kept, stage.kept_ends):
-                    if key in drops:
-                        _copy_bytes(kf, clean_w, run)
-                        run = 0
-                        raw = next(iter_tar_samples(io.BytesIO(kf.read(end - start) + TAR_TRAILER), {}, default_limit=1 << 62))
-                        v = Verdict(raw.key, drops[key]["reason"], drops[key]["detail"], raw.members)
-                        quarantined[v.reason] += 1
-                        index.append({"key": raw.key, "reason": v.reason, "detail": v.detail})
-                        quar_w.add(_safe_key(raw.key, stage.seen + len(index)), {**raw.members, "reason.json": _reason_member(v, name)})
-                    else:
-                        run += end - start
-                        kept += 1
-                    start = end
-                _copy_bytes(kf, clean_w, run)
+        starts = [0, *stage.kept_ends[:-1]]
+        first = next(i for i, (key, _) in enumerate(stage.kept) if key in drops)
+        with open(clean_path, "r+b") as cf, open(clean_path, "rb") as kf, open(quar_path, "r+b") as qf:
+            clean_w = ShardWriter.resume(cf, starts[first])
+            quar_w = ShardWriter.resume(qf, stage.rejected_file[1] - len(TAR_TRAILER))
+            kf.seek(starts[first])
+            kept, run = first, 0  # the writer never passes the reader: the output is the input less some samples
+            for (key, _), start, end in zip(stage.kept[first:], starts[first:], stage.kept_ends[first:]):
+                if key in drops:
+                    _copy_bytes(kf, clean_w, run)
+                    run = 0
+                    raw = next(iter_tar_samples(io.BytesIO(kf.read(end - start) + TAR_TRAILER), {}, default_limit=1 << 62))
+                    v = Verdict(raw.key, drops[key]["reason"], drops[key]["detail"], raw.members)
+                    quarantined[v.reason] += 1
+                    index.append({"key": raw.key, "reason": v.reason, "detail": v.detail})
+                    quar_w.add(_safe_key(raw.key, stage.seen + len(index)), {**raw.members, "reason.json": _reason_member(v, name)})
+                else:
+                    run += end - start
+                    kept += 1
+            _copy_bytes(kf, clean_w, run)
+            clean_w.close()
+            clean_w.truncate()
+            quar_w.close()
+            quar_w.truncate()
         digests = {clean_path: (clean_w.sha.hexdigest(), clean_w.bytes), quar_path: (quar_w.sha.hexdigest(), quar_w.bytes)}
     index_bytes = b"".join(dumps_json(e) + b"\n" for e in index)
     files = {
@@ -480,7 +483,7 @@ def publish_shard(stage: ShardStage, drops: dict[str, dict], src_uri: str, out_u
         "code_version": __version__,
     }
     store.put_bytes(f"shards/{name}.manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
-    for p in (stage.kept_path, stage.rejected_path, clean_path, quar_path):
+    for p in (stage.kept_path, stage.rejected_path):
         if os.path.exists(p):
             os.unlink(p)
     entry.update(kept=kept, quarantined=counts["quarantined"])

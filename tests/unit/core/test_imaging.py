@@ -111,6 +111,7 @@ def test_checks_from_the_header_and_a_reduced_scale_view():
     view = decode_image(data, cfg, check_side=32)
     assert full.image.size == full.size == view.size == (512, 384)
     assert view.image.size == (64, 48) and view.data == data and not view.reencoded
+    assert view.image.mode == "L" and full.image.mode == "RGB"  # the view is luma only: chroma is never transformed
     assert (phash64(full.image) ^ phash64(view.image)).bit_count() <= 4  # as much as a JPEG re-encode moves it
     for cut in (len(data) // 2, len(data) - 40):
         with pytest.raises(ImageRejected) as e:

@@ -42,6 +42,34 @@ def test_tarfile_reads_back_what_shardwriter_writes():
     assert list(got) == list(want)  # in the order written
 
 
+def test_shardwriter_resume_continues_a_tar_in_place(tmp_path):
+    """``ShardWriter.resume`` over a longer file: the first members stay, what follows is overwritten and cut, and
+    bytes and checksum equal a fresh write of the same members (what publishing a shard with drops relies on)."""
+    import hashlib
+
+    members = [(f"{i:09d}", {"jpg": bytes([i]) * (300 + 700 * i), "txt": b"caption %d" % i}) for i in range(5)]
+    path = tmp_path / "staged.tar"
+    with open(path, "wb") as fh, ShardWriter(fh) as w:
+        ends = []
+        for key, m in members:
+            w.add(key, m)
+            ends.append(w.bytes)
+    keep = [members[0], members[1], members[3]]
+    with open(path, "r+b") as fh:
+        w = ShardWriter.resume(fh, ends[1])
+        w.add(*members[3])
+        w.close()
+        w.truncate()
+    fresh = io.BytesIO()
+    with ShardWriter(fresh) as f:
+        for key, m in keep:
+            f.add(key, m)
+    assert path.read_bytes() == fresh.getvalue()
+    assert w.sha.hexdigest() == hashlib.sha256(fresh.getvalue()).hexdigest() and w.bytes == len(fresh.getvalue())
+    with open(path, "r+b") as fh, pytest.raises(OSError, match="before the"):
+        ShardWriter.resume(fh, len(fresh.getvalue()) + 512)
+
+
 def test_shardwriter_is_byte_identical_for_equal_input():
     assert _written(_samples()) == _written(_samples())
 

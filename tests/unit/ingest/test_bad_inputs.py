@@ -205,12 +205,35 @@ def test_exact_duplicate_across_shards(tmp_path):
     assert reasons == {"000010000": "near_duplicate"} and report["kept"] == 1
 
 
+def _assert_canonical(out: Path, tar: str) -> list[str]:
+    """The tar holds exactly the bytes a parse and rewrite of its samples gives; returns its keys."""
+    from ovtasks.core.shards import ShardWriter
+
+    data = (out / tar).read_bytes()
+    buf = io.BytesIO()
+    with ShardWriter(buf) as w:
+        keys = []
+        for raw in iter_tar_samples(io.BytesIO(data), {}, 1 << 40):
+            w.add(raw.key, raw.members)
+            keys.append(raw.key)
+    assert buf.getvalue() == data, tar
+    return keys
+
+
+def _assert_manifest_checksums(out: Path, shard: str) -> dict:
+    import hashlib
+
+    manifest = json.loads((out / f"shards/{shard}.manifest.json").read_text())
+    for key, f in manifest["files"].items():
+        data = (out / key).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == f["sha256"] and len(data) == f["bytes"], key
+    return manifest
+
+
 def test_cross_shard_drops_leave_canonical_tars(tmp_path):
     """Shard 1 loses two samples that shard 0 already has (one in the middle, one last, one under a key longer
     than a ustar name) after one of its own was quarantined: its published tars hold exactly the
     samples a parse and rewrite would, byte for byte, and every sample is in one of them."""
-    from ovtasks.core.shards import ShardWriter
-
     long_key = "k" * 120
     files = {"00000.tar": tar_of(flatten({"000000000": good_sample(1), "000000001": good_sample(2)})),
              "00001.tar": tar_of(flatten({"000010000": good_sample(3), "000010001": {"jpg": b"", "txt": CAPTION.encode()},
@@ -218,24 +241,29 @@ def test_cross_shard_drops_leave_canonical_tars(tmp_path):
                                           "000010004": good_sample(5), "000010005": good_sample(2)}))}
     report, reasons, out = run_ingest(tmp_path, files)
     assert reasons == {"000010001": "empty_image", "000010002": "near_duplicate", "000010005": "near_duplicate"}
-    for tar in ("shards/00001.tar", "quarantine/00001.tar"):
-        data = (out / tar).read_bytes()
-        buf = io.BytesIO()
-        with ShardWriter(buf) as w:
-            keys = []
-            for raw in iter_tar_samples(io.BytesIO(data), {}, 1 << 40):
-                w.add(raw.key, raw.members)
-                keys.append(raw.key)
-        assert buf.getvalue() == data, tar
-        if tar.startswith("shards"):
-            assert keys == ["000010000", long_key, "000010004"]
-        else:
-            assert [k.split("_", 1)[1] for k in keys] == ["000010001", "000010002", "000010005"], keys
-    manifest = json.loads((out / "shards/00001.manifest.json").read_text())
+    assert _assert_canonical(out, "shards/00001.tar") == ["000010000", long_key, "000010004"]
+    keys = _assert_canonical(out, "quarantine/00001.tar")
+    assert [k.split("_", 1)[1] for k in keys] == ["000010001", "000010002", "000010005"], keys
+    manifest = _assert_manifest_checksums(out, "00001")
     assert manifest["counts"] == {"seen": 6, "kept": 3, "quarantined": {"empty_image": 1, "near_duplicate": 2}}
-    import hashlib
-    for key, f in manifest["files"].items():
-        assert hashlib.sha256((out / key).read_bytes()).hexdigest() == f["sha256"], key
+
+
+@pytest.mark.parametrize("dropped", [(0,), (0, 1), (0, 1, 2), (2,)], ids=["first", "first-two", "all", "last"])
+def test_cross_shard_drops_in_place_at_any_position(tmp_path, dropped):
+    """Publishing removes cross-shard duplicates from the staged tar in place (the bytes before the first one are
+    only read for the checksum): whichever kept samples go, first, all or last, the published tars are canonical,
+    hold the right samples in order, and the manifest's checksums are those of the files."""
+    shard1 = {f"00001000{i}": good_sample(1 + i if i in dropped else 10 + i) for i in range(3)}
+    files = {"00000.tar": tar_of(flatten({f"00000000{i}": good_sample(1 + i) for i in range(3)})),
+             "00001.tar": tar_of(flatten({"000010009": {"jpg": b"", "txt": CAPTION.encode()}, **shard1}))}
+    report, reasons, out = run_ingest(tmp_path, files)
+    assert reasons == {"000010009": "empty_image", **{f"00001000{i}": "near_duplicate" for i in dropped}}
+    assert _assert_canonical(out, "shards/00001.tar") == [f"00001000{i}" for i in range(3) if i not in dropped]
+    keys = _assert_canonical(out, "quarantine/00001.tar")
+    assert [k.split("_", 1)[1] for k in keys] == ["000010009", *(f"00001000{i}" for i in dropped)]
+    manifest = _assert_manifest_checksums(out, "00001")
+    assert manifest["counts"]["kept"] == 3 - len(dropped)
+    assert not [p for p in out.rglob("*") if ".ovtmp-" in p.name or p.name.endswith((".kept.tar", ".rejected.tar"))]
 
 
 def test_every_reason_is_documented():
