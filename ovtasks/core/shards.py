@@ -266,18 +266,28 @@ def iter_tar_samples(fileobj: BinaryIO, limits: dict[str, int], default_limit: i
         yield current
 
 
-def _tar_header(name: bytes, size: int, typeflag: bytes = b"0") -> bytes:
+def _header_template() -> bytes:
     h = bytearray(_BLOCK)
-    h[0:len(name)] = name
     h[100:108] = b"0000644\x00"
     h[108:116] = b"0000000\x00"
     h[116:124] = b"0000000\x00"
-    h[124:136] = b"%011o\x00" % size
     h[136:148] = b"%011o\x00" % FIXED_MTIME
-    h[148:156] = b" " * 8
-    h[156:157] = typeflag
+    h[148:156] = b" " * 8  # the checksum field counts as spaces while the checksum is computed
     h[257:265] = b"ustar\x0000"
-    h[148:156] = b"%06o\x00 " % sum(h)
+    return bytes(h)
+
+
+_HEADER = _header_template()  # every header's fixed fields: name, size and type are filled in per member
+_HEADER_SUM = sum(_HEADER)
+
+
+def _tar_header(name: bytes, size: int, typeflag: bytes = b"0") -> bytes:
+    h = bytearray(_HEADER)
+    h[0:len(name)] = name
+    size_field = b"%011o\x00" % size
+    h[124:136] = size_field
+    h[156:157] = typeflag
+    h[148:156] = b"%06o\x00 " % (_HEADER_SUM + sum(name) + sum(size_field) + typeflag[0])  # the sum of every byte, as before
     return bytes(h)
 
 
