@@ -105,6 +105,9 @@ def decode_image(data: bytes, cfg: IngestConfig, check_side: int | None = None) 
     write_through = fmt == "JPEG" and mode == "RGB" and orientation in (1, None)
     if write_through and check_side:
         im.draft("L", (check_side, check_side))  # luma only: chroma is entropy-decoded, never transformed
+    # the bytes are in memory already: hand the decoder all of them in one call instead of 64 KiB pieces (libjpeg
+    # suspends and resumes at each piece's end; ~20 us of a 0.8 ms reduced-scale decode at 100 KB)
+    im.decodermaxblock = max(im.decodermaxblock, len(data))
     try:
         im.load()
     except OSError as exc:
