@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # What one lent GPU session runs, in one go (a GPU is lent only now and then, for minutes):
-#   1. the GPU rows of `make bench`: WSS batched vs sequential and the grounded generator at 800 px with
-#      real-size Grounding-DINO / SAM architectures, each alone on the GPU;
+#   1. the GPU rows of `make bench`: WSS batched vs sequential, the grounded generator at 800 px with
+#      real-size Grounding-DINO / SAM architectures, and the maskfree generator end to end with a BLIP-base-shaped
+#      ITM (its selective search on the host's cores), each alone on the GPU;
 #   2. `ovtasks train-sam` on synthetic SA-1B-format masks, several encoder sizes side by side on the GPU
 #      (time-bounded; each checkpoint records its exact command and held-out metrics).
-# Results land in $OUT (or ./gpu-out): the two *_cuda.json files, one .tgz per SAM checkpoint, the log.
+# Results land in $OUT (or ./gpu-out): the three *_cuda.json files, one .tgz per SAM checkpoint, the log.
 #
 #   OUT=/some/dir bash benchmarks/gpu_session.sh            # on a CUDA machine with this repo's packages
 #   DEVICE=cpu SAM_MINUTES=0.2 SA_IMAGES=64 BENCH=0 bash benchmarks/gpu_session.sh   # a dry run of the plumbing
@@ -42,6 +43,9 @@ if [ "$BENCH" = 1 ]; then
   say "grounded benchmark"
   timeout 240 "$PY" benchmarks/grounded.py --device "$DEVICE" --size real --image-size 800 --dtype bfloat16 --batch-size 16 \
     --images 64 --max-detections 10 --names-per-image $GROUNDED_NAMES --out "$OUT/grounded_cuda.json" >>"$LOG" 2>&1 || say "grounded failed: $?"
+  say "maskfree end to end"
+  timeout 240 "$PY" benchmarks/maskfree_speed.py --device "$DEVICE" --size real --images 64 \
+    --out "$OUT/maskfree_speed_cuda.json" >>"$LOG" 2>&1 || say "maskfree_speed failed: $?"
 fi
 
 # SAM pretraining, the configurations side by side on the GPU

@@ -117,7 +117,12 @@ GPU_RESULTS = {"grounded_cuda.json": ("grounded generator, images/s (lexicon cap
                                       ">= 30 img/s per GPU at 800 px", lambda d: d["machine"]["gpu"]),
                "wss_cuda.json": ("maskfree WSS batched / sequential", lambda d: d["speedup"],
                                  lambda d: f"{d['boxes']} boxes, {d['iterations']} iterations, {d['sequential_seconds']} s vs {d['batched_seconds']} s",
-                                 ">= 100x", lambda d: d["device"])}
+                                 ">= 100x", lambda d: d["device"]),
+               "maskfree_speed_cuda.json": ("maskfree generator end to end, images/s", lambda d: d["images_per_s"],
+                                            lambda d: f"{d['size']} ITM, {d['image_size']} px, {d['images']} images, {d['pairs']} "
+                                            f"(image, name) pairs, {d['machine']['cpus']} CPU cores (selective search)",
+                                            "measured (`ovtasks plan --generator maskfree` input)",
+                                            lambda d: d["machine"]["gpu"])}
 
 
 def machine() -> dict:

@@ -195,7 +195,8 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     m = None
     gpu, ingest = args.gpu_images_per_s, args.ingest_images_per_core_s
     if gpu is None or ingest is None:
-        m = measured(settings.paths.benchmark_results, generator=args.generator)  # FileNotFoundError: no benchmark yet (exit 2, one line)
+        # FileNotFoundError: no benchmark yet (exit 2, one line)
+        m = measured(settings.paths.benchmark_results, generator=args.generator, gpu=gpu is None)
         gpu, ingest = gpu or m.gpu_images_per_s, ingest or m.ingest_images_per_core_s
     p = plan(args.images_per_week, gpu, ingest, args.window_hours, args.efficiency, args.shard_size, args.image_kb,
              max_map_length=settings.pipeline.max_map_length)
@@ -243,7 +244,7 @@ def add_commands(sub) -> None:
     pn = sub.add_parser("plan", help="GPU workers, pool slots, mapped tasks and helm values for N images a week (from measured throughput)")
     pn.add_argument("--images-per-week", type=float, required=True, help="e.g. 10e6")
     pn.add_argument("--generator", default="grounded", choices=("maskfree", "grounded"))
-    pn.add_argument("--gpu-images-per-s", type=float, default=None, help="default: the last GPU benchmark (grounded)")
+    pn.add_argument("--gpu-images-per-s", type=float, default=None, help="default: the generator's last GPU benchmark (grounded_cuda.json / maskfree_speed_cuda.json)")
     pn.add_argument("--ingest-images-per-core-s", type=float, default=None, help="default: benchmarks/results/ingest.json")
     pn.add_argument("--window-hours", type=float, default=72.0, help="pseudo-labelling must finish within (default 72)")
     pn.add_argument("--efficiency", type=float, default=0.7, help="fraction of the measured rate sustained (default 0.7)")

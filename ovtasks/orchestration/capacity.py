@@ -1,8 +1,8 @@
 """Capacity plan for a weekly run over N images: GPU workers, pool slots, mapped tasks, store traffic,
 and the helm values that express it (``ovtasks plan``).
 
-Everything is derived from measured throughput: images/s per GPU of the pseudo-label generator (by
-default the grounded generator's last H100 run, ``benchmarks/results/grounded_cuda.json``) and ingest
+Everything is derived from measured throughput: images/s per GPU of the pseudo-label generator (its last GPU run:
+``benchmarks/results/grounded_cuda.json`` or ``maskfree_speed_cuda.json``) and ingest
 images/s per CPU core (``benchmarks/results/ingest.json``). The plan is arithmetic, not a promise: the
 ``efficiency`` factor stands for model loading, retries, stragglers and a shard group that lands last.
 """
@@ -27,19 +27,37 @@ class Measured:
     ingest_source: str
 
 
-def measured(results: Path, generator: str = "grounded") -> Measured:
-    """Throughputs from the committed benchmark results (lexicon workload: the synthetic captions' names)."""
-    gpu_file = results / "grounded_cuda.json"
-    if generator != "grounded" or not gpu_file.exists():
-        raise FileNotFoundError(f"no measured GPU throughput for the {generator!r} generator under {results}; "
-                                "pass --gpu-images-per-s from a run of benchmarks/grounded.py or wss.py on a GPU")
-    g = json.loads(gpu_file.read_text())
-    head = next(r for r in g["rows"] if r["workload"] == g["headline"])
+GPU_RESULTS = {"grounded": "grounded_cuda.json", "maskfree": "maskfree_speed_cuda.json"}  # what `make bench` lists
+
+
+def measured(results: Path, generator: str = "grounded", gpu: bool = True) -> Measured:
+    """Throughputs from the committed benchmark results: the generator's last GPU run (grounded: the lexicon
+    workload, the synthetic captions' names; maskfree: ``benchmarks/maskfree_speed.py --device cuda``) and ingest.
+    ``gpu=False``: ingest only (the GPU rate is given on the command line)."""
+    if generator not in GPU_RESULTS:
+        raise ValueError(f"unknown generator {generator!r}: one of {sorted(GPU_RESULTS)}")
+    gpu_file = results / GPU_RESULTS[generator]
+    if not gpu:
+        gpu_rate, gpu_source = 0.0, "--gpu-images-per-s"
+    elif not gpu_file.exists():
+        script = "grounded.py" if generator == "grounded" else "maskfree_speed.py"
+        raise FileNotFoundError(f"no measured GPU throughput for the {generator!r} generator under {results} ({gpu_file.name}); "
+                                f"run benchmarks/{script} --device cuda on a GPU, or pass --gpu-images-per-s")
+    elif generator == "grounded":
+        g = json.loads(gpu_file.read_text())
+        head = next(r for r in g["rows"] if r["workload"] == g["headline"])
+        gpu_rate = head["batched_img_s"]
+        gpu_source = f"{gpu_file.name}: {g['machine']['gpu']}, {g['size']} models, {g['image_size']} px, {g['dtype']}"
+    else:
+        g = json.loads(gpu_file.read_text())
+        gpu_rate = g["images_per_s"]
+        gpu_source = (f"{gpu_file.name}: {g['machine']['gpu']} with {g['machine']['cpus']} CPU cores, {g['size']} ITM, "
+                      f"{g['image_size']} px")
     ing = json.loads((results / "ingest.json").read_text())
     best = max(ing["results"], key=lambda r: r["image_size"])  # the LAION-like size
     per_core = best["ingest_images_per_s"] / best["workers"]
-    return Measured(head["batched_img_s"], f"{gpu_file.name}: {g['machine']['gpu']}, {g['size']} models, {g['image_size']} px, {g['dtype']}",
-                    per_core, f"ingest.json: {best['image_size']} px, {best['ingest_images_per_s']} img/s on {best['workers']} cores")
+    return Measured(gpu_rate, gpu_source, per_core,
+                    f"ingest.json: {best['image_size']} px, {best['ingest_images_per_s']} img/s on {best['workers']} cores")
 
 
 @dataclass(frozen=True)

@@ -61,3 +61,19 @@ def test_tree_memory_sums_children():
         time.sleep(0.1)
     assert mem.peak_single >= 150 << 20
     assert mem.peak_total >= 300 << 20  # parent and child together
+
+
+def test_maskfree_speed_runs_end_to_end_and_feeds_the_plan(tmp_path):
+    """benchmarks/maskfree_speed.py, tiny (4 images, a 2-step WSPN, the committed ITM, CPU): it labels every image and
+    writes what `ovtasks plan --generator maskfree` reads (a GPU run is the same script with --device cuda)."""
+    from ovtasks.orchestration.capacity import measured
+
+    ms = _load("maskfree_speed")
+    res = ms.run(images=4, image_size=256, size="committed", device="cpu", wspn_steps=2, repeats=1, work=tmp_path / "work")
+    assert res["images"] >= 3 and res["pairs"] >= res["images"] - 1 and res["masks"] <= res["pairs"]
+    assert abs(res["images_per_s"] - res["images"] / res["seconds"]) <= 0.01 * res["images_per_s"] and res["machine"]["gpu"] is None
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "maskfree_speed_cuda.json").write_text(json.dumps(res))
+    (results / "ingest.json").write_text((ROOT / "benchmarks" / "results" / "ingest.json").read_text())
+    assert measured(results, generator="maskfree").gpu_images_per_s == res["images_per_s"]

@@ -60,6 +60,27 @@ def test_measured_throughput_comes_from_the_committed_results():
         measured(load_settings(env={}).paths.benchmark_results, generator="maskfree")
 
 
+def test_maskfree_throughput_comes_from_its_gpu_run(tmp_path):
+    """``--generator maskfree`` reads ``maskfree_speed_cuda.json`` (benchmarks/maskfree_speed.py on a GPU); a GPU rate
+    given on the command line needs only ingest's result; an unknown generator is a clear error."""
+    import shutil
+
+    committed = load_settings(env={}).paths.benchmark_results
+    shutil.copy(committed / "ingest.json", tmp_path / "ingest.json")
+    with pytest.raises(FileNotFoundError, match="maskfree_speed.py"):
+        measured(tmp_path, generator="maskfree")
+    (tmp_path / "maskfree_speed_cuda.json").write_text(json.dumps(
+        {"images_per_s": 7.5, "size": "real", "image_size": 512, "machine": {"gpu": "NVIDIA H200", "cpus": 16}}))
+    m = measured(tmp_path, generator="maskfree")
+    assert m.gpu_images_per_s == 7.5 and "NVIDIA H200 with 16 CPU cores" in m.gpu_source and "real ITM" in m.gpu_source
+    assert m.ingest_images_per_core_s == measured(committed).ingest_images_per_core_s
+    (tmp_path / "maskfree_speed_cuda.json").unlink()
+    only_ingest = measured(tmp_path, generator="maskfree", gpu=False)
+    assert only_ingest.gpu_source == "--gpu-images-per-s" and only_ingest.ingest_images_per_core_s > 0
+    with pytest.raises(ValueError, match="unknown generator"):
+        measured(tmp_path, generator="llm")
+
+
 def test_cli_plan_writes_values(tmp_path):
     out = tmp_path / "plan.yaml"
     r = subprocess.run([sys.executable, "-m", "ovtasks.cli.main", "plan", "--images-per-week", "20e6", "--gpu-images-per-s", "20",
@@ -71,3 +92,8 @@ def test_cli_plan_writes_values(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ovtasks.cli.main", "plan", "--images-per-week", "1e6", "--generator", "maskfree"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "gpu-images-per-s" in r.stderr
+    # with the GPU rate given, the maskfree plan takes only ingest's rate from the committed results
+    r = subprocess.run([sys.executable, "-m", "ovtasks.cli.main", "plan", "--images-per-week", "1e6", "--generator", "maskfree",
+                        "--gpu-images-per-s", "8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "8.0 images/s per GPU (--gpu-images-per-s)" in r.stdout
