@@ -122,7 +122,11 @@ GPU_RESULTS = {"grounded_cuda.json": ("grounded generator, images/s (lexicon cap
                                             lambda d: f"{d['size']} ITM, {d['image_size']} px, {d['images']} images, {d['pairs']} "
                                             f"(image, name) pairs, {d['machine']['cpus']} CPU cores (selective search)",
                                             "measured (`ovtasks plan --generator maskfree` input)",
-                                            lambda d: d["machine"]["gpu"])}
+                                            lambda d: d["machine"]["gpu"]),
+               "train_speed_cuda.json": ("OV Mask R-CNN training, steps/s", lambda d: d["steps_per_s"],
+                                         lambda d: f"{d['backbone']}, {d['min_size']}-{d['max_size']} px, batch {d['batch_size']}, "
+                                         f"{d['images_per_s']} images/s over {d['steps_timed']} steps",
+                                         "measured (retrain time per GPU)", lambda d: d["machine"]["gpu"])}
 
 
 def machine() -> dict:

@@ -77,3 +77,18 @@ def test_maskfree_speed_runs_end_to_end_and_feeds_the_plan(tmp_path):
     (results / "maskfree_speed_cuda.json").write_text(json.dumps(res))
     (results / "ingest.json").write_text((ROOT / "benchmarks" / "results" / "ingest.json").read_text())
     assert measured(results, generator="maskfree").gpu_images_per_s == res["images_per_s"]
+
+
+def test_train_speed_times_the_steps_after_warmup(tmp_path):
+    """benchmarks/train_speed.py: the rate comes from the history between the warm-up's last step and the last step;
+    a tiny CPU run (the small network, GT targets) gives a rate and the fields the GPU row reads."""
+    import pytest
+
+    ts = _load("train_speed")
+    hist = [{"step": i, "seconds": s, "loss": 1.0} for i, s in enumerate((5.0, 5.5, 6.0, 6.5, 7.0))]
+    assert ts.rate(hist, 1) == (2.0, 4, 2.0) and ts.rate(hist, 0) == (5 / 7.0, 5, 7.0)  # steps 1-4 after step 0; all 5 from t0
+    with pytest.raises(ValueError, match="nothing to time"):
+        ts.rate(hist, 4)
+    res = ts.run("small", "cpu", steps=4, warmup=1, batch_size=2, images=8, image_size=256, work=tmp_path)
+    assert res["steps_timed"] == 3 and res["steps_per_s"] > 0 and res["images_per_s"] == round(res["steps_per_s"] * 2, 2)
+    assert res["backbone"] == "small" and res["machine"]["gpu"] is None
