@@ -432,7 +432,6 @@ def publish_shard(stage: ShardStage, drops: dict[str, dict], src_uri: str, out_u
         # the checksum), the ones after it move down over the gaps, and the dropped samples are appended to the
         # staged quarantine tar. The staged tars are already the canonical serialisation, so this gives the bytes a
         # parse and rewrite would, without re-serialising or rewriting whole shards.
-        kept = 0
         starts = [0, *stage.kept_ends[:-1]]
         first = next(i for i, (key, _) in enumerate(stage.kept) if key in drops)
         with open(clean_path, "r+b") as cf, open(clean_path, "rb") as kf, open(quar_path, "r+b") as qf:
