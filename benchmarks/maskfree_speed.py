@@ -22,9 +22,6 @@ Writes benchmarks/results/maskfree_speed.json (``maskfree_speed_cuda.json`` with
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hostinfo import device_machine, write_device_result  # noqa: E402
 
 from ovtasks.core.config import load_settings  # noqa: E402
 from ovtasks.data.clean import iter_clean  # noqa: E402
@@ -99,13 +99,12 @@ def run(images: int, image_size: int, size: str, device: str, wspn_steps: int, r
         times.append(time.perf_counter() - t0)
         pairs, masks = len(results), sum(r.mask is not None for r in results)
     seconds = statistics.median(times)
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
     return {"images": len(samples), "image_size": image_size, "pairs": pairs, "masks": masks, "label_chunk": chunk,
             "seconds": round(seconds, 3), "images_per_s": round(len(samples) / seconds, 2), "repeats": repeats,
             "seconds_each": [round(t, 3) for t in times], "device": device, "size": size, "itm_model": "random BLIP-base shape"
             if size == "real" else itm, "wspn_steps": wspn_steps, "wspn_train_s": round(wspn_s, 1),
             "proposals": settings.maskfree.proposals, "torch_threads": torch.get_num_threads(),
-            "machine": {"cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__, "platform": platform.platform()}}
+            "machine": device_machine(device)}
 
 
 def main() -> int:
@@ -118,16 +117,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    suffix = "_cuda" if args.device.startswith("cuda") else ""
-    out = Path(args.out) if args.out else RESULTS / f"maskfree_speed{suffix}.json"
     with tempfile.TemporaryDirectory(prefix="ovtasks-maskfree-speed-") as d:
         res = run(args.images, args.image_size, args.size, args.device, args.wspn_steps, args.repeats, Path(d))
-    res["date"] = time.strftime("%Y-%m-%d")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"maskfree, {res['size']} ITM, {res['device']}: {res['images']} images of {res['image_size']} px, {res['pairs']} "
           f"(image, name) pairs, {res['masks']} masks in {res['seconds']} s: images_per_s={res['images_per_s']}")
-    print(f"written {out}")
+    write_device_result(res, "maskfree_speed", args.device, args.out, RESULTS)
     return 0
 
 

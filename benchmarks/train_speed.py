@@ -17,9 +17,6 @@ Writes benchmarks/results/train_speed.json (``train_speed_cuda.json`` with ``--d
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hostinfo import device_machine, write_device_result  # noqa: E402
 
 from ovtasks.core.config import load_settings  # noqa: E402
 from ovtasks.data.synth import SynthSpec, generate  # noqa: E402
@@ -63,13 +63,12 @@ def run(size: str, device: str, steps: int, warmup: int, batch_size: int, images
     trained = fit_ov_maskrcnn(*data, str(work / "model"), settings, cfg)
     wall = time.perf_counter() - t0
     steps_per_s, timed, seconds = rate(trained.history, warmup)
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
     return {"model": "ov-maskrcnn", "size": size, **SIZES[size], "device": device, "steps": steps, "warmup": warmup,
             "batch_size": batch_size, "images": len(data[0]), "image_size": image_size, "steps_timed": timed,
             "seconds_timed": round(seconds, 1), "steps_per_s": round(steps_per_s, 3),
             "images_per_s": round(steps_per_s * batch_size, 2), "wall_seconds": round(wall, 1),
             "final_loss": trained.history[-1]["loss"], "torch_threads": torch.get_num_threads(),
-            "machine": {"cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__, "platform": platform.platform()}}
+            "machine": device_machine(device)}
 
 
 def main() -> int:
@@ -83,15 +82,11 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    out = Path(args.out) if args.out else RESULTS / f"train_speed{'_cuda' if args.device.startswith('cuda') else ''}.json"
     with tempfile.TemporaryDirectory(prefix="ovtasks-train-speed-") as d:
         res = run(args.size, args.device, args.steps, args.warmup, args.batch_size, args.images, args.image_size, Path(d))
-    res["date"] = time.strftime("%Y-%m-%d")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"ov-maskrcnn ({res['size']}: {res['backbone']}, {res['min_size']}-{res['max_size']} px), {res['device']}, batch "
           f"{res['batch_size']}: steps_per_s={res['steps_per_s']} ({res['images_per_s']} images/s over {res['steps_timed']} steps)")
-    print(f"written {out}")
+    write_device_result(res, "train_speed", args.device, args.out, RESULTS)
     return 0
 
 
