@@ -2,11 +2,11 @@
 # What one lent GPU session runs, in one go (a GPU is lent only now and then, for minutes):
 #   1. the GPU rows of `make bench`: WSS batched vs sequential, the grounded generator at 800 px with
 #      real-size Grounding-DINO / SAM architectures, and the maskfree generator end to end with a BLIP-base-shaped
-#      ITM (its selective search on the host's cores), and OV Mask R-CNN training steps/s (ResNet-50 FPN, 800 px),
-#      each alone on the GPU;
+#      ITM (its selective search on the host's cores), and training steps/s of the OV Mask R-CNN (ResNet-50 FPN,
+#      800 px) and of Semantic-SAM (SAM ViT-B), each alone on the GPU;
 #   2. `ovtasks train-sam` on synthetic SA-1B-format masks, several encoder sizes side by side on the GPU
 #      (time-bounded; each checkpoint records its exact command and held-out metrics).
-# Results land in $OUT (or ./gpu-out): the four *_cuda.json files, one .tgz per SAM checkpoint, the log.
+# Results land in $OUT (or ./gpu-out): the five *_cuda.json files, one .tgz per SAM checkpoint, the log.
 #
 #   OUT=/some/dir bash benchmarks/gpu_session.sh            # on a CUDA machine with this repo's packages
 #   DEVICE=cpu SAM_MINUTES=0.2 SA_IMAGES=64 BENCH=0 bash benchmarks/gpu_session.sh   # a dry run of the plumbing
@@ -50,6 +50,9 @@ if [ "$BENCH" = 1 ]; then
   say "OV Mask R-CNN training speed"
   timeout 240 "$PY" benchmarks/train_speed.py --device "$DEVICE" --size real --steps 120 --batch-size 8 \
     --out "$OUT/train_speed_cuda.json" >>"$LOG" 2>&1 || say "train_speed failed: $?"
+  say "Semantic-SAM training speed"
+  timeout 300 "$PY" benchmarks/train_speed.py --device "$DEVICE" --model semantic-sam --size real --steps 60 --batch-size 4 \
+    --out "$OUT/train_speed_semantic_sam_cuda.json" >>"$LOG" 2>&1 || say "train_speed semantic-sam failed: $?"
 fi
 
 # SAM pretraining, the configurations side by side on the GPU

@@ -67,25 +67,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run(images: int, image_size: int, size: str, device: str, wspn_steps: int, repeats: int, work: Path) -> dict:
-    base = load_settings(env={})
+def synthetic_clean(work: Path, images: int, image_size: int, base) -> tuple[str, str]:
+    """One synthetic shard of ``images`` images and its ingested clean shard under ``work``: (laion, clean) URIs."""
     laion, clean = work / "laion", work / "clean"
     generate(SynthSpec(seed=0, shards=1, images_per_shard=images, image_size=image_size), str(laion), base)
     ingest(str(laion), str(clean), base, workers=1)
-    samples = list(iter_clean(str(clean), base))
-    vocab = Vocabulary.load(base.candidates.vocabulary)
+    return str(laion), str(clean)
+
+
+def maskfree_models(clean: str, work: Path, size: str, device: str, wspn_steps: int, base):
+    """(models, settings, WSPN training seconds): the ITM (committed, or BLIP-base-shaped random) and a WSPN trained
+    ``wspn_steps`` steps on ``clean``, loaded as a pseudo-label worker loads them."""
     if size == "real":
-        words = {w.lower() for s in samples for w in s.caption.replace(".", " ").replace(",", " ").split()}
+        vocab = Vocabulary.load(base.candidates.vocabulary)
+        words = {w.lower() for s in iter_clean(clean, base) for w in s.caption.replace(".", " ").replace(",", " ").split()}
         itm = save_real_itm(work / "itm", sorted(words | {w for n in vocab.names() for w in n.split()}))
     else:
         itm = str(base.paths.committed_itm)
     t0 = time.perf_counter()
-    wspn = train_wspn(str(clean), str(work / "wspn"), base.model_copy(update={"device": device}),
-                      WspnTrainConfig(steps=wspn_steps)).model_uri
+    wspn = train_wspn(clean, str(work / "wspn"), base.model_copy(update={"device": device}), WspnTrainConfig(steps=wspn_steps)).model_uri
     wspn_s = time.perf_counter() - t0
     maskfree = base.maskfree.model_copy(update={"itm_model": itm, "wspn_model": wspn})
     settings = base.model_copy(update={"device": device, "maskfree": maskfree})
-    models = load_maskfree(settings)
+    return load_maskfree(settings), settings, wspn_s
+
+
+def run(images: int, image_size: int, size: str, device: str, wspn_steps: int, repeats: int, work: Path) -> dict:
+    base = load_settings(env={})
+    _, clean = synthetic_clean(work, images, image_size, base)
+    samples = list(iter_clean(clean, base))
+    vocab = Vocabulary.load(base.candidates.vocabulary)
+    models, settings, wspn_s = maskfree_models(clean, work, size, device, wspn_steps, base)
     candidates = build_extractor(settings, vocab).extract([s.caption for s in samples])
     chunk = models.chunk_size(settings)
     chunks = [(samples[i:i + chunk], candidates[i:i + chunk]) for i in range(0, len(samples), chunk)]
@@ -102,7 +114,7 @@ def run(images: int, image_size: int, size: str, device: str, wspn_steps: int, r
     return {"images": len(samples), "image_size": image_size, "pairs": pairs, "masks": masks, "label_chunk": chunk,
             "seconds": round(seconds, 3), "images_per_s": round(len(samples) / seconds, 2), "repeats": repeats,
             "seconds_each": [round(t, 3) for t in times], "device": device, "size": size, "itm_model": "random BLIP-base shape"
-            if size == "real" else itm, "wspn_steps": wspn_steps, "wspn_train_s": round(wspn_s, 1),
+            if size == "real" else settings.maskfree.itm_model, "wspn_steps": wspn_steps, "wspn_train_s": round(wspn_s, 1),
             "proposals": settings.maskfree.proposals, "torch_threads": torch.get_num_threads(),
             "machine": device_machine(device)}
 

@@ -126,7 +126,11 @@ GPU_RESULTS = {"grounded_cuda.json": ("grounded generator, images/s (lexicon cap
                "train_speed_cuda.json": ("OV Mask R-CNN training, steps/s", lambda d: d["steps_per_s"],
                                          lambda d: f"{d['backbone']}, {d['min_size']}-{d['max_size']} px, batch {d['batch_size']}, "
                                          f"{d['images_per_s']} images/s over {d['steps_timed']} steps",
-                                         "measured (retrain time per GPU)", lambda d: d["machine"]["gpu"])}
+                                         "measured (retrain time per GPU)", lambda d: d["machine"]["gpu"]),
+               "train_speed_semantic_sam_cuda.json": ("Semantic-SAM training, steps/s", lambda d: d["steps_per_s"],
+                                                      lambda d: f"{d['sam_model']}, batch {d['batch_size']}, {d['images_per_s']} "
+                                                      f"images/s over {d['steps_timed']} steps",
+                                                      "measured (retrain time per GPU)", lambda d: d["machine"]["gpu"])}
 
 
 def machine() -> dict:

@@ -1,17 +1,24 @@
-"""OV Mask R-CNN training speed: steps/s (and images/s) of `ovtasks train`'s loop on one device.
+"""Training speed: steps/s (and images/s) of the OV Mask R-CNN's and Semantic-SAM's training loops on one device.
 
-The same loop as a retrain (AdamW, the model's losses, gradient clipping, the LR schedule), on synthetic clean
-shards with their GT masks as targets (the speed does not depend on where the masks came from). The rate is taken
-from the training history between the end of ``--warmup`` steps and the last step, so model building, data loading
-before the loop and the first steps' kernel selection are left out.
+The same loops as a retrain (AdamW, the models' losses, gradient clipping, the LR schedule) on synthetic data. The
+rate is taken from the training history between the end of ``--warmup`` steps and the last step, so model building,
+data loading before the loop and the first steps' kernel selection are left out.
 
-``--size small`` is the CPU network `make demo` trains (the small CNN + FPN, 192-320 px); ``--size real`` the
-patent's (ResNet-50 FPN, 800-1333 px, random weights).
+``--model ov-maskrcnn`` trains on synthetic clean shards with their GT masks as targets (the speed does not depend on
+where the masks came from). ``--size small`` is the CPU network `make demo` trains (the small CNN + FPN, 192-320 px);
+``--size real`` the patent's (ResNet-50 FPN, 800-1333 px, random weights).
 
-    python benchmarks/train_speed.py                                   # CPU, small network
+``--model semantic-sam`` trains as `make demo` does: on the maskfree generator's pseudo-labels of a synthetic shard
+(the committed ITM, a WSPN trained 30 steps, the GX gate) mixed 1:4 with synthetic SA-1B-format images. ``--size
+small`` starts from the committed SAM (`models/sam-synth`); ``--size real`` from a SAM ViT-B (1024 px) with random
+weights.
+
+    python benchmarks/train_speed.py                                   # CPU, small OV Mask R-CNN
+    python benchmarks/train_speed.py --model semantic-sam
     python benchmarks/train_speed.py --device cuda --size real --steps 120 --batch-size 8
+    python benchmarks/train_speed.py --device cuda --model semantic-sam --size real --steps 60
 
-Writes benchmarks/results/train_speed.json (``train_speed_cuda.json`` with ``--device cuda``).
+Writes benchmarks/results/train_speed[_semantic_sam].json (``..._cuda.json`` with ``--device cuda``).
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hostinfo import device_machine, write_device_result  # noqa: E402
 
+from maskfree_speed import maskfree_models, synthetic_clean  # noqa: E402
+
 from ovtasks.core.config import load_settings  # noqa: E402
-from ovtasks.data.synth import SynthSpec, generate  # noqa: E402
-from ovtasks.ingest.pipeline import ingest  # noqa: E402
 from ovtasks.train.data import gt_training_data  # noqa: E402
 from ovtasks.train.ov_maskrcnn import TrainConfig, fit_ov_maskrcnn  # noqa: E402
 
@@ -51,28 +58,62 @@ def rate(history: list[dict], warmup: int) -> tuple[float, int, float]:
     return steps / seconds, steps, seconds
 
 
+def _result(model: str, size: str, device: str, steps: int, warmup: int, batch_size: int, images: int, image_size: int,
+            history: list[dict], wall: float, **extra) -> dict:
+    steps_per_s, timed, seconds = rate(history, warmup)
+    return {"model": model, "size": size, **extra, "device": device, "steps": steps, "warmup": warmup,
+            "batch_size": batch_size, "images": images, "image_size": image_size, "steps_timed": timed,
+            "seconds_timed": round(seconds, 1), "steps_per_s": round(steps_per_s, 3),
+            "images_per_s": round(steps_per_s * batch_size, 2), "wall_seconds": round(wall, 1),
+            "final_loss": history[-1]["loss"], "torch_threads": torch.get_num_threads(), "machine": device_machine(device)}
+
+
 def run(size: str, device: str, steps: int, warmup: int, batch_size: int, images: int, image_size: int, work: Path) -> dict:
+    """OV Mask R-CNN on GT targets."""
     base = load_settings(env={})
-    laion, clean = work / "laion", work / "clean"
-    generate(SynthSpec(seed=0, shards=1, images_per_shard=images, image_size=image_size), str(laion), base)
-    ingest(str(laion), str(clean), base, workers=1)
+    laion, clean = synthetic_clean(work, images, image_size, base)
     settings = base.model_copy(update={"device": device})
-    data = gt_training_data(str(laion), str(clean), settings)
+    data = gt_training_data(laion, clean, settings)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=steps + 1, **SIZES[size])
     t0 = time.perf_counter()
     trained = fit_ov_maskrcnn(*data, str(work / "model"), settings, cfg)
-    wall = time.perf_counter() - t0
-    steps_per_s, timed, seconds = rate(trained.history, warmup)
-    return {"model": "ov-maskrcnn", "size": size, **SIZES[size], "device": device, "steps": steps, "warmup": warmup,
-            "batch_size": batch_size, "images": len(data[0]), "image_size": image_size, "steps_timed": timed,
-            "seconds_timed": round(seconds, 1), "steps_per_s": round(steps_per_s, 3),
-            "images_per_s": round(steps_per_s * batch_size, 2), "wall_seconds": round(wall, 1),
-            "final_loss": trained.history[-1]["loss"], "torch_threads": torch.get_num_threads(),
-            "machine": device_machine(device)}
+    return _result("ov-maskrcnn", size, device, steps, warmup, batch_size, len(data[0]), image_size, trained.history,
+                   time.perf_counter() - t0, **SIZES[size])
+
+
+def run_semantic_sam(size: str, device: str, steps: int, warmup: int, batch_size: int, images: int, image_size: int,
+                     work: Path) -> dict:
+    """Semantic-SAM on the maskfree pseudo-labels of a synthetic shard + synthetic SA-1B-format images, 1:4."""
+    from ovtasks.data.sa1b import write_synthetic
+    from ovtasks.models.sam import save_tiny as save_sam
+    from ovtasks.pseudolabel.runner import pseudo_label
+    from ovtasks.train.semantic_sam import SemanticSamConfig, train_semantic_sam
+    from ovtasks.validate.expectations import validate
+
+    base = load_settings(env={})
+    _, clean = synthetic_clean(work, images, image_size, base)
+    models, settings, _ = maskfree_models(clean, work, "committed", device, 30, base)
+    labelled = pseudo_label(clean, str(work), settings, models=models).report
+    gate = validate(str(work), settings, "maskfree").report
+    sa1b = str(work / "sa1b")
+    write_synthetic(sa1b, settings, images=max(16, images // 4), image_size=settings.synth.image_size)
+    if size == "real":
+        sam = save_sam(work / "sam-vit-b", full=True)
+    else:
+        committed = Path(settings.paths.committed_sam)
+        sam = str(committed) if (committed / "model.safetensors").exists() else None
+    cfg = SemanticSamConfig(steps=steps, batch_size=batch_size, sam_model=sam, checkpoint_every=steps + 1)
+    t0 = time.perf_counter()
+    trained = train_semantic_sam(clean, str(work), sa1b, str(work / "semantic-sam"), settings, cfg)
+    return _result("semantic-sam", size, device, steps, warmup, batch_size, images, image_size, trained.history,
+                   time.perf_counter() - t0, sam_model="SAM ViT-B, random weights" if size == "real" else sam,
+                   pseudo_label_annotations=labelled.get("annotations"),
+                   gx_passed=gate.get("passed"))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="ov-maskrcnn", choices=("ov-maskrcnn", "semantic-sam"))
     ap.add_argument("--size", default="small", choices=sorted(SIZES))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=40)
@@ -82,11 +123,14 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    fn = run if args.model == "ov-maskrcnn" else run_semantic_sam
     with tempfile.TemporaryDirectory(prefix="ovtasks-train-speed-") as d:
-        res = run(args.size, args.device, args.steps, args.warmup, args.batch_size, args.images, args.image_size, Path(d))
-    print(f"ov-maskrcnn ({res['size']}: {res['backbone']}, {res['min_size']}-{res['max_size']} px), {res['device']}, batch "
-          f"{res['batch_size']}: steps_per_s={res['steps_per_s']} ({res['images_per_s']} images/s over {res['steps_timed']} steps)")
-    write_device_result(res, "train_speed", args.device, args.out, RESULTS)
+        res = fn(args.size, args.device, args.steps, args.warmup, args.batch_size, args.images, args.image_size, Path(d))
+    what = f"{res['backbone']}, {res['min_size']}-{res['max_size']} px" if args.model == "ov-maskrcnn" else res["sam_model"] or "tiny SAM"
+    print(f"{args.model} ({res['size']}: {what}), {res['device']}, batch {res['batch_size']}: steps_per_s={res['steps_per_s']} "
+          f"({res['images_per_s']} images/s over {res['steps_timed']} steps)")
+    name = "train_speed" if args.model == "ov-maskrcnn" else "train_speed_semantic_sam"
+    write_device_result(res, name, args.device, args.out, RESULTS)
     return 0
 
 

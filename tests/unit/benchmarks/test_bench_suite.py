@@ -92,3 +92,12 @@ def test_train_speed_times_the_steps_after_warmup(tmp_path):
     res = ts.run("small", "cpu", steps=4, warmup=1, batch_size=2, images=8, image_size=256, work=tmp_path)
     assert res["steps_timed"] == 3 and res["steps_per_s"] > 0 and res["images_per_s"] == round(res["steps_per_s"] * 2, 2)
     assert res["backbone"] == "small" and res["machine"]["gpu"] is None
+
+
+def test_train_speed_semantic_sam_trains_on_gated_pseudo_labels(tmp_path):
+    """The Semantic-SAM side of benchmarks/train_speed.py, tiny: pseudo-labels from the maskfree generator pass the GX
+    gate and the loop is timed after its warm-up."""
+    ts = _load("train_speed")
+    res = ts.run_semantic_sam("small", "cpu", steps=4, warmup=1, batch_size=2, images=12, image_size=256, work=tmp_path)
+    assert res["model"] == "semantic-sam" and res["steps_timed"] == 3 and res["steps_per_s"] > 0
+    assert res["pseudo_label_annotations"] > 0 and res["gx_passed"] == 1
