@@ -10,15 +10,18 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_session.sh            # on a CUDA machine with this repo's packages
 #   DEVICE=cpu SAM_MINUTES=0.2 SA_IMAGES=64 BENCH=0 bash benchmarks/gpu_session.sh   # a dry run of the plumbing
+#   BENCHES="grounded maskfree" SAM_CONFIGS= OUT=dir bash benchmarks/gpu_session.sh  # some benchmarks, no train-sam
+# The timeouts add up to 16 minutes in the worst case and a lent GPU has about 15 in all: pick BENCHES to fit.
 set -u
 OUT=${OUT:-gpu-out}
 DEVICE=${DEVICE:-cuda}
 SAM_MINUTES=${SAM_MINUTES:-3.5}
 SA_IMAGES=${SA_IMAGES:-750}   # per generator process; 16 processes
 BENCH=${BENCH:-1}
+BENCHES=${BENCHES:-"wss grounded maskfree train semantic_sam"}  # in this order; each bounded by its timeout
 GROUNDED_NAMES=${GROUNDED_NAMES:-}  # extra workloads of N names per image (e.g. "1 4 8"); the loop side is slow
-# one line per checkpoint: name image-size patch hidden layers heads [more train-sam flags]
-SAM_CONFIGS=${SAM_CONFIGS:-"sam128-h64 128 8 64 2 2
+# one line per checkpoint: name image-size patch hidden layers heads [more train-sam flags]; SAM_CONFIGS= (empty): none
+SAM_CONFIGS=${SAM_CONFIGS-"sam128-h64 128 8 64 2 2
 sam128-h128 128 8 128 4 4
 sam256-h64 256 8 64 2 2
 sam256-h128 256 8 128 4 4"}
@@ -34,25 +37,28 @@ say "host: $(nproc) cores; $(nvidia-smi -L 2>/dev/null | head -1)"
 
 # SA-1B-format training data: 16 generator processes, seeds 100.. (apart from the benchmark's and the ITM's)
 SA=$(mktemp -d)/sa1b
-for k in $(seq 0 15); do ovt synth-sa1b --out "$SA/s$((100 + k))" --images "$SA_IMAGES" --seed $((100 + k)) >/dev/null 2>>"$LOG" & done
-wait
-say "sa1b: $(find "$SA" -name '*.tar' | wc -l) tars"
+if [ -n "$SAM_CONFIGS" ]; then
+  for k in $(seq 0 15); do ovt synth-sa1b --out "$SA/s$((100 + k))" --images "$SA_IMAGES" --seed $((100 + k)) >/dev/null 2>>"$LOG" & done
+  wait
+  say "sa1b: $(find "$SA" -name '*.tar' | wc -l) tars"
+fi
 
 if [ "$BENCH" = 1 ]; then
-  say "wss benchmark"
-  timeout 120 "$PY" benchmarks/wss.py --device "$DEVICE" --out "$OUT/wss_cuda.json" >>"$LOG" 2>&1 || say "wss failed: $?"
-  say "grounded benchmark"
-  timeout 240 "$PY" benchmarks/grounded.py --device "$DEVICE" --size real --image-size 800 --dtype bfloat16 --batch-size 16 \
-    --images 64 --max-detections 10 --names-per-image $GROUNDED_NAMES --out "$OUT/grounded_cuda.json" >>"$LOG" 2>&1 || say "grounded failed: $?"
-  say "maskfree end to end"
-  timeout 240 "$PY" benchmarks/maskfree_speed.py --device "$DEVICE" --size real --images 64 \
-    --out "$OUT/maskfree_speed_cuda.json" >>"$LOG" 2>&1 || say "maskfree_speed failed: $?"
-  say "OV Mask R-CNN training speed"
-  timeout 240 "$PY" benchmarks/train_speed.py --device "$DEVICE" --size real --steps 120 --batch-size 8 \
-    --out "$OUT/train_speed_cuda.json" >>"$LOG" 2>&1 || say "train_speed failed: $?"
-  say "Semantic-SAM training speed"
-  timeout 300 "$PY" benchmarks/train_speed.py --device "$DEVICE" --model semantic-sam --size real --steps 60 --batch-size 4 \
-    --out "$OUT/train_speed_semantic_sam_cuda.json" >>"$LOG" 2>&1 || say "train_speed semantic-sam failed: $?"
+  for bench in $BENCHES; do
+    say "benchmark: $bench"
+    case "$bench" in
+      wss) timeout 120 "$PY" benchmarks/wss.py --device "$DEVICE" --out "$OUT/wss_cuda.json" ;;
+      grounded) timeout 240 "$PY" benchmarks/grounded.py --device "$DEVICE" --size real --image-size 800 --dtype bfloat16 \
+          --batch-size 16 --images 64 --max-detections 10 --names-per-image $GROUNDED_NAMES --out "$OUT/grounded_cuda.json" ;;
+      maskfree) timeout 180 "$PY" benchmarks/maskfree_speed.py --device "$DEVICE" --size real --images 64 \
+          --out "$OUT/maskfree_speed_cuda.json" ;;
+      train) timeout 180 "$PY" benchmarks/train_speed.py --device "$DEVICE" --size real --steps 120 --batch-size 8 \
+          --out "$OUT/train_speed_cuda.json" ;;
+      semantic_sam) timeout 240 "$PY" benchmarks/train_speed.py --device "$DEVICE" --model semantic-sam --size real --steps 60 \
+          --batch-size 4 --out "$OUT/train_speed_semantic_sam_cuda.json" ;;
+      *) echo "unknown benchmark $bench (one of: wss grounded maskfree train semantic_sam)" >&2; false ;;
+    esac >>"$LOG" 2>&1 || say "$bench failed: $?"
+  done
 fi
 
 # SAM pretraining, the configurations side by side on the GPU
