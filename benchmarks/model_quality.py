@@ -206,12 +206,13 @@ def semantic_sam_rows(laion: str, clean: str, root: str, settings, held: list[in
     """Semantic-SAM as ``make demo`` trains it, on these pseudo-labels; GT-box prompts on the held-out images,
     evaluated with the namer (``--backbone-init``) and, on the same model, without it."""
     from ovtasks.data.sa1b import write_synthetic
+    from ovtasks.demo import committed_sam
     from ovtasks.evaluate.models import evaluate_semantic_sam
     from ovtasks.train.semantic_sam import SemanticSamConfig, train_semantic_sam
 
     sa1b = f"{root}/sa1b"
     write_synthetic(sa1b, settings, images=512, image_size=settings.synth.image_size)
-    start = str(settings.paths.committed_sam) if (Path(settings.paths.committed_sam) / "model.safetensors").exists() else None
+    start = str(committed) if (committed := committed_sam(settings)) is not None else None
     t = time.perf_counter()
     trained = train_semantic_sam(clean, root, sa1b, f"{root}/semantic-sam", settings,
                                  SemanticSamConfig(steps=args.ssam_steps, sam_model=start, seed=args.seed, namer=args.backbone_init),

@@ -85,6 +85,7 @@ def run_semantic_sam(size: str, device: str, steps: int, warmup: int, batch_size
                      work: Path) -> dict:
     """Semantic-SAM on the maskfree pseudo-labels of a synthetic shard + synthetic SA-1B-format images, 1:4."""
     from ovtasks.data.sa1b import write_synthetic
+    from ovtasks.demo import committed_sam
     from ovtasks.models.sam import save_tiny as save_sam
     from ovtasks.pseudolabel.runner import pseudo_label
     from ovtasks.train.semantic_sam import SemanticSamConfig, train_semantic_sam
@@ -100,8 +101,7 @@ def run_semantic_sam(size: str, device: str, steps: int, warmup: int, batch_size
     if size == "real":
         sam = save_sam(work / "sam-vit-b", full=True)
     else:
-        committed = Path(settings.paths.committed_sam)
-        sam = str(committed) if (committed / "model.safetensors").exists() else None
+        sam = str(committed) if (committed := committed_sam(settings)) is not None else None
     cfg = SemanticSamConfig(steps=steps, batch_size=batch_size, sam_model=sam, checkpoint_every=steps + 1)
     t0 = time.perf_counter()
     trained = train_semantic_sam(clean, str(work), sa1b, str(work / "semantic-sam"), settings, cfg)

@@ -92,6 +92,12 @@ def detector_backbone(settings: Settings) -> str | None:
     return ref
 
 
+def committed_sam(settings: Settings) -> Path | None:
+    """The committed SAM (``paths.committed_sam``, made by ``SAM_RECIPE``) when its weights are there, else None."""
+    path = Path(settings.paths.committed_sam)
+    return path if (path / "model.safetensors").exists() else None
+
+
 def _itm_model(settings: Settings, root: Path, ingest_uri: str, synth_uri: str, train_itm_steps: int | None) -> str:
     """Step 3: the configured ITM, else the committed checkpoint, else one trained here for ``train_itm_steps``."""
     itm_uri = settings.maskfree.itm_model
@@ -173,8 +179,8 @@ def run_demo(out: str, settings: Settings, shards: int = 8, images_per_shard: in
 
     write_synthetic(sa1b_uri, settings, images=512, image_size=settings.synth.image_size)
     sam_start = settings.pipeline.semantic_sam_start
-    if sam_start is None and (Path(settings.paths.committed_sam) / "model.safetensors").exists():
-        sam_start = str(Path(settings.paths.committed_sam).absolute())
+    if sam_start is None and (committed := committed_sam(settings)) is not None:
+        sam_start = str(committed.absolute())
         print(f"      starting from the committed SAM {sam_start}\n      (made by: {SAM_RECIPE})", flush=True)
     namer = settings.pipeline.semantic_sam_namer or backbone
     if namer:

@@ -43,16 +43,15 @@ def measured(results: Path, generator: str = "grounded", gpu: bool = True) -> Me
         script = "grounded.py" if generator == "grounded" else "maskfree_speed.py"
         raise FileNotFoundError(f"no measured GPU throughput for the {generator!r} generator under {results} ({gpu_file.name}); "
                                 f"run benchmarks/{script} --device cuda on a GPU, or pass --gpu-images-per-s")
-    elif generator == "grounded":
-        g = json.loads(gpu_file.read_text())
-        head = next(r for r in g["rows"] if r["workload"] == g["headline"])
-        gpu_rate = head["batched_img_s"]
-        gpu_source = f"{gpu_file.name}: {g['machine']['gpu']}, {g['size']} models, {g['image_size']} px, {g['dtype']}"
     else:
         g = json.loads(gpu_file.read_text())
-        gpu_rate = g["images_per_s"]
-        gpu_source = (f"{gpu_file.name}: {g['machine']['gpu']} with {g['machine']['cpus']} CPU cores, {g['size']} ITM, "
-                      f"{g['image_size']} px")
+        if generator == "grounded":
+            gpu_rate = next(r for r in g["rows"] if r["workload"] == g["headline"])["batched_img_s"]
+            gpu_source = f"{gpu_file.name}: {g['machine']['gpu']}, {g['size']} models, {g['image_size']} px, {g['dtype']}"
+        else:
+            gpu_rate = g["images_per_s"]
+            gpu_source = (f"{gpu_file.name}: {g['machine']['gpu']} with {g['machine']['cpus']} CPU cores, {g['size']} ITM, "
+                          f"{g['image_size']} px")
     ing = json.loads((results / "ingest.json").read_text())
     best = max(ing["results"], key=lambda r: r["image_size"])  # the LAION-like size
     per_core = best["ingest_images_per_s"] / best["workers"]
