@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Union, get_args, get_origin
 
@@ -25,6 +27,11 @@ CONFIG_ENV = "OVTASKS_CONFIG"
 # OVTASKS_* variables that are not settings, read where they are used: the model loader's local cache, and
 # the CLI's OVTASKS_TRACEBACK=1 (print the traceback of an error)
 NOT_SETTINGS = frozenset({CONFIG_ENV, "OVTASKS_MODEL_CACHE", "OVTASKS_TRACEBACK"})
+# The variables Kubernetes gives every pod for each Service of its namespace (enableServiceLinks): a release
+# named ``ovtasks`` makes ``OVTASKS_MINIO_PORT=tcp://10.0.0.1:9000``, ``OVTASKS_MLFLOW_SERVICE_HOST`` ...
+SERVICE_LINK = re.compile(r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)$")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -370,11 +377,27 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
     return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else f"YAML error: {problem}"
 
 
+def setting_path(key: str) -> list[str] | None:
+    """The settings path an ``OVTASKS_*`` variable names (``OVTASKS_S3__ENDPOINT`` -> ``["s3", "endpoint"]``), or
+    None for a variable that is not a setting: one read elsewhere (:data:`NOT_SETTINGS`), a Kubernetes
+    service link (``OVTASKS_MINIO_PORT``, ``OVTASKS_MLFLOW_SERVICE_HOST``), or any name whose first part is no
+    setting or section. A name inside a known section stays a setting even when that section has no such key,
+    so a typo there (``OVTASKS_S3__ENDPIONT``) is an error, never ignored."""
+    if not key.startswith(ENV_PREFIX) or key in NOT_SETTINGS:
+        return None
+    parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+    if not parts or parts[0] not in Settings.model_fields:
+        return None
+    if len(parts) == 1 and SERVICE_LINK.match(key):
+        return None  # a top-level name that only a service link spells (a Service called e.g. ovtasks-device)
+    return parts
+
+
 def _secret_files(env: Mapping[str, str]) -> dict[str, str]:
     """``OVTASKS_S3__SECRET_KEY_FILE=/run/secrets/x`` reads the value from a mounted file."""
     out = {}
     for key, path in env.items():
-        if key.startswith(ENV_PREFIX) and key.endswith("_FILE") and key not in NOT_SETTINGS:
+        if key.endswith("_FILE") and setting_path(key[: -len("_FILE")]) is not None:
             try:
                 out[key[: -len("_FILE")]] = Path(path).read_text().strip()
             except OSError as exc:
@@ -403,12 +426,16 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
     overrides = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX) and not k.endswith("_FILE")}
     files = _secret_files(env)
     overrides.update(files)
+    ignored = []
     for key, raw in sorted(overrides.items()):
-        if key in NOT_SETTINGS:
+        parts = setting_path(key)
+        if parts is None:
+            if key not in NOT_SETTINGS:
+                ignored.append(key)
             continue
-        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
-        if parts:
-            _set_nested(data, parts, _parse_env_value(raw, text=key in files or _is_text_field(parts)))
+        _set_nested(data, parts, _parse_env_value(raw, text=key in files or _is_text_field(parts)))
+    if ignored:  # names only: a service link's value is an address, but another variable's may be a secret
+        log.debug("ignored %d OVTASKS_* variables that are not settings: %s", len(ignored), ", ".join(ignored))
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

@@ -82,3 +82,50 @@ def test_model_cache_variable_is_not_a_settings_key(tmp_path):
     from ovtasks.core.config import load_settings
 
     load_settings(env={"OVTASKS_MODEL_CACHE": str(tmp_path), "OVTASKS_TRACEBACK": "1"})  # read by the loader / the CLI
+
+
+# What Kubernetes injects into every pod for each Service of the namespace (enableServiceLinks), for the
+# chart's documented release name `ovtasks`: the MinIO/SeaweedFS, MLflow and Airflow Services.
+SERVICE_LINKS = {
+    "OVTASKS_MINIO_PORT": "tcp://10.0.0.1:9000", "OVTASKS_MINIO_SERVICE_HOST": "10.0.0.1",
+    "OVTASKS_MINIO_SERVICE_PORT": "9000", "OVTASKS_MINIO_SERVICE_PORT_HTTP_MINIO": "9000",
+    "OVTASKS_MINIO_PORT_9000_TCP": "tcp://10.0.0.1:9000", "OVTASKS_MINIO_PORT_9000_TCP_PROTO": "tcp",
+    "OVTASKS_MINIO_PORT_9000_TCP_PORT": "9000", "OVTASKS_MINIO_PORT_9000_TCP_ADDR": "10.0.0.1",
+    "OVTASKS_MLFLOW_SERVICE_HOST": "10.0.0.2", "OVTASKS_MLFLOW_PORT_5000_TCP": "tcp://10.0.0.2:5000",
+    "OVTASKS_SERVICE_HOST": "10.0.0.3", "OVTASKS_PORT": "tcp://10.0.0.3:80", "OVTASKS_PORT_80_TCP_ADDR": "10.0.0.3",
+    "OVTASKS_API_SERVER_PORT_8080_TCP_PROTO": "tcp", "OVTASKS_S3_SERVICE_PORT_S3": "8333",
+}
+
+
+def test_service_link_variables_are_not_settings():
+    """A pod's service links (and other OVTASKS_* names with no known section, e.g. an exported OVTASKS_BIN)
+    are ignored; the settings beside them still apply."""
+    s = load_settings(env={**SERVICE_LINKS, "OVTASKS_BIN": "/usr/local/bin", "OVTASKS_S3__ENDPOINT": "ovtasks-s3:8333",
+                           "OVTASKS_DEVICE": "cuda"})
+    assert s.s3.endpoint == "ovtasks-s3:8333" and s.device == "cuda"
+    assert load_settings(env=SERVICE_LINKS) == load_settings(env={})
+
+
+def test_ignored_variables_are_named_once_at_debug_level_without_values(caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="ovtasks.core.config"):
+        load_settings(env={"OVTASKS_MINIO_PORT": "tcp://10.0.0.1:9000", "OVTASKS_TOKEN_ISH": "s3cr3t-value"})
+    records = [r for r in caplog.records if r.name == "ovtasks.core.config"]
+    assert len(records) == 1 and records[0].levelno == logging.DEBUG
+    assert "OVTASKS_MINIO_PORT" in records[0].getMessage() and "s3cr3t" not in records[0].getMessage()
+
+
+@pytest.mark.parametrize("key", ["OVTASKS_S3__ENDPIONT", "OVTASKS_MASKFREE__WSS_ITERATONS", "OVTASKS_REGISTRY__PORT",
+                                 "OVTASKS_S3__PORT_9000_TCP"])
+def test_a_typo_inside_a_known_section_is_still_an_error(key):
+    with pytest.raises(ConfigError, match="Extra inputs"):
+        load_settings(env={key: "1"})
+
+
+def test_a_secret_file_variable_outside_the_settings_is_not_read(tmp_path):
+    """``*_FILE`` is read only for a setting: a service-link-shaped or unknown name never opens a file."""
+    s = load_settings(env={"OVTASKS_UNKNOWN_FILE": str(tmp_path / "missing")})
+    assert s == load_settings(env={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(env={"OVTASKS_S3__SECRET_KEY_FILE": str(tmp_path / "missing")})
