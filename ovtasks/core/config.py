@@ -52,6 +52,10 @@ class S3Config(_Frozen):
     cert_check: bool = Field(True, description="verify the server certificate when secure")
     region: str | None = None
     retries: int = Field(5, ge=0, le=20, description="retries of a failed request (urllib3 backoff)")
+    credentials: str = Field("static", pattern="^(static|chain)$",
+                             description="static: access_key/secret_key; chain: when they are unset, the standard AWS "
+                                         "chain (AWS_* / MINIO_* environment, ~/.aws, web identity, container or "
+                                         "instance-profile credentials)")
 
     @field_validator("endpoint")
     @classmethod

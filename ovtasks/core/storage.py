@@ -391,10 +391,11 @@ def make_s3_client(cfg: S3Config):
 
     if not cfg.endpoint:
         raise StoreError("s3:// URI used but no S3 endpoint configured (OVTASKS_S3__ENDPOINT)")
-    if cfg.access_key is None or cfg.secret_key is None:
+    static = cfg.access_key is not None and cfg.secret_key is not None
+    if not static and cfg.credentials != "chain":
         raise StoreError(
             "s3:// URI used but no credentials configured "
-            "(OVTASKS_S3__ACCESS_KEY / OVTASKS_S3__SECRET_KEY or their _FILE variants)"
+            "(OVTASKS_S3__ACCESS_KEY / OVTASKS_S3__SECRET_KEY or their _FILE variants, or OVTASKS_S3__CREDENTIALS=chain)"
         )
     retry = urllib3.Retry(
         total=cfg.retries,
@@ -409,14 +410,21 @@ def make_s3_client(cfg: S3Config):
         maxsize=16,
         cert_reqs="CERT_REQUIRED" if (cfg.secure and cfg.cert_check) else "CERT_NONE",
     )
-    return Minio(
-        cfg.endpoint,
-        access_key=cfg.access_key.get_secret_value(),
-        secret_key=cfg.secret_key.get_secret_value(),
-        secure=cfg.secure,
-        region=cfg.region,
-        http_client=http,
-    )
+    if static:
+        keys = {"access_key": cfg.access_key.get_secret_value(), "secret_key": cfg.secret_key.get_secret_value()}
+    else:
+        keys = {"credentials": aws_chain()}
+    return Minio(cfg.endpoint, secure=cfg.secure, region=cfg.region, http_client=http, **keys)
+
+
+def aws_chain():
+    """The standard credential chain, in the AWS SDKs' order: environment (``AWS_ACCESS_KEY_ID`` ..., then
+    ``MINIO_*``), the shared files (``~/.aws/credentials``), then web identity (``AWS_WEB_IDENTITY_TOKEN_FILE`` +
+    ``AWS_ROLE_ARN``: EKS IRSA), container credentials (ECS / EKS pod identity) and the instance profile."""
+    from minio.credentials import (AWSConfigProvider, ChainedProvider, EnvAWSProvider, EnvMinioProvider,
+                                   IamAwsProvider)
+
+    return ChainedProvider([EnvAWSProvider(), EnvMinioProvider(), AWSConfigProvider(), IamAwsProvider()])
 
 
 def open_store(uri: str | os.PathLike, s3: S3Config | None = None) -> Store:

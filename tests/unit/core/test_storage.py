@@ -139,3 +139,24 @@ def test_many_fresh_buckets(s3_settings):
         store = open_store(f"s3://many-{uuid.uuid4().hex[:8]}/p", s3_settings.s3)
         store.put_bytes("k", str(i).encode())
         assert store.get_bytes("k") == str(i).encode()
+
+
+def test_s3_credentials_from_the_standard_chain(seaweed, monkeypatch, tmp_path):
+    """``s3.credentials=chain`` with no static keys: the AWS environment variables are the first link of the
+    chain (web identity, container and instance-profile credentials come after them and need a cloud, so they
+    are not reached here); a real S3 server accepts the signed requests."""
+    from ovtasks.core.config import load_settings
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws of the machine's
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
+    s = load_settings(env={"OVTASKS_S3__ENDPOINT": seaweed.endpoint, "OVTASKS_S3__CREDENTIALS": "chain"})
+    assert s.s3.access_key is None
+    store = open_store(f"s3://chain-{uuid.uuid4().hex[:8]}/p", s.s3)
+    store.put_bytes("k", b"from the chain")
+    assert store.get_bytes("k") == b"from the chain"
+    # static keys, when given, win over the chain: wrong static keys are refused even with good AWS_* variables
+    wrong = load_settings(env={"OVTASKS_S3__ENDPOINT": seaweed.endpoint, "OVTASKS_S3__CREDENTIALS": "chain",
+                               "OVTASKS_S3__ACCESS_KEY": "nobody", "OVTASKS_S3__SECRET_KEY": "wrong-secret-key"})
+    with pytest.raises(Exception, match="(?i)access|denied|invalid|forbidden|signature"):
+        open_store(store.uri, wrong.s3).get_bytes("k")

@@ -31,6 +31,46 @@ def test_dockerfile_installs_pinned_set():
     assert "-c constraints.txt" in text and "USER 50000" in text
 
 
+def test_every_image_is_pinned_by_digest_and_the_gpu_image_runs_the_tested_torch():
+    """Base images and compose's service images name a sha256 digest; the GPU worker is the Airflow image built
+    with PyPI's CUDA wheels of the very torch/torchvision constraints.txt pins (no base image's own torch)."""
+    import re
+
+    for f in sorted((ROOT / "docker").glob("Dockerfile*")):
+        for base in re.findall(r"^FROM\s+(\S+)", f.read_text(), re.M):
+            assert re.search(r"@sha256:[a-f0-9]{64}$", base), (f.name, base)
+    for name, svc in _compose()["services"].items():
+        if "image" in svc and "build" not in svc:
+            assert re.search(r"@sha256:[a-f0-9]{64}$", svc["image"]), (name, svc["image"])
+    gpu = _compose()["services"]["worker-gpu"]["build"]
+    assert gpu["dockerfile"] == "docker/Dockerfile.airflow" and gpu["args"]["TORCH_INDEX_URL"] == "https://pypi.org/simple"
+    airflow = (ROOT / "docker" / "Dockerfile.airflow").read_text()
+    assert "-c constraints.txt torch torchvision" in airflow and "grep -v" not in airflow
+    pins = dict(re.findall(r"^(torch|torchvision)==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M))
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    readme = (ROOT / "docker" / "README.md").read_text()
+    for f in sorted((ROOT / "docker").glob("Dockerfile*")):
+        assert f.name in readme, f"docker/README.md does not say what {f.name} holds"
+
+
+def test_the_entrypoint_runs_commands_as_the_official_image_does(tmp_path):
+    """The official chart's pods pass `bash -c ...`, `airflow ...` and bare subcommands to /entrypoint."""
+    import os
+
+    fake = tmp_path / "airflow"
+    fake.write_text("#!/bin/sh\necho airflow \"$@\"\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+
+    def run(*args):
+        return subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh"), *args], env=env, capture_output=True,
+                               text=True, check=True).stdout.strip()
+
+    assert run("celery", "worker", "--queues", "gpu") == "airflow celery worker --queues gpu"
+    assert run("airflow", "db", "check-migrations") == "airflow db check-migrations"
+    assert run("bash", "-c", "echo plain") == "plain"
+
+
 # ---------------------------------------------------------------------------------------------
 # docker compose
 
@@ -55,21 +95,31 @@ def test_compose_services_queues_and_wiring():
 
     c = _compose()
     s = c["services"]
-    assert set(s) >= {"postgres", "redis", "minio", "minio-init", "mlflow", "airflow-init", "airflow-apiserver", "airflow-scheduler",
+    assert set(s) >= {"postgres", "redis", "seaweedfs", "store-init", "mlflow", "airflow-init", "airflow-apiserver", "airflow-scheduler",
                       "airflow-dag-processor", "airflow-triggerer", "worker-cpu", "worker-gpu"}
     assert s["worker-cpu"]["command"][-1] == "default" and s["worker-gpu"]["command"][3] == GPU_QUEUE
     dev = s["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
     assert GPU_POOL in " ".join(s["airflow-init"]["command"])
     for name, svc in s.items():
-        if name not in ("minio-init", "airflow-init"):
+        if name not in ("store-init", "airflow-init"):
             assert "healthcheck" in svc, f"{name} has no health check"
     env = s["airflow-scheduler"]["environment"]
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor" and env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:")
     assert "@postgres:5432/airflow" in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-    assert env["OVTASKS_S3__ENDPOINT"] == "minio:9000" and env["OVTASKS_REGISTRY__TRACKING_URI"] == "http://mlflow:5000"
+    assert env["OVTASKS_S3__ENDPOINT"] == "seaweedfs:8333" and env["OVTASKS_REGISTRY__TRACKING_URI"] == "http://mlflow:5000"
     assert s["worker-gpu"]["environment"]["AIRFLOW__CELERY__BROKER_URL"] == env["AIRFLOW__CELERY__BROKER_URL"]
-    assert "@postgres:5432/mlflow" in " ".join(s["mlflow"]["command"])
+    assert "@postgres:5432/mlflow" in s["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    # MLflow answers the service name the workers use, logs in, and publishes only on the host's loopback
+    cmd = s["mlflow"]["command"]
+    allowed = next(a for a in cmd if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
+    assert "mlflow:5000" in allowed and "--app-name=basic-auth" in cmd and "*" not in allowed
+    assert env["MLFLOW_TRACKING_USERNAME"] == "admin" and env["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+    for name in ("mlflow", "seaweedfs", "airflow-apiserver"):
+        assert all(str(p).startswith("127.0.0.1:") for p in s[name]["ports"]), (name, s[name]["ports"])
+    assert "8333" in s["seaweedfs"]["ports"][0]  # the S3 API, for `ovtasks models upload` and shards from the host
+    assert env["AIRFLOW__CORE__AUTH_MANAGER"].endswith("FabAuthManager") and "SIMPLE_AUTH" not in str(env)
+    assert env["AIRFLOW__LOGGING__REMOTE_LOGGING"] == "True" and env["AIRFLOW__LOGGING__REMOTE_LOG_CONN_ID"] == "ovtasks_s3"
     # every ovtasks setting the compose file sets is a real setting
     from ovtasks.core.config import load_settings
 
@@ -82,7 +132,8 @@ def test_compose_refuses_to_start_without_secrets_and_the_example_names_them_all
 
     text = COMPOSE.read_text()
     required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", text))
-    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET"} <= required
+    assert {"POSTGRES_PASSWORD", "S3_SECRET_KEY", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "MLFLOW_ADMIN_PASSWORD",
+            "MLFLOW_FLASK_SECRET_KEY", "AIRFLOW_ADMIN_PASSWORD"} <= required
     example = (ROOT / "docker" / ".env.example").read_text()
     named = set(re.findall(r"^([A-Z0-9_]+)=", example, re.M))
     assert required <= named
@@ -127,7 +178,7 @@ def _errors(values):
 
 def test_helm_values_need_existing_secrets():
     errors = _errors(_values("values.yaml"))
-    for path in ("mlflow/existingSecret", "minio/existingSecret", "airflow/data/metadataSecretName",
+    for path in ("mlflow/existingSecret", "objectStore/existingSecret", "ovtasks/adminSecret", "airflow/data/metadataSecretName",
                  "airflow/fernetKeySecretName", "airflow/jwtSecretName", "airflow/ovtasksSecret", "airflow/redis/passwordSecretName"):
         assert any(e.startswith(path + ":") for e in errors), (path, errors)
 
@@ -150,11 +201,15 @@ def test_helm_chart_files():
 
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     deps = {d["name"]: d for d in chart["dependencies"]}
-    assert deps["airflow"]["repository"] == "https://airflow.apache.org" and "minio" in deps
+    assert deps["airflow"]["repository"] == "https://airflow.apache.org" and set(deps) == {"airflow"}
     for f in CHART.glob("*.yaml"):
         yaml.safe_load(f.read_text())  # plain YAML files lint
     mlflow = (CHART / "templates" / "mlflow.yaml").read_text()
-    assert 'include "ovtasks.requiredSecret"' in mlflow and "secretKeyRef" in mlflow and "password" not in mlflow.lower()
+    assert 'include "ovtasks.requiredSecret"' in mlflow and "secretKeyRef" in mlflow
+    # a password is only ever named (an env variable, a Secret's key), never given
+    for line in mlflow.lower().splitlines():
+        if "password" in line:
+            assert "secretkeyref" in line or line.strip().startswith("- name:"), line
     assert "required" in (CHART / "templates" / "_helpers.tpl").read_text()
 
 
@@ -201,13 +256,10 @@ def test_helm_config_map_sets_what_compose_sets_and_only_real_settings():
 
     import yaml
 
-    from ovtasks.core.config import load_settings
-
     tpl = (CHART / "templates" / "ovtasks-env.yaml").read_text()
     keys = set(re.findall(r"^  ([A-Z0-9_]+):", tpl, re.M))
     assert PIPELINE_KEYS <= keys, PIPELINE_KEYS - keys
-    load_settings(env={k: "s3://b/x" if "URI" in k or "MODEL" in k else ("h:1" if k.endswith("ENDPOINT") else "false")
-                       for k in keys if k.startswith("OVTASKS_")})
+    # (the rendered ConfigMap loads as settings: tests/unit/deploy/test_chart_render.py)
     values = _values("values.yaml")
     # the Airflow chart reads the ConfigMap and the credentials Secret; no hard-coded store location is left in its env
     assert "{{ .Release.Name }}-ovtasks-env" in values["airflow"]["extraEnvFrom"] and "ovtasksSecret" in values["airflow"]["extraEnvFrom"]
@@ -224,8 +276,8 @@ def test_every_ovtasks_value_is_read_by_a_template():
     leaves = [k for k, v in ovt.items() if not isinstance(v, dict)] + list(ovt["models"])
     for key in leaves:
         assert re.search(rf"\.{key}\b", text), f"no template reads ovtasks.{key}"
-    job = (CHART / "templates" / "gpu-pool-job.yaml").read_text()
-    assert '"pools", "set", "ovtasks_gpu", {{ .Values.ovtasks.gpuPoolSlots | quote }}' in job and "post-install" in job
+    job = (CHART / "templates" / "airflow-setup-job.yaml").read_text()
+    assert "pools set ovtasks_gpu {{ .Values.ovtasks.gpuPoolSlots }}" in job and "post-install" in job
 
 
 def _plan_values():
@@ -272,6 +324,6 @@ def test_compose_interpolation_refuses_missing_secrets_and_applies_defaults():
     with pytest.raises(KeyError, match="set POSTGRES_PASSWORD in docker/.env"):
         compose_services({})
     keys = ("AIRFLOW_FERNET_KEY", "POSTGRES_PASSWORD", "AIRFLOW_API_SECRET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_ADMIN_PASSWORD",
-            "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
+            "S3_ACCESS_KEY", "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY")
     env = service_env(compose_services({k: "v" for k in keys}), "worker-cpu")
     assert env["OVTASKS_PIPELINE__CLEAN_URI"] == "s3://ovtasks/clean" and env["OVDAGS_ALERT_EMAILS"] == ""
