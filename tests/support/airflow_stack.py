@@ -54,8 +54,10 @@ class Stack:
     its own is started again (the scheduler exits its loop when its DB connection drops mid-query);
     ``restarts`` counts them. A component killed on purpose (:meth:`kill`) stays down."""
 
-    def __init__(self, env: dict, logs: Path):
+    def __init__(self, env: dict, logs: Path, wrap=None):
+        """``wrap``: argv -> argv for every command (e.g. :meth:`ServiceNames.wrap`: service names resolved)."""
         self.env, self.logs, self.procs, self.args, self.envs = env, logs, {}, {}, {}
+        self.wrap = wrap or list
         self.restarts: dict[str, int] = {}
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -63,7 +65,7 @@ class Stack:
         logs.mkdir(parents=True, exist_ok=True)
 
     def run(self, *args):
-        r = subprocess.run([str(BIN / "airflow"), *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(self.wrap([str(BIN / "airflow"), *args]), env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
 
     def start(self, name: str, *args, env: dict | None = None):
@@ -72,7 +74,7 @@ class Stack:
         log = open(self.logs / f"{name}.log", "ab")
         with self._lock:
             self.args[name], self.envs[name] = args, env or self.env
-            self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env=self.envs[name], cwd=ROOT, stdout=log,
+            self.procs[name] = subprocess.Popen(self.wrap([str(BIN / "airflow"), *args]), env=self.envs[name], cwd=ROOT, stdout=log,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
         if not self._watch.is_alive() and not self._stopping.is_set():
             self._watch.start()
@@ -108,16 +110,19 @@ class Stack:
     def tail(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(self.logs.glob("*.log")))
 
-    def up(self, port: int, dag: str | list[str], timeout: float = 180, workers: dict | None = None, pool_slots: int = 1):
-        """Migrate, create the GPU pool, start every component and the Celery workers (default: one named
-        ``worker`` for `default,gpu`; else ``{name: (queues, env)}``); the logged-in REST client once every
-        DAG in ``dag`` is parsed (the first one is unpaused). An anonymous REST request must be refused."""
+    def up(self, port: int, dag: str | list[str], timeout: float = 180, workers: dict | None = None, pool_slots: int = 1,
+           host: str = "127.0.0.1", init: bool = True, password: str = PASSWORD):
+        """Migrate, create the GPU pool (``init``; off when the deployment's own init command did it), start
+        every component on ``host``:``port`` and the Celery workers (default: one named ``worker`` for
+        `default,gpu`; else ``{name: (queues, env)}``); the logged-in REST client (``admin``) once every DAG in
+        ``dag`` is parsed (the first one is unpaused). An anonymous REST request must be refused."""
         from ovtasks.orchestration.rest import Airflow
 
         dags = [dag] if isinstance(dag, str) else list(dag)
-        self.run("db", "migrate")
-        self.run("pools", "set", "ovtasks_gpu", str(pool_slots), "GPU tasks")
-        self.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
+        if init:
+            self.run("db", "migrate")
+            self.run("pools", "set", "ovtasks_gpu", str(pool_slots), "GPU tasks")
+        self.start("api-server", "api-server", "--host", host, "--port", str(port))
         self.start("scheduler", "scheduler")
         self.start("dag-processor", "dag-processor")
         for name, (queues, env) in (workers or {"worker": ("default,gpu", None)}).items():
@@ -125,7 +130,7 @@ class Stack:
         deadline, af = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             try:
-                af = af or Airflow.login(f"http://127.0.0.1:{port}", "admin", PASSWORD)
+                af = af or Airflow.login(f"http://{host}:{port}", "admin", password)
                 if set(dags) <= set(af.dag_ids()):
                     break
             except OSError:
@@ -137,7 +142,7 @@ class Stack:
         else:
             pytest.fail(f"{dags} never showed up in the API\n{self.tail()}")
         with pytest.raises(urllib.error.HTTPError) as denied:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/dags", timeout=10)
+            urllib.request.urlopen(f"http://{host}:{port}/api/v2/dags", timeout=10)
         assert denied.value.code in (401, 403)
         af.unpause(dags[0])
         return af

@@ -1,7 +1,6 @@
-"""The environment the shipped deployments give their containers, read from the files themselves:
-``docker/compose.yaml`` interpolated as ``docker compose`` does (``${VAR}``, ``${VAR:-default}``,
-``${VAR:?error}``, ``$$``), and the ovtasks ConfigMap of the helm chart rendered for a values dict (a small
-evaluator of exactly the template functions that file uses; no helm binary exists here)."""
+"""The environment docker compose gives its containers, read from the file itself: ``docker/compose.yaml``
+interpolated as ``docker compose`` does (``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}``, ``$$``). The helm
+chart is rendered by Helm's own engine: tests/support/chart.py."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import yaml
 
 from tests.support import ROOT
 COMPOSE = ROOT / "docker" / "compose.yaml"
-CONFIG_MAP = ROOT / "helm" / "ovtasks" / "templates" / "ovtasks-env.yaml"
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -56,88 +54,3 @@ def service_env(services: dict, name: str) -> dict[str, str]:
     if isinstance(env, list):  # the KEY=VALUE form
         env = dict(e.split("=", 1) for e in env)
     return {k: "" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()}
-
-
-# -- the helm ConfigMap ------------------------------------------------------------------------------
-
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\(|\)|\||[^\s()|]+')
-
-
-def render_config_map(values: dict, release: str = "ovtasks") -> dict[str, str]:
-    """``data`` of templates/ovtasks-env.yaml for ``values`` (the chart's values.yaml merged with overrides)."""
-    text = CONFIG_MAP.read_text()
-    o = values.get("ovtasks") or {}
-    scope = {"$o": o, "$m": o.get("models") or {}, ".Values": values, ".Release": {"Name": release}}
-    b = re.search(r'\{\{-?\s*\$b := (.*?)\s*-?\}\}', text)
-    scope["$b"] = _eval(_TOKEN.findall(b.group(1)), scope, release)
-    data = {}
-    for key, expr in re.findall(r"^  ([A-Z0-9_]+): \{\{ (.*) \}\}$", text, re.M):
-        data[key] = str(_eval(_TOKEN.findall(expr), scope, release))
-    return data
-
-
-def _lookup(tok: str, scope: dict):
-    if tok.startswith('"'):
-        return tok[1:-1]
-    if tok in ("true", "false"):
-        return tok == "true"
-    if tok == ".":
-        return scope
-    root, *path = re.split(r"(?<=.)\.", tok)
-    cur = scope[root] if root in scope else None
-    for p in path:
-        cur = cur.get(p) if isinstance(cur, dict) else None
-    return cur
-
-
-def _eval(tokens: list[str], scope: dict, release: str):
-    """A Go-template pipeline: ``cmd args | fn args | ...`` (the previous result is the last argument)."""
-    stages, depth, cur = [], 0, []
-    for t in tokens:
-        depth += (t == "(") - (t == ")")
-        if t == "|" and depth == 0:
-            stages.append(cur)
-            cur = []
-        else:
-            cur.append(t)
-    stages.append(cur)
-    result, first = None, True
-    for stage in stages:
-        args, i = [], 1
-        while i < len(stage):
-            if stage[i] == "(":
-                depth, j = 1, i + 1
-                while depth:
-                    depth += (stage[j] == "(") - (stage[j] == ")")
-                    j += 1
-                args.append(_eval(stage[i + 1:j - 1], scope, release))
-                i = j
-            else:
-                args.append(_lookup(stage[i], scope))
-                i += 1
-        if not first:
-            args.append(result)
-        result = _call(stage[0], args, scope, release) if stage[0] in _FUNCS or not first or args else _lookup(stage[0], scope)
-        first = False
-    return result
-
-
-def _empty(v) -> bool:
-    return v is None or v is False or v == "" or v == {} or v == []
-
-
-_FUNCS = {
-    "printf": lambda fmt, *a: fmt % tuple(a),
-    "default": lambda d, v=None: d if _empty(v) else v,
-    "quote": lambda v: "" if v is None else (str(v).lower() if isinstance(v, bool) else str(v)),
-    "required": lambda msg, v=None: v if not _empty(v) else (_ for _ in ()).throw(ValueError(msg)),
-}
-
-
-def _call(name: str, args: list, scope: dict, release: str):
-    if name == "include":
-        assert args[0] == "ovtasks.fullname", args[0]
-        return f"{release}-ovtasks"[:63].rstrip("-")
-    if name not in _FUNCS:
-        raise ValueError(f"template function {name!r} is not known to this renderer: extend tests/support/deploy_env.py")
-    return _FUNCS[name](*args)

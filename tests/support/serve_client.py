@@ -18,17 +18,19 @@ from tests.support.seaweed import free_port
 BIN = Path(sys.executable).parent
 
 
-def ask_served_model(model_uri: str, tracking_uri: str, image: Path, names: str, log_path: Path, timeout: float = 120) -> list[dict]:
+def ask_served_model(model_uri: str, tracking_uri: str, image: Path, names: str, log_path: Path, timeout: float = 120,
+                     env: dict | None = None, wrap=None) -> list[dict]:
     """Serve ``model_uri`` (e.g. ``models:/m@champion``) from ``tracking_uri`` and POST ``image`` with the
-    candidate ``names`` (comma-separated) as a ``dataframe_split`` request; the answer's instances."""
+    candidate ``names`` (comma-separated) as a ``dataframe_split`` request; the answer's instances. ``env``: more
+    variables for the server (MLflow credentials); ``wrap``: argv -> argv (e.g. ServiceNames.wrap)."""
     from PIL import Image
 
     port = free_port()
     env = {**os.environ, "PATH": str(BIN) + os.pathsep + os.environ.get("PATH", ""),  # it execs uvicorn by name
-           "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
+           **(env or {}), "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
     log = open(log_path, "w")
-    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1",
-                             "-p", str(port), "-w", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    argv = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    proc = subprocess.Popen((wrap or list)(argv), env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         buf = io.BytesIO()
         Image.open(image).save(buf, format="PNG")
