@@ -1,7 +1,8 @@
 """ovtasks_promote: manual. Moves ``champion`` to ``challenger`` when the gate allows it (GX passed, novel
 mask AP50 at least ``registry.min_novel_ap50``, and a paired bootstrap over the evaluation images puts the
 challenger - champion interval's lower end above -tolerance); a refusal is a result with its reason and
-interval, tagged on the challenger, not a failure."""
+interval, tagged on the challenger, not a failure. The promotion is audited under the user who triggered the
+run; the tolerance is bounded (registry.max_promotion_tolerance)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from ovtasks.orchestration.dag_defaults import TAGS, default_args, settings
 @dag(dag_id="ovtasks_promote", schedule=None, start_date=datetime(2026, 1, 1), catchup=False, tags=TAGS + ["mlflow", "promote"],
      default_args=default_args(10), doc_md=__doc__,
      params={"model": Param("ov-maskrcnn", enum=["ov-maskrcnn", "semantic-sam"]),
-             "tolerance": Param(None, type=["null", "number"], description="margin in novel mask AP50 points; empty: registry.promotion_tolerance"),
-             "who": Param("airflow", type="string"), "reason": Param("", type="string")})
+             "tolerance": Param(None, type=["null", "number"], minimum=0, maximum=10,
+                                description="margin in novel mask AP50 points; empty: registry.promotion_tolerance"),
+             "reason": Param("", type="string", maxLength=500)})
 def ovtasks_promote():
     @task(doc_md="The promotion gate; returns promoted, reason, challenger and champion before/after, and sends the "
           "decision as an alert (mail / Slack where configured).")
@@ -24,8 +26,11 @@ def ovtasks_promote():
         from ovtasks.orchestration.alerts import promotion_text, send_alert
         from ovtasks.orchestration.tasks import promote_model
 
-        p = get_current_context()["params"]
-        result = promote_model(settings(), p["model"], p["tolerance"], p["who"], p["reason"])
+        ctx = get_current_context()
+        p = ctx["params"]
+        # the actor is whoever triggered this run (recorded by Airflow), never a parameter
+        who = getattr(ctx["dag_run"], "triggering_user_name", None) or f"airflow:{ctx['dag_run'].run_type}"
+        result = promote_model(settings(), p["model"], p["tolerance"], who, p["reason"])
         send_alert(*promotion_text(p["model"], result))  # promotions and refusals both reach the operators
         return result
 

@@ -35,7 +35,7 @@ def _airflow_chain(root: Path, settings: Settings, synth_uri: str, ingest_uri: s
         prepare(env)
         chain = run_chain(env, [("ovtasks_ingest", None), ("ovtasks_pseudo_label", None),
                                 ("ovtasks_retrain", {"steps": train_steps, "eval_images": eval_images}),
-                                ("ovtasks_promote", {"who": "demo-airflow", "reason": "demo: weekly retrain"})])
+                                ("ovtasks_promote", {"reason": "demo: weekly retrain"})])
     except (AirflowCommandError, OSError) as exc:
         print(f"      Airflow step failed: {exc}", flush=True)
         return [], f"failed: {str(exc).splitlines()[0]}", None

@@ -290,7 +290,8 @@ def add_commands(sub) -> None:
 
     pr = sub.add_parser("promote", help="move the champion alias to the challenger if the gate allows it")
     pr.add_argument("--model", default="ov-maskrcnn", choices=("ov-maskrcnn", "semantic-sam"))
-    pr.add_argument("--tolerance", type=float, default=None, help="novel mask AP50 points (default registry.promotion_tolerance)")
+    pr.add_argument("--tolerance", type=float, default=None,
+                    help="novel mask AP50 points (default registry.promotion_tolerance; finite, at most registry.max_promotion_tolerance)")
     pr.add_argument("--who", default=None)
     pr.add_argument("--reason", default=None)
     pr.add_argument("--version", default=None,

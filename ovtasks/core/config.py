@@ -236,8 +236,14 @@ class RegistryConfig(_Frozen):
                             description="registered model of the OV Mask R-CNN")
     semantic_sam_model_name: str = Field("ovtasks-semantic-sam", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
                                          description="registered model of Semantic-SAM")
-    promotion_tolerance: float = Field(1.0, ge=0.0, description="margin: novel mask AP50 points the challenger may lose to "
-                                       "the champion (lower end of the paired-bootstrap interval of the difference)")
+    promotion_tolerance: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False,
+                                       description="margin: novel mask AP50 points the challenger may lose to the champion "
+                                       "(lower end of the paired-bootstrap interval of the difference)")
+    lock_db: SecretStr | None = Field(None, description="postgresql://... where promotions and rollbacks take an advisory "
+                                      "lock (every worker and the api-server reach it); None: a lock file beside the "
+                                      "embedded registry, which serialises one machine only")
+    max_promotion_tolerance: float = Field(10.0, ge=0.0, le=50.0, allow_inf_nan=False,
+                                           description="the largest margin any path (UI, DAG, CLI) may ask for")
     promotion_confidence: float = Field(0.95, gt=0.0, lt=1.0, description="confidence of the paired-bootstrap interval")
     bootstrap_samples: int = Field(1000, ge=10, description="paired bootstrap samples over the evaluation images")
     bootstrap_seed: int = 0

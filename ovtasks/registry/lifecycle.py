@@ -22,8 +22,10 @@ sets ``registry.tracking_uri`` to an MLflow server (PostgreSQL backend, S3/MinIO
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,10 +167,30 @@ def _by_alias(client, name: str, alias: str):
 
 
 def _ap(v) -> float | None:
+    """A metric tag as a number; None when it is missing, not a number, or not finite (``nan``, ``inf``)."""
     try:
-        return float(v)
+        f = float(v)
     except (TypeError, ValueError):
         return None
+    return f if math.isfinite(f) else None
+
+
+REASON_MAX = 500  # characters: a model-version tag value holds 5000, the audit JSON carries it with more
+
+
+def check_request(settings: Settings, tolerance, why: str) -> float:
+    """The margin a promotion will use, refused (ValueError, before anything is read or written) when it is not
+    a finite number in [0, registry.max_promotion_tolerance] or the reason is too long: the same bounds on every
+    path (UI, DAG, CLI)."""
+    cfg = settings.registry
+    margin = cfg.promotion_tolerance if tolerance is None else tolerance
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise ValueError(f"tolerance must be a finite number of novel mask AP50 points, got {tolerance!r}")
+    if not 0 <= margin <= cfg.max_promotion_tolerance:
+        raise ValueError(f"tolerance {margin} is outside [0, {cfg.max_promotion_tolerance}] (registry.max_promotion_tolerance)")
+    if len(why or "") > REASON_MAX:
+        raise ValueError(f"reason is {len(why)} characters; at most {REASON_MAX}")
+    return float(margin)
 
 
 @dataclass
@@ -196,14 +218,58 @@ def _paired_evaluation(mlflow, version) -> tuple[dict, list] | None:
 def promote(settings: Settings, tolerance: float | None = None, who: str | None = None, why: str = "",
             architecture: str = "ov-maskrcnn") -> PromotionResult:
     """Move ``champion`` to ``challenger`` when the gate allows it (see module doc); ``tolerance``
-    overrides ``registry.promotion_tolerance`` (the margin, in novel mask AP50 points)."""
-    from ovtasks.registry.gate import decide, paired_bootstrap
-
+    overrides ``registry.promotion_tolerance`` (the margin, in novel mask AP50 points; finite, at most
+    ``registry.max_promotion_tolerance``). Serialised with every other move of the champion (:func:`promotion_lock`)."""
+    margin = check_request(settings, tolerance, why)
     mlflow, client = _client(settings)
     cfg = settings.registry
     name = registered_name(settings, architecture)
-    margin = cfg.promotion_tolerance if tolerance is None else tolerance
     who = who or getpass.getuser()
+    with promotion_lock(settings, name):
+        return _promote_locked(settings, mlflow, client, name, margin, who, why)
+
+
+@contextlib.contextmanager
+def promotion_lock(settings: Settings, name: str, timeout: float = 600.0):
+    """Serialises every move of ``name``'s champion (promotion and rollback), across processes and machines:
+    a PostgreSQL advisory lock on the tracking server's database when ``registry.lock_db`` names one, else a
+    lock file beside the embedded registry (one machine). Each decision reads the aliases inside the lock."""
+    import hashlib
+
+    key = int.from_bytes(hashlib.sha256(f"ovtasks-promote:{name}".encode()).digest()[:8], "big", signed=True)
+    if settings.registry.lock_db:
+        import psycopg2
+
+        conn = psycopg2.connect(settings.registry.lock_db.get_secret_value(), connect_timeout=10)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SET lock_timeout = %s", (f"{int(timeout * 1000)}ms",))
+                cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+            try:
+                yield
+            finally:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        finally:
+            conn.close()
+        return
+    import fcntl
+
+    path = Path(settings.data_dir).absolute() / "mlflow" / f".promote-{key & 0xFFFFFFFF:08x}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _promote_locked(settings: Settings, mlflow, client, name: str, margin: float, who: str, why: str) -> PromotionResult:
+    from ovtasks.registry.gate import decide, paired_bootstrap
+
+    cfg = settings.registry
     ch = _by_alias(client, name, "challenger")
     champ = _by_alias(client, name, "champion")
     before = str(champ.version) if champ else None
@@ -216,7 +282,8 @@ def promote(settings: Settings, tolerance: float | None = None, who: str | None 
     elif champ is not None and champ.version == ch.version:
         reason = f"v{ch.version} is already the champion"
     elif new is None:
-        reason = f"challenger v{ch.version} has no novel mask AP50"
+        reason = (f"challenger v{ch.version} has no finite novel mask AP50 (tag novel_mask_AP50 = "
+                  f"{ch.tags.get('novel_mask_AP50')!r}): refused, whatever the champion")
     else:
         comparison = None
         if champ is not None and new >= cfg.min_novel_ap50:
@@ -252,10 +319,11 @@ def promote(settings: Settings, tolerance: float | None = None, who: str | None 
 
 
 def _make_champion(client, name: str, version, before: str | None, audit: dict) -> None:
-    """Move the ``champion`` alias and record on the version who did it, when, why and which champion it replaced."""
-    client.set_registered_model_alias(name, "champion", version)
+    """Record on the version who moves the champion to it, when, why and which champion it replaces, then move the
+    ``champion`` alias (last: a failure before it leaves the champion where it was)."""
     for k, v in {**audit, "previous_champion": before or ""}.items():
         client.set_model_version_tag(name, version, k, v)
+    client.set_registered_model_alias(name, "champion", version)
 
 
 def rollback(settings: Settings, version: str | int, who: str | None = None, why: str = "",
@@ -263,8 +331,14 @@ def rollback(settings: Settings, version: str | int, who: str | None = None, why
     """Point ``champion`` at an earlier (or any existing) version, without the gate: the operator's way back
     when a promoted model misbehaves in use. Audited like a promotion (who, when, why, the champion it
     replaced) on the version, and appended to its ``rollbacks`` history."""
+    check_request(settings, None, why)
     _mlflow, client = _client(settings)
     name = registered_name(settings, architecture)
+    with promotion_lock(settings, name):
+        return _rollback_locked(client, name, version, who, why)
+
+
+def _rollback_locked(client, name: str, version, who: str | None, why: str) -> PromotionResult:
     champ = _by_alias(client, name, "champion")
     before = str(champ.version) if champ else None
     try:

@@ -66,7 +66,7 @@ GENERATOR = Literal["maskfree", "grounded"] | None  # anything else (``../x``) i
 
 class PromoteBody(BaseModel):
     model: Literal["ov-maskrcnn", "semantic-sam"] = "ov-maskrcnn"
-    tolerance: float | None = Field(None, ge=0)
+    tolerance: float | None = Field(None, ge=0, allow_inf_nan=False)  # the upper bound: registry.max_promotion_tolerance
     reason: str = Field("", max_length=500)
 
 
@@ -124,7 +124,11 @@ def create_app(settings_factory=_settings, auth_dependency=None) -> FastAPI:
         ok, why = can_promote(user, s.ui.promote_dag)
         if not ok:
             raise HTTPException(403, f"promotion refused to {user_name(user)}: {why}")
-        r = run_gate(s, body.tolerance, who=user_name(user), why=body.reason or "promoted from the Airflow UI", architecture=body.model)
+        try:
+            r = run_gate(s, body.tolerance, who=user_name(user), why=body.reason or "promoted from the Airflow UI",
+                         architecture=body.model)
+        except ValueError as exc:  # a tolerance or reason outside the bounds every path applies
+            raise HTTPException(422, str(exc)) from exc
         return asdict(r)
 
     return app

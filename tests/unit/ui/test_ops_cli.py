@@ -27,7 +27,7 @@ def test_status_and_trigger(ui_world, api_server):
     assert "latest DAG runs" in text and "shards (maskfree)" in text and "ovtasks-ov-maskrcnn" in text
     assert out["stages"]["clean"] == 2 and out["models"][0]["challenger"] == "v2"
 
-    run_id, state = trigger(s, "ovtasks_promote", {"who": "cli-test"}, wait=False, timeout=0, console=con)
+    run_id, state = trigger(s, "ovtasks_promote", {"reason": "cli-test"}, wait=False, timeout=0, console=con)
     assert state == "queued" and run_id
     # no scheduler: following it runs into the timeout, with the progress loop exercised
     _, state = trigger(s, "ovtasks_promote", {}, wait=True, timeout=3, console=con, poll=0.5)
