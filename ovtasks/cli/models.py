@@ -1,4 +1,4 @@
-"""Model commands: ``train-itm``, ``train-sam``, ``pretrain-backbone``, ``train-wspn``, ``train``, ``promote``, ``predict``, ``models upload``."""
+"""Model commands: ``train-itm``, ``train-sam``, ``pretrain-backbone``, ``train-wspn``, ``train``, ``promote``, ``predict``, ``serve``, ``models upload``."""
 
 from __future__ import annotations
 
@@ -145,6 +145,27 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     print_table(rows, f"train {args.model}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Download the version, check it against the registry's record, then become ``mlflow models serve`` on the
+    checked local copy (the alias is resolved once: the served version does not change under a running server)."""
+    import os
+    import shutil
+    import tempfile
+
+    from ovtasks.registry.integrity import verified_download
+    from ovtasks.registry.lifecycle import _client
+
+    mlflow, client = _client(settings)
+    dst = args.dir or tempfile.mkdtemp(prefix="ovtasks-serve-")
+    local, mv = verified_download(mlflow, client, args.model, dst)
+    print(f"serving {mv.name} v{mv.version} (checked against its registered sha256 list) on http://{args.host}:{args.port}",
+          file=sys.stderr, flush=True)
+    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    os.execv(mlflow_bin, [mlflow_bin, "models", "serve", "-m", str(local), "--env-manager", "local", "-h", args.host,
+                          "-p", str(args.port), "-w", str(args.workers)])
+    return 0  # not reached
 
 
 def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
@@ -306,6 +327,15 @@ def add_commands(sub) -> None:
     pd_.add_argument("--device", default=None)
     pd_.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
     pd_.set_defaults(func=cmd_predict)
+
+    sv = sub.add_parser("serve", help="serve a registered version over HTTP (mlflow models serve) once every file matched "
+                                      "the sha256 list the registry recorded at registration")
+    sv.add_argument("model", nargs="?", default="models:/ovtasks-ov-maskrcnn@champion", help="models:/NAME@alias or models:/NAME/N")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=5001)
+    sv.add_argument("--workers", type=int, default=1)
+    sv.add_argument("--dir", default=None, help="where to keep the checked copy (default: a new temporary folder)")
+    sv.set_defaults(func=cmd_serve)
 
     mo = sub.add_parser("models", help="model store: upload a model directory (or an evaluation set) for the pipeline")
     mo_sub = mo.add_subparsers(dest="models_command", required=True)

@@ -12,7 +12,8 @@
   margin). Otherwise it is refused with the reason and ``champion`` is left untouched. The interval
   and the verdict are tagged on the challenger (``promotion_gate``) either way; every alias move is
   tagged on the new champion (who, when, why, previous version), a refusal on the challenger.
-* :func:`load_registered` — downloads ``models:/NAME@alias`` and loads it from safetensors (never a
+* :func:`load_registered` — downloads ``models:/NAME@alias``, checks every file against the sha256 list the
+  registry recorded at registration (:mod:`ovtasks.registry.integrity`) and loads it from safetensors (never a
   pickle).
 
 Embedded default: ``sqlite:///<data_dir>/mlflow/mlflow.db`` with file artifacts beside it; production
@@ -155,6 +156,9 @@ def log_and_register(settings: Settings, model_dir: str, params: dict, history: 
     # the version points at the logged model (an MLflow 3 LoggedModel: a tracking server needs its id with the source)
     mv = client.create_model_version(name, logged.model_uri, run_id=run_id, tags=tags, description=description,
                                      model_id=logged.model_id)
+    from ovtasks.registry.integrity import record
+
+    record(mlflow, client, name, str(mv.version))  # every file's sha256, in the registry: checked before any load
     client.set_registered_model_alias(name, "challenger", mv.version)
     return Registered(name, str(mv.version), run_id, tags)
 
@@ -359,14 +363,14 @@ def _rollback_locked(client, name: str, version, who: str | None, why: str) -> P
 
 def load_registered(settings: Settings, alias: str = "champion", device: str = "cpu", architecture: str = "ov-maskrcnn"):
     """(model, meta, version) of ``models:/NAME@alias``, loaded from safetensors."""
+    from ovtasks.models.loading import load_model
+    from ovtasks.registry.integrity import verified_download
+    from ovtasks.registry.serving import trained_dir
+
     mlflow, client = _client(settings)
     name = registered_name(settings, architecture)
-    mv = _by_alias(client, name, alias)
-    if mv is None:
+    if _by_alias(client, name, alias) is None:
         raise LookupError(f"registered model {name!r} has no {alias!r} alias")
-    local = mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}")
-    from ovtasks.registry.serving import trained_dir
-    from ovtasks.models.loading import load_model
-
+    local, mv = verified_download(mlflow, client, f"models:/{name}@{alias}")
     model, meta = load_model(trained_dir(local), device)
     return model, meta, str(mv.version)

@@ -13,7 +13,8 @@ from ovtasks.registry.serving import Segmenter, trained_dir
 
 def predict_images(model_ref: str, paths: Sequence[str | Path], out_dir: str | Path, settings, names: str | None = None,
                    progress: bool = True) -> dict:
-    """``ovtasks predict``: run a registered (``models:/NAME@alias`` / ``models:/NAME/N``) or local model on
+    """``ovtasks predict``: run a registered (``models:/NAME@alias`` / ``models:/NAME/N``, checked against the
+    registry's sha256 list first) or local model on
     image files; write ``predictions.json`` (COCO results + images + categories) and one overlay picture per
     image under ``out_dir``. Unreadable files are listed in ``skipped``, not fatal."""
     from PIL import Image
@@ -22,15 +23,16 @@ def predict_images(model_ref: str, paths: Sequence[str | Path], out_dir: str | P
     from ovtasks.report.draw import overlay_instances
 
     local = model_ref
-    if model_ref.startswith(("models:/", "runs:/")):
+    if "://" in model_ref or model_ref.startswith("models:/"):  # a registered version: loaded only as registered
+        from ovtasks.registry.integrity import verified_download
         from ovtasks.registry.lifecycle import _client
 
-        mlflow, _ = _client(settings)
-        local = mlflow.artifacts.download_artifacts(model_ref)
+        mlflow, client = _client(settings)
+        local, _ = verified_download(mlflow, client, model_ref)
     seg = Segmenter(trained_dir(local), settings.device)
     if seg.architecture == "semantic-sam":
         raise ValueError("Semantic-SAM answers box prompts, which `ovtasks predict` does not take: serve it "
-                         "(`mlflow models serve`) and send a 'boxes' column with each image")
+                         "(`ovtasks serve`) and send a 'boxes' column with each image")
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     images, results, skipped, cat_ids = [], [], {}, {}

@@ -1,9 +1,11 @@
 """Registered models that answer images: an MLflow pyfunc around a trained model directory.
 
-Each registered version (OV Mask R-CNN or Semantic-SAM) is a pyfunc model (``MLmodel``, a signature, an
-input example; the trained directory, safetensors inside, as its artifact), so ``mlflow models serve -m
-models:/ovtasks-ov-maskrcnn@champion`` answers HTTP requests and :func:`ovtasks.registry.predict.predict_images` (``ovtasks
-predict``) runs a champion on a folder of images.
+Each registered version (OV Mask R-CNN or Semantic-SAM) is a pyfunc model from code (``MLmodel``, a signature,
+an input example, the class as the file :mod:`ovtasks.registry.pyfunc_model`; the trained directory, safetensors
+inside, as its artifact): nothing in it is a pickle. ``ovtasks serve models:/ovtasks-ov-maskrcnn@champion``
+checks every file against the sha256 list the registry holds for the version, then answers HTTP requests with
+``mlflow models serve``; :func:`ovtasks.registry.predict.predict_images` (``ovtasks predict``) runs a champion on
+a folder of images after the same check.
 
 Input: a table with a column ``image`` (the encoded image file, JPEG or PNG, base64), an optional column
 ``names`` (a comma-separated vocabulary; empty: the model's own training vocabulary) and, for Semantic-SAM
@@ -33,7 +35,7 @@ def encode_image(path_or_bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _decode_image(b64: str) -> np.ndarray:
+def decode_image(b64: str) -> np.ndarray:
     from PIL import Image
 
     try:
@@ -94,34 +96,6 @@ class Segmenter:
         return out
 
 
-def _python_model_class():
-    import mlflow.pyfunc
-
-    class OvtasksPyfunc(mlflow.pyfunc.PythonModel):
-        """The pyfunc MLflow stores with each registered version (see the module doc)."""
-
-        def load_context(self, context):
-            import os
-
-            self.segmenter = Segmenter(context.artifacts[MODEL_ARTIFACT], os.environ.get("OVTASKS_DEVICE", "cpu"))
-
-        def predict(self, context, model_input, params=None):
-            import pandas as pd
-
-            df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-            if "image" not in df.columns:
-                raise ValueError(f"input needs a column 'image' (base64 JPEG/PNG); got {list(df.columns)}")
-            names = df["names"].fillna("") if "names" in df.columns else pd.Series([""] * len(df))
-            boxes = df["boxes"] if "boxes" in df.columns else pd.Series([None] * len(df))
-            rows = []
-            for b64, vocab, bx in zip(df["image"], names, boxes):  # one image at a time: each may have its own vocabulary
-                prompts = [json.loads(bx)] if isinstance(bx, str) and bx.strip() else None
-                rows.append(json.dumps(self.segmenter.segment([_decode_image(b64)], vocab, boxes=prompts)[0]))
-            return pd.DataFrame({"instances": rows})
-
-    return OvtasksPyfunc
-
-
 def signature():
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
@@ -143,8 +117,10 @@ def input_example(architecture: str = "ov-maskrcnn"):
 
 
 def log_pyfunc(mlflow, model_dir: str, architecture: str = "ov-maskrcnn"):
-    """Log ``model_dir`` as this run's pyfunc model ``model``; returns MLflow's ModelInfo."""
-    return mlflow.pyfunc.log_model(name="model", python_model=_python_model_class()(), artifacts={MODEL_ARTIFACT: model_dir},
+    """Log ``model_dir`` as this run's pyfunc model ``model`` (models-from-code: the class is the file
+    :mod:`ovtasks.registry.pyfunc_model`, no pickle); returns MLflow's ModelInfo."""
+    code = Path(__file__).with_name("pyfunc_model.py")
+    return mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={MODEL_ARTIFACT: model_dir},
                                    signature=signature(), input_example=input_example(architecture),
                                    pip_requirements=[f"ovtasks=={__version__}"])
 

@@ -1,5 +1,5 @@
-"""`mlflow models serve` on loopback for the tests: start it for a registered model, send one image, return
-the instances it answers with, stop it."""
+"""`ovtasks serve` (the registry's sha256 check, then `mlflow models serve`) on loopback for the tests: start it
+for a registered model, send one image, return the instances it answers with, stop it."""
 
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ def ask_served_model(model_uri: str, tracking_uri: str, image: Path, names: str,
 
     port = free_port()
     env = {**os.environ, "PATH": str(BIN) + os.pathsep + os.environ.get("PATH", ""),  # it execs uvicorn by name
-           **(env or {}), "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
+           **(env or {}), "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri,
+           "OVTASKS_REGISTRY__TRACKING_URI": tracking_uri}
     log = open(log_path, "w")
-    argv = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    argv = [str(BIN / "ovtasks"), "serve", model_uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     proc = subprocess.Popen((wrap or list)(argv), env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         buf = io.BytesIO()

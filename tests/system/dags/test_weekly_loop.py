@@ -14,7 +14,7 @@ render (the same worker under helm), and the chart's rendered ConfigMap must set
 Models and the evaluation set are put in the store with ``ovtasks models upload`` (the operator guide's step);
 an ingest triggered through the REST API starts the data-aware chain (clean-shards Asset -> pseudo-label ->
 pseudo-label Asset -> retrain -> model Asset); a second retrain and both promotions are triggered through
-the REST API; the champion answers an image through ``mlflow models serve``; ``ovtasks promote --version``
+the REST API; the champion answers an image through ``ovtasks serve`` (sha256 check, then ``mlflow models serve``); ``ovtasks promote --version``
 rolls back. A loopback SMTP server receives the promotion and failure mails; task logs land in the store.
 
 Everything that differs from compose is listed in the test (``REWRITES`` and ``test_only``): where a container

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,86 @@ def test_a_rollback_racing_a_promotion_ends_in_a_serial_order(world, tmp_path, l
     finally:
         if lock == "postgres":
             ctx.__exit__(None, None, None)
+
+
+# -- item 1: nothing from the artifact store runs unless it is what was registered
+
+
+def _version_files(s) -> Path:
+    """The embedded artifact store's copy of the (only) registered model: the folder holding its MLmodel."""
+    found = sorted((Path(s.data_dir) / "mlflow").rglob("MLmodel"))
+    assert len(found) == 1, found
+    return found[0].parent
+
+
+def test_a_registered_version_holds_no_pickle_and_its_sha256_list_is_in_the_registry(world, tmp_path):
+    import yaml
+
+    from ovtasks.registry.integrity import MANIFEST_TAG, digest_tree
+
+    s = _fresh(tmp_path)
+    v = _register(s, world, world[1]["novel_mask_AP50"])
+    files = _version_files(s)
+    assert not [p for p in files.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".pth", ".joblib")]
+    flavor = yaml.safe_load((files / "MLmodel").read_text())["flavors"]["python_function"]
+    assert str(flavor.get("model_code_path", "")).endswith("pyfunc_model.py") and "python_model" not in flavor
+    recorded = json.loads(_client(s).get_model_version(s.registry.model_name, v.version).tags[MANIFEST_TAG])
+    # MLflow adds registered_model_meta (name, version) to every models:/ download; the rest is the store's copy
+    assert {k: v for k, v in recorded.items() if k != "registered_model_meta"} == digest_tree(files)
+    assert any(k.endswith("model.safetensors") for k in recorded) and "pyfunc_model.py" in recorded
+
+
+@pytest.mark.parametrize("target", ["code", "MLmodel", "weights", "extra"])
+def test_a_tampered_version_is_refused_before_anything_of_it_runs(world, tmp_path, target):
+    """Someone with write access to the artifact store swaps the code (a payload that would create a marker), the
+    MLmodel, the weights, or adds a file: `ovtasks predict`, `ovtasks serve` and the loader refuse the version."""
+    from ovtasks.cli.main import main
+    from ovtasks.registry.integrity import IntegrityError
+    from ovtasks.registry.lifecycle import load_registered, promote
+
+    s = _fresh(tmp_path, OVTASKS_REGISTRY__MIN_NOVEL_AP50="0")
+    _register(s, world, world[1]["novel_mask_AP50"])
+    assert promote(s, who="tester").promoted
+    files = _version_files(s)
+    marker = tmp_path / "pwned"
+    payload = f"import os\nos.makedirs({str(marker)!r}, exist_ok=True)\n"
+    if target == "code":
+        code = next(files.rglob("*.py"))
+        code.write_text(payload + code.read_text())
+    elif target == "MLmodel":
+        (files / "MLmodel").write_text((files / "MLmodel").read_text() + "\n# edited\n")
+    elif target == "weights":
+        w = next(files.rglob("model.safetensors"))
+        w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
+    else:
+        (files / "code").mkdir(exist_ok=True)
+        (files / "code" / "sitecustomize.py").write_text(payload)
+    with pytest.raises(IntegrityError, match="does not match what was registered"):
+        load_registered(s)
+    env = {"OVTASKS_DATA_DIR": str(tmp_path / "data")}
+    import os
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        assert main(["predict", str(tmp_path), "--out", str(tmp_path / "pred")]) != 0
+        assert main(["serve", "--port", "1", "--dir", str(tmp_path / "served")]) != 0
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert not marker.exists(), "the tampered code ran"
+
+
+def test_a_version_without_a_sha256_record_is_refused(world, tmp_path):
+    from ovtasks.registry.integrity import MANIFEST_TAG, IntegrityError
+    from ovtasks.registry.lifecycle import load_registered, promote
+
+    s = _fresh(tmp_path, OVTASKS_REGISTRY__MIN_NOVEL_AP50="0")
+    v = _register(s, world, world[1]["novel_mask_AP50"])
+    assert promote(s, who="tester").promoted
+    _client(s).delete_model_version_tag(s.registry.model_name, v.version, MANIFEST_TAG)
+    with pytest.raises(IntegrityError, match="no artifact_sha256 record"):
+        load_registered(s)
