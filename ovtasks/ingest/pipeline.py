@@ -128,7 +128,10 @@ class _HashingReader:
 
 
 _INVISIBLE = {cp: None for cp in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, 0xAD, 0x200B, 0x200C, 0x200D,
-                                  0x2060, 0xFEFF)}  # control, soft-hyphen, zero-width, BOM (tab/newline stay: whitespace)
+                                  0x200E, 0x200F, 0x061C, *range(0x202A, 0x202F), *range(0x2066, 0x206A),
+                                  0x2060, 0xFEFF)}
+# control, soft-hyphen, zero-width, bidirectional marks / embeddings / overrides / isolates (U+200E-F, U+061C,
+# U+202A-E, U+2066-9), BOM; tab/newline stay (whitespace)
 
 
 def _caption(raw: RawSample, meta: dict, cfg: IngestConfig) -> tuple[str | None, str, str]:

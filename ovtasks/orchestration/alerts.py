@@ -41,14 +41,27 @@ def send_alert(subject: str, body: str) -> list[str]:
     url = _slack_webhook(os.environ.get("OVDAGS_SLACK_CONN_ID", "ovtasks_slack"))
     if url:
         try:
-            req = urllib.request.Request(url, data=json.dumps({"text": f"*{subject}*\n{body}"}).encode(),
+            req = urllib.request.Request(url, data=json.dumps({"text": slack_text(subject, body)}).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
             with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - the operator's configured webhook
                 resp.read()
             sent.append("slack")
         except Exception as exc:  # noqa: BLE001
-            log.warning("alert to Slack not sent: %s: %s", type(exc).__name__, exc)
+            # never the URL: an incoming webhook's URL is its secret, and urllib's errors repeat it
+            reason = getattr(exc, "code", None) or getattr(getattr(exc, "reason", None), "__class__", type(exc)).__name__
+            log.warning("alert to Slack not sent (connection %s): %s: %s", os.environ.get("OVDAGS_SLACK_CONN_ID", "ovtasks_slack"),
+                        type(exc).__name__, reason)
     return sent
+
+
+def slack_escape(text: str) -> str:
+    """Slack's mrkdwn control characters as entities: ``<!channel>``, ``<https://x|click>`` and ``&`` in DAG
+    parameters stay text (Slack's "escaping text" rules: only ``&``, ``<`` and ``>``)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_text(subject: str, body: str) -> str:
+    return f"*{slack_escape(subject)}*\n{slack_escape(body)}"
 
 
 def _slack_webhook(conn_id: str) -> str | None:

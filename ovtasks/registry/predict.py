@@ -8,7 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ovtasks.registry.serving import Segmenter, trained_dir
+from ovtasks.core.imaging import ImageRejected
+from ovtasks.registry.serving import Segmenter, to_model_rgb, trained_dir
 
 
 def predict_images(model_ref: str, paths: Sequence[str | Path], out_dir: str | Path, settings, names: str | None = None,
@@ -16,7 +17,9 @@ def predict_images(model_ref: str, paths: Sequence[str | Path], out_dir: str | P
     """``ovtasks predict``: run a registered (``models:/NAME@alias`` / ``models:/NAME/N``, checked against the
     registry's sha256 list first) or local model on
     image files; write ``predictions.json`` (COCO results + images + categories) and one overlay picture per
-    image under ``out_dir``. Unreadable files are listed in ``skipped``, not fatal."""
+    image under ``out_dir`` (``overlays/NNNNNN-<file name>.png``, named in ``images[].overlay``). A file that cannot be
+    read, that ingest would reject (over ``ingest.max_pixels``, extreme aspect ratio, ...) or that the model fails on is
+    listed in ``skipped`` with its reason; the rest is written."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -38,21 +41,24 @@ def predict_images(model_ref: str, paths: Sequence[str | Path], out_dir: str | P
     images, results, skipped, cat_ids = [], [], {}, {}
     for i, path in enumerate(tqdm(list(paths), desc="predict", unit="img", disable=not progress), start=1):
         path = Path(path)
-        try:
-            with Image.open(path) as im:
-                rgb = im.convert("RGB")
-        except Exception as exc:  # noqa: BLE001 - one bad file never stops the folder
+        try:  # ingest's decoding and guards (pixel cap before decoding, aspect ratio, EXIF, 16-bit, alpha)
+            arr = to_model_rgb(path.read_bytes())
+            found = seg.segment([arr], names)[0]
+        except ImageRejected as exc:  # one bad file never stops the folder
+            skipped[str(path)] = f"{exc.reason}: {exc.detail}"
+            continue
+        except Exception as exc:  # noqa: BLE001 - an unreadable file or a model failure on this image alone
             skipped[str(path)] = f"{type(exc).__name__}: {exc}"
             continue
-        arr = np.asarray(rgb)
-        images.append({"id": i, "file_name": str(path), "height": arr.shape[0], "width": arr.shape[1]})
+        overlay = f"{i:06d}-{path.name}.png"  # unique per input: x/a.png, y/a.png and x/a.jpg are three overlays
+        images.append({"id": i, "file_name": str(path), "height": arr.shape[0], "width": arr.shape[1], "overlay": overlay})
         anns = []
-        for inst in seg.segment([arr], names)[0]:
+        for inst in found:
             cid = cat_ids.setdefault(inst["name"], len(cat_ids) + 1)
             anns.append({"image_id": i, "category_id": cid, "score": inst["score"], "bbox": inst["bbox"],
                          "segmentation": inst["segmentation"]})
         results += anns
-        overlay_instances(rgb, anns, {v: k for k, v in cat_ids.items()}).save(out / "overlays" / f"{path.stem}.png")
+        overlay_instances(Image.fromarray(arr), anns, {v: k for k, v in cat_ids.items()}).save(out / "overlays" / overlay)
     doc = {"model": model_ref, "images": images, "annotations": results,
            "categories": [{"id": v, "name": k} for k, v in cat_ids.items()], "skipped": skipped}
     (out / "predictions.json").write_text(json.dumps(doc))

@@ -35,14 +35,29 @@ def encode_image(path_or_bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def to_model_rgb(data: bytes) -> np.ndarray:
+    """An image file's bytes as the RGB array the models saw in training: ingest's own decoding
+    (:func:`ovtasks.core.imaging.decode_image`: the declared size checked against ``ingest.max_pixels`` before any
+    pixel is decoded, the minimum side and aspect ratio, EXIF orientation applied, 16-bit scaled to 8 bits,
+    transparency composited on white). Raises :class:`ovtasks.core.imaging.ImageRejected` with its reason."""
+    from ovtasks.core.config import IngestConfig
+    from ovtasks.core.imaging import decode_image as ingest_decode
+
+    return np.asarray(ingest_decode(data, IngestConfig()).image.convert("RGB"))
+
+
 def decode_image(b64: str) -> np.ndarray:
-    from PIL import Image
+    """A base64 image from a serving request, decoded as :func:`to_model_rgb` does."""
+    from ovtasks.core.imaging import ImageRejected
 
     try:
-        with Image.open(io.BytesIO(base64.b64decode(b64, validate=True))) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as exc:  # noqa: BLE001 - bad base64 or an undecodable image: a clear error for the caller
+        data = base64.b64decode(b64, validate=True)
+    except Exception as exc:  # noqa: BLE001 - bad base64: a clear error for the caller
         raise ValueError(f"column 'image' must hold a base64-encoded JPEG or PNG: {type(exc).__name__}: {exc}") from exc
+    try:
+        return to_model_rgb(data)
+    except ImageRejected as exc:
+        raise ValueError(f"column 'image': {exc.reason}: {exc.detail}") from exc
 
 
 class Segmenter:

@@ -48,7 +48,7 @@ def test_whole_chain_with_airflow_dags_test(synth_small, tmp_path, smtp_server):
     s = load_settings(env={"OVTASKS_DATA_DIR": str(data)})
     c = MlflowClient(tracking_uri(s), registry_uri=tracking_uri(s))
     mv = c.get_model_version_by_alias(s.registry.model_name, "champion")
-    assert str(mv.version) == "1" and mv.tags["promoted_by"] == "airflow:manual" and mv.tags["dag_run"].startswith("ovtasks_retrain/")
+    assert str(mv.version) == "1" and mv.tags["promoted_by"] == "airflow:dag_test" and mv.tags["dag_run"].startswith("ovtasks_retrain/")
     assert mv.tags["eval_held_out_images"] == "6"  # the 6 evaluated images were held out of training, recorded
     # no evaluation set: the retrain run fails with what to do, before training
     no_eval = dict(env, OVTASKS_PIPELINE__EVAL_GT_URI=str(tmp_path / "nowhere" / "instances.json"), OVDAGS_RETRY_DELAY_S="0")

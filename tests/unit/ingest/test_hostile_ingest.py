@@ -155,7 +155,8 @@ def test_metadata_that_would_bypass_the_filters(tmp_path, meta, reason):
 @pytest.mark.parametrize("caption, reason", [
     (["a", "red", "ball"], "bad_metadata"), ({"text": CAPTION}, "bad_metadata"), (True, "bad_metadata"), (12, "bad_metadata"),
     ("\u200b\u200c\u200d\ufeff", "empty_caption"), ("\x00\x00\x00", "empty_caption"),
-], ids=["list", "dict", "bool", "int", "zero_width", "nuls"])
+    ("\u202a\u202b\u202c\u202d\u202e", "empty_caption"), ("\u2066\u2067\u2068\u2069 \u200e\u200f\u061c", "empty_caption"),
+], ids=["list", "dict", "bool", "int", "zero_width", "nuls", "bidi_embeddings", "bidi_isolates_marks"])
 def test_captions_that_are_not_text(tmp_path, caption, reason):
     bad = {"jpg": encode_image(noise_image(3)), "json": json.dumps({"caption": caption, "punsafe": 0.01}).encode()}
     report, reasons, _ = _ingest_within(tmp_path, {"00000.tar": tar_of(flatten({"000000000": good_sample(1), "000000001": bad}))})

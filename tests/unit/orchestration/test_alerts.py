@@ -61,6 +61,37 @@ def test_failure_and_promotion_alerts_reach_mail_and_slack(smtp_server, webhook,
     assert "below the floor" in posts[1]["text"] and posts[0]["text"].startswith("*[ovtasks] FAILED")
 
 
+def test_slack_messages_carry_dag_parameters_as_text(webhook, monkeypatch):
+    """A reason like ``<!channel> see <https://evil|here> & more`` must not ping the channel or make a link."""
+    from ovtasks.orchestration.alerts import promotion_text, send_alert
+
+    url, posts = webhook
+    monkeypatch.delenv("OVDAGS_ALERT_EMAILS", raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_OVTASKS_SLACK", json.dumps({"conn_type": "http", "host": url}))
+    hostile = "<!channel> see <https://evil.example|here> & <@U123>"
+    r = {"promoted": False, "reason": hostile, "challenger": "2", "champion_before": "1", "champion_after": "1", "gate": None}
+    assert send_alert(*promotion_text("ov-maskrcnn", r)) == ["slack"]
+    text = posts[0]["text"]
+    assert "<" not in text.replace("&lt;", "") and ">" not in text.replace("&gt;", "")
+    assert "&lt;!channel&gt; see &lt;https://evil.example|here&gt; &amp; &lt;@U123&gt;" in text
+
+
+def test_a_malformed_webhook_url_is_never_logged(monkeypatch, caplog):
+    import logging
+
+    from ovtasks.orchestration.alerts import send_alert
+
+    monkeypatch.delenv("OVDAGS_ALERT_EMAILS", raising=False)
+    secret = "T0SECRET/B0SECRET/xxxxSECRETxxxx"
+    for bad in (f"http://127.0.0.1:{_free_port()}/services/{secret}", f"https://hooks slack com/services/{secret}",
+                f"http://[::1:{secret}"):
+        monkeypatch.setenv("AIRFLOW_CONN_OVTASKS_SLACK", json.dumps({"conn_type": "http", "host": bad}))
+        with caplog.at_level(logging.WARNING, logger="ovtasks.orchestration.alerts"):
+            assert send_alert("s", "b") == []
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Slack not sent" in logged and "SECRET" not in logged
+
+
 def test_unconfigured_or_unreachable_channels_never_raise(monkeypatch):
     from ovtasks.orchestration.alerts import send_alert
 

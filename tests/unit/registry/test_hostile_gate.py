@@ -274,3 +274,70 @@ def test_a_version_without_a_sha256_record_is_refused(world, tmp_path):
     _client(s).delete_model_version_tag(s.registry.model_name, v.version, MANIFEST_TAG)
     with pytest.raises(IntegrityError, match="no artifact_sha256 record"):
         load_registered(s)
+
+
+# -- items 13-16: predict and the served model take images as ingest and training do
+
+
+def _png(arr, mode=None, **save) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def test_serving_decodes_images_as_training_saw_them():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ovtasks.registry.serving import to_model_rgb
+
+    grey16 = _png(np.full((64, 64), 32768, np.uint16))  # 16-bit mid-grey: training saw 127, not white
+    assert abs(int(to_model_rgb(grey16).mean()) - 127) <= 1
+    clear = np.zeros((64, 64, 4), np.uint8)  # fully transparent: composited on white, as ingest does
+    assert to_model_rgb(_png(clear, "RGBA")).min() == 255
+    im = Image.fromarray(np.zeros((64, 96, 3), np.uint8))  # 96 wide, 64 high, EXIF "rotate 90": 64 wide
+    exif = im.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif.tobytes())
+    assert to_model_rgb(buf.getvalue()).shape == (96, 64, 3)
+
+
+def test_predict_skips_bombs_slivers_and_broken_files_and_names_every_overlay(world, tmp_path):
+    """A 7000x7000 PNG of a few KB, a 1x4000 sliver and a broken file are skipped with their reasons while the
+    good images are written; x/a.png, y/a.png and x/a.jpg get three overlays."""
+    import numpy as np
+
+    from ovtasks.registry.predict import predict_images
+
+    s = _fresh(tmp_path)
+    x, y = tmp_path / "in" / "x", tmp_path / "in" / "y"
+    x.mkdir(parents=True)
+    y.mkdir()
+    rng = np.random.default_rng(0)
+    good = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    (x / "a.png").write_bytes(_png(good))
+    (y / "a.png").write_bytes(_png(good[::-1].copy()))
+    from PIL import Image
+
+    Image.fromarray(good).save(x / "a.jpg")
+    bomb = tmp_path / "in" / "bomb.png"
+    bomb.write_bytes(_png(np.zeros((7000, 7000), np.uint8), optimize=True))
+    assert bomb.stat().st_size < 200_000
+    (tmp_path / "in" / "sliver.png").write_bytes(_png(np.zeros((1, 4000, 3), np.uint8)))
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    paths = [x / "a.png", y / "a.png", x / "a.jpg", bomb, tmp_path / "in" / "sliver.png", tmp_path / "in" / "broken.jpg"]
+    out = predict_images(world[0].model_dir, paths, tmp_path / "pred", s, progress=False)
+    doc = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert out["images"] == 3 and len(doc["images"]) == 3
+    assert doc["skipped"][str(bomb)].startswith("decompression_bomb")
+    assert doc["skipped"][str(tmp_path / "in" / "sliver.png")].split(":")[0] in ("bad_aspect_ratio", "too_small")
+    assert doc["skipped"][str(tmp_path / "in" / "broken.jpg")].startswith(("undecodable_image", "truncated_image"))
+    overlays = sorted(p.name for p in (tmp_path / "pred" / "overlays").glob("*.png"))
+    assert len(overlays) == 3 and overlays == sorted(im["overlay"] for im in doc["images"])
