@@ -32,7 +32,7 @@ CASES = [
     ("ingest_s3_unreachable", ["ingest", "--src", "s3://bucket/laion", "--out", "{dir}/o"], UNREACHABLE_S3, "127.0.0.1:9"),
     ("ingest_s3_not_configured", ["ingest", "--src", "s3://bucket/laion", "--out", "{dir}/o"], {}, "OVTASKS_S3__ENDPOINT"),
     ("bad_config_value", ["ingest", "--src", "{shards}", "--out", "{dir}/o"], {"OVTASKS_WORKERS": "lots"}, "workers"),
-    ("unknown_config_key", ["status"], {"OVTASKS_NO_SUCH_KEY": "1"}, "no_such_key"),
+    ("unknown_config_key", ["status"], {"OVTASKS_INGEST__NO_SUCH_KEY": "1"}, "ingest.no_such_key"),
     ("train_itm_src_missing", ["train-itm", "--src", "{dir}/nowhere", "--out", "{dir}/o"], {}, "nowhere"),
     ("train_wspn_src_missing", ["train-wspn", "--src", "{dir}/nowhere", "--out", "{dir}/o"], {}, "nowhere"),
     ("pseudo_label_src_missing", ["pseudo-label", "--src", "{dir}/nowhere", "--out", "{dir}/o"], {}, "nowhere"),
