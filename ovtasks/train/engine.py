@@ -4,6 +4,7 @@ clipping, the history record), checkpoint and resume of a killed run."""
 from __future__ import annotations
 
 import json
+import os
 import logging
 import math
 import time
@@ -65,7 +66,7 @@ def resume(ckpt: Path, hist_path: Path, model, opt, sched, key: str, data_sha: s
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     start = int(state["step"])
-    history = json.loads(hist_path.read_text()) if hist_path.exists() else []
+    history = read_history(hist_path)
     log.info("resumed training", extra={"step": start, "checkpoint": str(ckpt)})
     return start, [h for h in history if h["step"] < step0 + start]
 
@@ -75,5 +76,32 @@ def checkpoint(ckpt: Path, hist_path: Path, model, opt, sched, step: int, key: s
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "step": step, "config": key, "data": data_sha}, tmp)
-    hist_path.write_text(json.dumps(history))
+    write_json_atomic(hist_path, history)
     tmp.replace(ckpt)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """``obj`` as JSON at ``path``: written to a temporary file beside it, flushed to disk, then renamed, so a
+    full disk or a kill mid-write leaves the previous file (or none), never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def read_history(path: Path) -> list:
+    """A training history written by :func:`write_json_atomic`; an unreadable one (truncated by a crash of an older
+    version, edited by hand) is ignored with a warning: the records are lost, the run goes on."""
+    if not path.exists():
+        return []
+    try:
+        history = json.loads(path.read_text())
+        if isinstance(history, list) and all(isinstance(h, dict) and isinstance(h.get("step"), int) for h in history):
+            return history
+        problem = "not a list of step records"
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    log.warning("training history ignored: unreadable", extra={"history": str(path), "problem": problem[:200]})
+    return []

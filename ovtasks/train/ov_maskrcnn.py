@@ -39,7 +39,8 @@ from ovtasks.models.loading import META
 from ovtasks.models.ov_maskrcnn import ARCHITECTURE, build_from_config, to_tensor
 from ovtasks.report.pictures import loss_curve
 from ovtasks.train.data import gt_training_data, training_data
-from ovtasks.train.engine import checkpoint, make_optimizer, optimizer_step, resume, warmup_cosine
+from ovtasks.train.engine import (checkpoint, make_optimizer, optimizer_step, read_history, resume, warmup_cosine,
+                                  write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(done)))
-        return json.loads(hist_path.read_text())
+        return read_history(hist_path)
     if ckpt.exists():
         start, history = resume(ckpt, hist_path, model, opt, sched, key, data_sha, device, step0)
     model.train()
@@ -179,7 +180,7 @@ def _fit_phase(model, samples, cats, emb, data_sha: str, out: Path, device: str,
             checkpoint(ckpt, hist_path, model, opt, sched, step + 1, key, data_sha, history)
     from safetensors.torch import save_file
 
-    hist_path.write_text(json.dumps(history))
+    write_json_atomic(hist_path, history)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(done))
     ckpt.unlink(missing_ok=True)
     return history
