@@ -51,6 +51,8 @@ def _rle_ok(seg, h: int, w: int) -> bool:
     garbage strings without complaint; a real RLE round-trips)."""
     from ovtasks.data.groundtruth import decode_rle, encode_rle
 
+    if not _declared_size_is(seg, h, w):  # a 45-byte RLE may declare 20000x20000: never decode what is not this image's
+        return False
     try:
         m = decode_rle(seg)
         counts = seg["counts"]
@@ -60,35 +62,88 @@ def _rle_ok(seg, h: int, w: int) -> bool:
     return same and m.shape == (h, w) and bool(m.any())
 
 
-def _duplicates(anns: list[dict], iou_thr: float) -> list[bool]:
-    """Per annotation: True when an earlier, higher-scored one of its image and category overlaps it
-    with mask IoU above ``iou_thr``."""
+def _declared_size_is(seg, h: int, w: int) -> bool:
+    size = seg.get("size") if isinstance(seg, dict) else None
+    return isinstance(size, (list, tuple)) and len(size) == 2 and [_int(size[0]), _int(size[1])] == [h, w]
+
+
+def _int(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _number(v) -> float:
+    """A JSON number as a float; anything else (a string, a list, None, a bool) as NaN, which every range
+    expectation refuses."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return float("nan")
+    return float(v)
+
+
+def _box(v) -> tuple[float, float, float, float] | None:
+    """``[x, y, w, h]`` of four finite numbers with positive width and height; None otherwise."""
+    if not isinstance(v, (list, tuple)) or len(v) != 4:
+        return None
+    x, y, bw, bh = (_number(t) for t in v)
+    if not all(np.isfinite((x, y, bw, bh))) or bw <= 0 or bh <= 0:
+        return None
+    return x, y, bw, bh
+
+
+def _overflow(box, h: int, w: int) -> float:
+    """Pixels the box reaches outside the image (inf for no box or no image)."""
+    if box is None or not (h and w):
+        return float("inf")
+    x, y, bw, bh = box
+    return max(-x, -y, x + bw - w, y + bh - h)
+
+
+def _duplicates(anns: list[dict], sizes: dict, iou_thr: float, cap: int) -> list[bool]:
+    """Per annotation: True when an earlier, higher-scored one of its image and category overlaps it with mask IoU
+    above ``iou_thr``. Near-linear: masks are compared only when their boxes overlap and their areas are within
+    the IoU's ratio (a sweep over boxes sorted by x), an image over ``cap`` instances is not compared at all (its
+    instance count fails the images suite), and an RLE that does not declare its image's size is skipped (the RLE
+    check fails it) instead of being decoded."""
     from pycocotools import mask as mask_utils
 
     flags = [False] * len(anns)
+    per_image: dict[int, int] = {}
+    for a in anns:
+        if _int(a.get("image_id")) is not None:
+            per_image[a["image_id"]] = per_image.get(a["image_id"], 0) + 1
     groups: dict[tuple, list[int]] = {}
     for i, a in enumerate(anns):
-        groups.setdefault((a.get("image_id"), a.get("category_id")), []).append(i)
-    for idx in groups.values():
+        img, cat = a.get("image_id"), a.get("category_id")
+        if _int(img) is None or _int(cat) is None or img not in sizes or per_image.get(img, 0) > cap:
+            continue
+        groups.setdefault((img, cat), []).append(i)
+    for (img, _cat), idx in groups.items():
         if len(idx) < 2:
             continue
-        idx = sorted(idx, key=lambda i: -float(anns[i].get("score") or 0))
-        rles = []
+        h, w = sizes[img]
+        items = []
         for i in idx:
+            seg = anns[i].get("segmentation")
+            if not _declared_size_is(seg, h, w):
+                continue
             try:
-                rles.append(to_pycoco(anns[i].get("segmentation")))
-            except (TypeError, KeyError):
-                rles.append(None)
-        ok = [k for k, r in enumerate(rles) if r is not None]
-        if len(ok) < 2:
-            continue
-        try:
-            iou = mask_utils.iou([rles[k] for k in ok], [rles[k] for k in ok], [0] * len(ok))
-        except Exception:  # noqa: BLE001 - mismatched sizes: the RLE check reports those
-            continue
-        for a in range(1, len(ok)):
-            if (np.asarray(iou)[a, :a] > iou_thr).any():
-                flags[idx[ok[a]]] = True
+                rle = to_pycoco(seg)
+                x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+                area = float(mask_utils.area(rle))
+            except Exception:  # noqa: BLE001 - a malformed RLE: the RLE check reports it
+                continue
+            score = _number(anns[i].get("score"))
+            items.append((x, y, x + bw, y + bh, area, -score if np.isfinite(score) else 0.0, i, rle))
+        items.sort(key=lambda t: t[0])
+        for k, (x1, y1, x2, y2, area, neg_score, i, rle) in enumerate(items):
+            for m in range(k + 1, len(items)):
+                ox1, oy1, ox2, oy2, oarea, oneg, j, orle = items[m]
+                if ox1 >= x2:  # sorted by x1: no later box overlaps this one
+                    break
+                if oy1 >= y2 or oy2 <= y1 or min(area, oarea) < iou_thr * max(area, oarea):
+                    continue
+                if float(mask_utils.iou([rle], [orle], [0])[0][0]) > iou_thr:
+                    # the lower-scored of the two (the later in the file on a tie) is the duplicate
+                    flags[j if (oneg, j) > (neg_score, i) else i] = True
     return flags
 
 
@@ -96,15 +151,25 @@ def tables(doc: dict, vocab: Vocabulary, cfg: ValidateConfig):
     """(annotations, images) pandas tables of one shard JSON, with the columns the suite checks."""
     import pandas as pd
 
-    sizes = {im["id"]: (int(im["height"]), int(im["width"])) for im in doc.get("images", [])}
-    anns = doc.get("annotations", [])
-    dup = _duplicates(anns, cfg.duplicate_iou)
+    images, anns = doc.get("images"), doc.get("annotations")
+    if not isinstance(images, list) or not isinstance(anns, list):
+        raise ValueError("the shard JSON needs lists 'images' and 'annotations'")
+    sizes = {}
+    for im in images:
+        if not isinstance(im, dict) or _int(im.get("id")) is None or _int(im.get("height")) is None or _int(im.get("width")) is None \
+                or im["height"] <= 0 or im["width"] <= 0:
+            raise ValueError(f"an image record needs integer id, height, width > 0: {json.dumps(im)[:200]}")
+        sizes[im["id"]] = (im["height"], im["width"])
+    anns = [a if isinstance(a, dict) else {} for a in anns]  # a non-object annotation fails every check below
+    dup = _duplicates(anns, sizes, cfg.duplicate_iou, cfg.max_instances_per_image)
     rows = []
     for a, is_dup in zip(anns, dup):
-        h, w = sizes.get(a.get("image_id"), (0, 0))
-        x, y, bw, bh = (float(v) for v in (a.get("pseudo_box") or a.get("bbox") or (0, 0, 0, 0)))
-        overflow = max(-x, -y, x + bw - w, y + bh - h) if (h and w) else float("inf")
-        box_area = bw * bh
+        img = a.get("image_id") if _int(a.get("image_id")) is not None else None
+        h, w = sizes.get(img, (0, 0))
+        pseudo = _box(a.get("pseudo_box") or a.get("bbox"))
+        bbox = _box(a.get("bbox"))  # what training reads
+        overflow = _overflow(pseudo, h, w)
+        box_area = pseudo[2] * pseudo[3] if pseudo else 0.0
         cid, name = a.get("category_id"), a.get("category_name")
         entry = vocab.by_id.get(cid) if isinstance(cid, int) else None
         if a.get("known_category", True):
@@ -112,19 +177,23 @@ def tables(doc: dict, vocab: Vocabulary, cfg: ValidateConfig):
         else:
             cat_ok = isinstance(cid, int) and cid >= OPEN_VOCAB_ID_BASE and isinstance(name, str) and bool(name.strip())
         score = a.get("score")
+        area = _number(a.get("area"))
         rows.append({
-            "image_id": a.get("image_id"), "category_name": name, "box_overflow": float(overflow),
-            "mask_box_ratio": float(a.get("area", 0)) / box_area if box_area > 0 else float("inf"),
-            "score": float(score) if isinstance(score, (int, float)) else float("nan"),
+            "image_id": str(a.get("image_id"))[:40], "category_name": str(name)[:80], "box_overflow": float(overflow),
+            "bbox_overflow": _overflow(bbox, h, w),
+            "mask_box_ratio": area / box_area if box_area > 0 and np.isfinite(area) else float("inf"),
+            "score": _number(score),
             "rle_valid": _rle_ok(a.get("segmentation"), h, w) if h else False,
             "category_valid": bool(cat_ok), "duplicate": float(is_dup),
         })
-    cols = ["image_id", "category_name", "box_overflow", "mask_box_ratio", "score", "rle_valid", "category_valid", "duplicate"]
+    cols = ["image_id", "category_name", "box_overflow", "bbox_overflow", "mask_box_ratio", "score", "rle_valid",
+            "category_valid", "duplicate"]
     ann_df = pd.DataFrame(rows, columns=cols)
     per_image = {i: [] for i in sizes}
     for a in anns:
-        if a.get("image_id") in per_image:
-            per_image[a["image_id"]].append(float(a.get("score") or 0))
+        if _int(a.get("image_id")) is not None and a["image_id"] in per_image:
+            sc = _number(a.get("score"))
+            per_image[a["image_id"]].append(sc if np.isfinite(sc) else 0.0)
     img_df = pd.DataFrame([{"image_id": i, "instances": len(s), "labelled": float(any(v >= cfg.instance_score_floor for v in s))}
                            for i, s in per_image.items()], columns=["image_id", "instances", "labelled"])
     return ann_df, img_df
@@ -137,6 +206,8 @@ def suites(cfg: ValidateConfig):
     E = gx.expectations
     ann = [
         E.ExpectColumnValuesToBeBetween(column="box_overflow", max_value=cfg.max_box_overflow_px),
+        # the box training reads: four finite numbers, positive size, inside the image
+        E.ExpectColumnValuesToBeBetween(column="bbox_overflow", max_value=cfg.max_box_overflow_px),
         E.ExpectColumnValuesToBeBetween(column="mask_box_ratio", min_value=cfg.min_mask_box_ratio,
                                         max_value=cfg.max_mask_box_ratio, mostly=cfg.mask_box_ratio_mostly),
         E.ExpectColumnValuesToBeBetween(column="score", min_value=0.0, max_value=1.0),
@@ -246,8 +317,19 @@ def validate(src_uri: str, settings: Settings, generator: str = "maskfree", prog
             entries.append({"shard": shard, "success": False, "sha256": sha,
                             "reasons": [f"pseudo-label JSON does not match its manifest (sha256 {sha[:12]} != {str(recorded)[:12]})"]})
             continue
-        doc = json.loads(blob)
-        ann_df, img_df = tables(doc, vocab, cfg)
+        try:  # one malformed shard fails alone, with its reason; the others are still checked
+            doc = json.loads(blob)
+            if not isinstance(doc, dict):
+                raise ValueError(f"the shard JSON is a {type(doc).__name__}, not an object")
+            ann_df, img_df = tables(doc, vocab, cfg)
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as exc:
+            entries.append({"shard": shard, "success": False, "sha256": sha,
+                            "reasons": [f"malformed pseudo-label JSON: {type(exc).__name__}: {str(exc)[:300]}"]})
+            log.warning("shard failed validation; excluded from training",
+                        extra={"shard": shard, "reasons": entries[-1]["reasons"]})
+            if tick:
+                tick()
+            continue
         with tempfile.TemporaryDirectory(prefix="ovtasks-gx-") as docs:
             v = validate_tables(shard, ann_df, img_df, cfg, docs)
             pages = {}
