@@ -128,8 +128,9 @@ def labelled(synth_small, clean_small, tmp_path_factory):
         (base / f"{shard}.manifest.json").write_text(json.dumps({"status": "complete", "files": {
             f"pseudo/maskfree/{shard}.json": {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}}}))
     cats = sorted(cats.values(), key=lambda c: c["id"])
-    (base / "categories.json").write_text(json.dumps(cats))
-    np.save(base / "text_embeddings.npy", TextEncoder("minilm").encode([c["name"] for c in cats]))
+    from ovtasks.pseudolabel.runner import write_category_embeddings
+
+    write_category_embeddings(open_store(str(out)), "maskfree", cats, TextEncoder("minilm").encode([c["name"] for c in cats]))
     record_pseudo(open_store(str(out)), "maskfree")  # the summary index rows, as the runner's finalize writes them
     assert validate(str(out), s).report["failed"] == 0
     return str(out)

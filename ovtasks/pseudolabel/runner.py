@@ -321,15 +321,34 @@ def finalize(src_uri: str, out_uri: str, settings: Settings, generator: str = "m
 
 
 def _write_embeddings(out, generator: str, cats: list[dict], settings: Settings) -> None:
-    """Category list plus one text embedding per category (same order), for open-vocabulary training."""
-    out.put_bytes(f"pseudo/{generator}/categories.json", json.dumps(cats, indent=2).encode())
+    """Category list plus one text embedding per category (same order), for open-vocabulary training: both or
+    neither. The embeddings are computed first; when the text encoder fails, nothing is written (the previous
+    pair, if any, stays a pair). The pairing record ``text_embeddings.json`` (both files' sha256 and the names in
+    order) is written last, and training refuses a categories.json and text_embeddings.npy it does not pair."""
     try:
         from ovtasks.models.text_encoder import TextEncoder
 
         emb = TextEncoder(settings.candidates.text_encoder, settings.device, s3=settings.s3).encode([c["name"] for c in cats])
     except Exception as exc:  # embeddings are an extra: never lose the shards over them, but say so
-        log.warning("text embeddings not written", extra={"error": repr(exc)})
+        log.warning("categories and text embeddings not written (the text encoder failed)", extra={"error": repr(exc)})
         return
+    write_category_embeddings(out, generator, cats, emb)
+
+
+def write_category_embeddings(out, generator: str, cats: list[dict], emb: np.ndarray) -> None:
+    """``categories.json``, ``text_embeddings.npy`` (row i: ``cats[i]``) and, last, their pairing record."""
+    cat_blob = json.dumps(cats, indent=2).encode()
     buf = io.BytesIO()
-    np.save(buf, emb)
-    out.put_bytes(f"pseudo/{generator}/text_embeddings.npy", buf.getvalue())
+    np.save(buf, np.asarray(emb))
+    prefix = f"pseudo/{generator}"
+    out.put_bytes(f"{prefix}/text_embeddings.npy", buf.getvalue())
+    out.put_bytes(f"{prefix}/categories.json", cat_blob)
+    out.put_bytes(f"{prefix}/{EMBEDDING_PAIR}", json.dumps(embedding_pair(cat_blob, buf.getvalue(), cats)).encode())
+
+
+EMBEDDING_PAIR = "text_embeddings.json"
+
+
+def embedding_pair(categories: bytes, embeddings: bytes, cats: list[dict]) -> dict:
+    return {"categories_sha256": hashlib.sha256(categories).hexdigest(), "embeddings_sha256": hashlib.sha256(embeddings).hexdigest(),
+            "names": [c["name"] for c in cats]}

@@ -35,8 +35,7 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
         shards = sorted(shards)[-window_shards:]
     if not shards:
         raise ValueError(f"no shard passed validation (excluded: {report.get('excluded')})")
-    cats, emb, no_embedding = usable_categories(json.loads(pl.get_bytes(f"{prefix}/categories.json")),
-                                                np.load(io.BytesIO(pl.get_bytes(f"{prefix}/text_embeddings.npy"))))
+    cats, emb, no_embedding = usable_categories(*paired_categories(pl, prefix))
     known = {c["id"] for c in cats}
     dropped: dict[str, int] = {}
     samples, digest, exclude = [], hashlib.sha256(), set(exclude_ids)
@@ -72,6 +71,23 @@ def training_data(clean_uri: str, pseudo_uri: str, settings: Settings, generator
     if dropped:
         log.warning("annotations left out of training", extra={"dropped": dropped, "categories": sorted(no_embedding.values())})
     return samples, cats, emb, manifest
+
+
+def paired_categories(pl, prefix: str) -> tuple[list[dict], np.ndarray]:
+    """``categories.json`` and ``text_embeddings.npy`` of a pseudo-label run, only when they are the pair finalize
+    wrote together (its record ``text_embeddings.json``): "box" never trains with another category's embedding."""
+    from ovtasks.pseudolabel.runner import EMBEDDING_PAIR, embedding_pair
+
+    cat_blob, emb_blob = pl.get_bytes(f"{prefix}/categories.json"), pl.get_bytes(f"{prefix}/text_embeddings.npy")
+    cats = json.loads(cat_blob)
+    record = f"{prefix}/{EMBEDDING_PAIR}"
+    if not pl.exists(record):
+        raise ValueError(f"no {record}: categories.json and text_embeddings.npy are not known to be a pair "
+                         "(finalize the pseudo-label run again)")
+    if json.loads(pl.get_bytes(record)) != embedding_pair(cat_blob, emb_blob, cats):
+        raise ValueError(f"{prefix}/categories.json and text_embeddings.npy are not the pair finalize wrote together "
+                         "(one was replaced): finalize the pseudo-label run again")
+    return cats, np.load(io.BytesIO(emb_blob), allow_pickle=False)
 
 
 def usable_categories(cats: list[dict], emb: np.ndarray) -> tuple[list[dict], np.ndarray, dict[int, str]]:

@@ -231,3 +231,40 @@ def test_instances_from_the_caption_give_one_box_per_counted_object(itm_dir, mon
     capped = label_images(samples, [[Candidate("ball", 1, True, "balls", "lexicon", 9)]], models,
                           _settings(itm_dir, OVTASKS_MASKFREE__INSTANCES="caption", OVTASKS_MASKFREE__MAX_INSTANCES="3", **eq6))
     assert [r.instance for r in capped] == [0, 1, 2]  # nine asked for, three allowed (the whole image overlaps each by < 0.3)
+
+
+def test_categories_and_embeddings_are_written_as_a_pair_or_not_at_all(labelled, clean_small, tmp_path, monkeypatch):
+    """Red-team round three, item 12: finalize with a new category in the middle while the text encoder fails
+    used to write the new categories.json beside the old text_embeddings.npy ("box" trained with "star"'s
+    embedding). Now nothing is written then, and training refuses a categories.json / text_embeddings.npy that
+    finalize did not write together."""
+    import shutil
+
+    import pytest
+
+    from ovtasks.core.storage import open_store
+    from ovtasks.models import text_encoder
+    from ovtasks.pseudolabel import runner
+    from ovtasks.train.data import training_data
+
+    pl = tmp_path / "labelled"
+    shutil.copytree(labelled, pl)
+    base = pl / "pseudo" / "maskfree"
+    before = {f: (base / f).read_bytes() for f in ("categories.json", "text_embeddings.npy", "text_embeddings.json")}
+    cats = json.loads(before["categories.json"])
+    grown = cats[:1] + [{"id": 999, "name": "lantern", "known": False, "split": "open"}] + cats[1:]
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise OSError("text encoder weights unreachable")
+
+    monkeypatch.setattr(text_encoder, "TextEncoder", Broken)
+    runner._write_embeddings(open_store(str(pl)), "maskfree", grown, load_settings(env={}))
+    assert {f: (base / f).read_bytes() for f in before} == before  # neither written
+    monkeypatch.undo()
+    s = load_settings(env={})
+    assert training_data(clean_small, str(pl), s)  # the old pair still trains
+    # one file replaced behind finalize's back: refused, not mis-paired
+    (base / "categories.json").write_text(json.dumps(grown))
+    with pytest.raises(ValueError, match="not the pair finalize wrote together"):
+        training_data(clean_small, str(pl), s)
