@@ -92,6 +92,11 @@ class Store(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def version(self, key: str) -> str | None:
+        """What changes whenever the object is replaced (its size and ETag on S3, size, mtime and inode on
+        disk); None when it does not exist."""
+
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object; removing a missing object is not an error."""
 
@@ -210,6 +215,13 @@ class LocalStore(Store):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def version(self, key: str) -> str | None:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}"
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -343,6 +355,15 @@ class S3Store(Store):
 
     def exists(self, key: str) -> bool:
         return self._is_object(self._name(key))
+
+    def version(self, key: str) -> str | None:
+        from minio.error import S3Error
+
+        try:
+            st = self.client.stat_object(self.bucket, self._name(key))
+        except S3Error:
+            return None
+        return f"{st.size}-{st.etag}-{st.version_id or ''}"
 
     def delete(self, key: str) -> None:
         from minio.error import S3Error

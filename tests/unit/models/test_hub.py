@@ -1,3 +1,6 @@
+import hashlib
+from pathlib import Path
+import json
 import pytest
 
 from ovtasks.models.hub import COMPLETE_MARKER, publish_model, resolve_model
@@ -108,13 +111,91 @@ def test_object_names_never_escape_the_model_cache(tmp_path, monkeypatch):
         def exists(self, key):
             return True
 
+        listed = {"config.json": {"sha256": "0" * 64}, "../../escaped/evil.py": {"sha256": "0" * 64}}
+
         def get_bytes(self, key):
-            return b"{}"
+            return json.dumps(self.listed).encode()
 
         def get_file(self, key, dest):
             dest.write_bytes(b"x")
 
     monkeypatch.setattr(hub, "open_store", lambda ref, s3=None: Hostile())
-    with pytest.raises(ValueError, match="outside the model cache"):
+    with pytest.raises(ValueError, match="outside the model cache"):  # a hostile name in the marker
         resolve_model("s3://b/models/itm")
+    Hostile.listed = {"config.json": {"sha256": hashlib.sha256(b"x").hexdigest()}}  # only in the listing: never fetched
+    assert Path(resolve_model("s3://b/models/itm"), "config.json").read_bytes() == b"x"
     assert not (tmp_path / "escaped").exists() and not list(tmp_path.rglob("evil.py"))
+
+
+# -- red-team round three, items 17-19
+
+
+def test_an_upload_replaces_the_whole_version(tmp_path, monkeypatch):
+    """v2 uploaded over v1 must not keep v1's extra file (v2 ran with v1's hires.safetensors)."""
+    monkeypatch.setenv("OVTASKS_MODEL_CACHE", str(tmp_path / "cache"))
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for d, files in ((v1, {"config.json": b"v1", "hires.safetensors": b"v1-hires"}), (v2, {"config.json": b"v2"})):
+        d.mkdir()
+        for name, data in files.items():
+            (d / name).write_bytes(data)
+    uri = (tmp_path / "store" / "sam").as_uri()
+    publish_model(v1, uri)
+    publish_model(v2, uri)
+    assert sorted(p.name for p in (tmp_path / "store" / "sam").iterdir()) == ["MODEL_COMPLETE", "config.json"]
+    got = Path(resolve_model(uri))
+    assert sorted(p.name for p in got.iterdir()) == ["MODEL_COMPLETE", "config.json"] and (got / "config.json").read_bytes() == b"v2"
+
+
+def test_a_cache_that_does_not_match_its_marker_is_fetched_again(tmp_path, monkeypatch):
+    """A re-upload during a load left files under the old marker that fail its sha256 list; they are never reused."""
+    monkeypatch.setenv("OVTASKS_MODEL_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"weights-1")
+    uri = (tmp_path / "store" / "itm").as_uri()
+    publish_model(src, uri)
+    cached = Path(resolve_model(uri))
+    (cached / "model.safetensors").write_bytes(b"half-written-by-a-racing-upload")
+    (cached / "stray.bin").write_bytes(b"x")
+    again = Path(resolve_model(uri))
+    assert (again / "model.safetensors").read_bytes() == b"weights-1" and not (again / "stray.bin").exists()
+
+
+def test_a_file_replaced_while_it_is_read_is_not_cached_under_the_old_marker(tmp_path, monkeypatch):
+    import ovtasks.models.hub as hub
+
+    monkeypatch.setenv("OVTASKS_MODEL_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"weights-1")
+    uri = (tmp_path / "store" / "itm").as_uri()
+    publish_model(src, uri)
+    store_file = tmp_path / "store" / "itm" / "model.safetensors"
+    real_fetch, calls = hub._fetch, []
+
+    def racing(store, files, staging):
+        if not calls:  # the first read sees a file of the next upload, whose marker is not written yet
+            store_file.write_bytes(b"weights-2")
+        calls.append(1)
+        return real_fetch(store, files, staging)
+
+    monkeypatch.setattr(hub, "_fetch", racing)
+    with pytest.raises(OSError, match="kept changing"):
+        resolve_model(uri)  # the marker still lists weights-1: every try fails its sha256, nothing is cached
+    assert not [p for p in (tmp_path / "cache").rglob("MODEL_COMPLETE")]
+    (src / "model.safetensors").write_bytes(b"weights-2")
+    publish_model(src, uri)  # the upload finishes: its marker now lists weights-2
+    assert (Path(resolve_model(uri)) / "model.safetensors").read_bytes() == b"weights-2"
+
+
+def test_a_single_object_model_reuploaded_to_the_same_uri_is_reloaded(tmp_path, monkeypatch, seaweed, s3_settings):
+    """wspn.pt re-uploaded to the same s3:// URI: the cache is keyed on its version (size, ETag), not the URI."""
+    import uuid
+
+    monkeypatch.setenv("OVTASKS_MODEL_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://one-object-{uuid.uuid4().hex[:8]}/models/wspn.pt"
+    for content in (b"wspn-version-1", b"wspn-version-2!"):
+        f = tmp_path / "wspn.pt"
+        f.write_bytes(content)
+        publish_model(f, uri, s3_settings.s3)
+        assert Path(resolve_model(uri, s3_settings.s3)).read_bytes() == content
