@@ -81,6 +81,7 @@ _PASSIVE = (b"5",)  # directories: skipped
 MAX_META_HEADER_BYTES = 1 << 16
 MAX_NAME_CHARS = 4096  # PATH_MAX: a longer member name is quarantined as an unsafe path
 OVERSIZED_HEADER = b"H"  # pseudo typeflag iter_tar_members yields for a member behind an oversized header
+MALFORMED_HEADER = b"B"  # ... and for a member behind a malformed PAX header (its data is the reason)
 
 
 class _TarCorrupt(Exception):
@@ -156,7 +157,7 @@ def iter_tar_members(fh: BinaryIO, limit_for: "Callable[[str], int]") -> Iterato
     Raises ``EOFError`` on truncation and ``_TarCorrupt`` on a damaged header.
     """
     pending: dict[str, str] = {}
-    oversized_header = ""
+    oversized_header = malformed_header = ""
     saw_any = False
     while True:
         header = fh.read(_BLOCK)
@@ -179,7 +180,10 @@ def iter_tar_members(fh: BinaryIO, limit_for: "Callable[[str], int]") -> Iterato
             data = _read_exact(fh, size)
             _skip(fh, (-size) % _BLOCK)
             if typeflag == b"x":
-                pending.update(_pax_records(data))
+                try:
+                    pending.update(_pax_records(data))
+                except _TarCorrupt as exc:  # the PAX header's own ustar header framed it: only its member is bad
+                    malformed_header = str(exc)
             elif typeflag == b"L":
                 pending["path"] = data.rstrip(b"\x00").decode("utf-8", "replace")
             continue
@@ -189,10 +193,16 @@ def iter_tar_members(fh: BinaryIO, limit_for: "Callable[[str], int]") -> Iterato
         name = pending.pop("path", name)
         if "size" in pending:
             text = pending.pop("size").strip()
-            if not text.isdigit():
-                raise _TarCorrupt(f"bad PAX size {text[:20]!r} (a negative size?)")
-            size = int(text)
+            if text.isdigit():
+                size = int(text)
+            else:  # the member keeps the size its ustar header gives: if that frames it wrongly, the next header fails
+                malformed_header = malformed_header or f"bad PAX size {text[:20]!r} (a negative size?)"
         pending.clear()
+        if malformed_header:
+            _skip(fh, size + (-size) % _BLOCK)
+            yield name, MALFORMED_HEADER, malformed_header.encode(), size
+            malformed_header = ""
+            continue
         if oversized_header:
             _skip(fh, size + (-size) % _BLOCK)
             yield name, OVERSIZED_HEADER, oversized_header.encode(), size
@@ -241,6 +251,8 @@ def iter_tar_samples(fileobj: BinaryIO, limits: dict[str, int], default_limit: i
                 seen_keys.add(key)
             if typeflag == OVERSIZED_HEADER:
                 current.problems.append("oversized_tar_header")
+            elif typeflag == MALFORMED_HEADER:
+                current.problems.append("malformed_tar_header")
             elif is_unsafe_name(name) or len(name) > MAX_NAME_CHARS:
                 current.problems.append("unsafe_member_path")
             elif typeflag not in _REGULAR:

@@ -73,7 +73,7 @@ REASONS = (
     "caption_too_long", "empty_caption", "punsafe", "missing_punsafe", "watermark", "non_english",
     "empty_image", "undecodable_image", "truncated_image", "decompression_bomb", "animated_image",
     "too_small", "bad_aspect_ratio", "near_duplicate",
-    "oversized_tar_header", "metadata_too_large", "bad_metadata", "check_failed", "duplicate_image_id",
+    "oversized_tar_header", "malformed_tar_header", "metadata_too_large", "bad_metadata", "check_failed", "duplicate_image_id",
 )
 MAX_JSON_BYTES = 1 << 20  # a sample's .json metadata member
 MAX_INDEX_KEY_CHARS = 256  # a key longer than this is shortened in the quarantine index (with its length)
@@ -189,7 +189,8 @@ def check_sample(raw: RawSample, row: dict | None, cfg: IngestConfig) -> Verdict
     def reject(reason: str, detail: str = "") -> Verdict:
         return Verdict(raw.key, reason, detail, dict(raw.members))
 
-    for problem in ("oversized_tar_header", "unsafe_member_path", "unsafe_member_type", "duplicate_key", "truncated_tar"):
+    for problem in ("oversized_tar_header", "malformed_tar_header", "unsafe_member_path", "unsafe_member_type", "duplicate_key",
+                    "truncated_tar"):
         if problem in raw.problems:
             return reject(problem, f"tar member(s) of key {raw.key!r}")
     image_ext = next((e for e in IMAGE_EXTS if e in raw.members or e in raw.oversized), None)

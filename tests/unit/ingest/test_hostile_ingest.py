@@ -27,11 +27,16 @@ def _ingest_within(tmp_path: Path, files: dict[str, bytes], seconds: float = 60,
     return call_within(lambda: run_ingest(tmp_path, files, **env), seconds, "ingest")
 
 
-def test_pax_record_of_length_zero_does_not_hang(tmp_path):
-    bad = _member(b"././@PaxHeader", b"0 path=x\n", b"x") + _member(b"000000001.jpg", encode_image(noise_image(3)))
-    tar = _good_members("000000000", 1) + _good_members("000000002", 2) + bad + _end()  # 2: in progress when it breaks
+@pytest.mark.parametrize("record", [b"0 path=x\n", b"3 path=x\n", b"1 x\n", b"99999 path=x\n", b"abc\n"],
+                         ids=["length_zero", "shorter_than_its_digits", "length_one", "past_the_header", "no_length"])
+def test_a_malformed_pax_record_quarantines_its_member_and_keeps_the_rest(tmp_path, record):
+    """The PAX header's own ustar header frames it, so only the member it describes is bad: the samples before
+    it (including the one in progress) and after it are kept, the member is quarantined with its reason."""
+    bad = _member(b"././@PaxHeader", record, b"x") + _member(b"000000001.jpg", encode_image(noise_image(3)))
+    tar = _good_members("000000000", 1) + _good_members("000000002", 2) + bad + _good_members("000000003", 3) + _end()
     report, reasons, _ = _ingest_within(tmp_path, {"00000.tar": tar})
-    assert report["kept"] == 1 and report["shards"][0]["status"] == "failed" and "PAX" in report["shards"][0]["error"]
+    assert report["kept"] == 3 and report["shards"][0]["status"] != "failed", report["shards"][0]
+    assert reasons == {"000000001": "malformed_tar_header"}
     assert json.loads((tmp_path / "out" / "ingest_report.json").read_text())["seen"] == report["seen"]
 
 
@@ -42,11 +47,21 @@ def test_negative_member_size_is_a_corrupt_shard_not_a_read_of_everything(tmp_pa
     assert report["kept"] == 1 and report["shards"][0]["status"] == "failed" and "negative" in report["shards"][0]["error"]
 
 
-def test_pax_size_minus_one_is_refused(tmp_path):
-    pax = b"11 size=-1\n"
-    tar = _good_members("000000000", 1) + _good_members("000000002", 2) + _member(b"././@PaxHeader", pax, b"x") + _member(b"000000001.jpg", b"x" * 10) + _end()
+@pytest.mark.parametrize("pax", [b"11 size=-1\n", b"12 size=abc\n"])
+def test_a_bad_pax_size_with_intact_framing_quarantines_its_member(tmp_path, pax):
+    tar = (_good_members("000000000", 1) + _good_members("000000002", 2) + _member(b"././@PaxHeader", pax, b"x")
+           + _member(b"000000001.jpg", b"x" * 10) + _good_members("000000003", 3) + _end())
+    report, reasons, _ = _ingest_within(tmp_path, {"00000.tar": tar})
+    assert report["kept"] == 3 and reasons == {"000000001": "malformed_tar_header"}
+
+
+def test_a_bad_pax_size_that_loses_the_framing_fails_the_shard_but_keeps_what_came_before(tmp_path):
+    """The member's ustar header says 0 bytes but 10 follow: the next header is garbage, the framing is lost."""
+    body = b"x" * 10 + bytes(BLOCK - 10)
+    tar = (_good_members("000000000", 1) + _good_members("000000002", 2) + _member(b"././@PaxHeader", b"11 size=-1\n", b"x")
+           + _header(b"000000001.jpg", b"00000000000\x00") + body + _good_members("000000003", 3) + _end())
     report, _, _ = _ingest_within(tmp_path, {"00000.tar": tar})
-    assert report["kept"] == 1 and report["shards"][0]["status"] == "failed" and "negative" in report["shards"][0]["error"]
+    assert report["shards"][0]["status"] == "failed" and report["kept"] == 2
 
 
 @pytest.mark.parametrize("typeflag", [b"x", b"L"])
