@@ -39,9 +39,11 @@ test: $(STAMP) browser
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-# the structure-aware shard fuzzer for longer than the default suite runs it (FUZZ_EXAMPLES=30 there)
+# the structure-aware fuzzers (LAION shards into ingest; pseudo-label shards into the gate and the loader; image files
+# into predict) for longer than the default suite runs them (FUZZ_EXAMPLES=30 there)
 fuzz: $(STAMP)
-	HF_HUB_OFFLINE=1 FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -q -p no:logging tests/unit/ingest/test_fuzz_ingest.py $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -q -p no:logging tests/unit/ingest/test_fuzz_ingest.py \
+	  tests/unit/validate/test_fuzz_gate.py $(PYTEST_ARGS)
 
 # the fault-injection and security tests, written up as benchmarks/reliability.md (--slow: + the 1k vs 10k memory test)
 reliability: $(STAMP) browser
