@@ -2,7 +2,8 @@
 mask AP50 at least ``registry.min_novel_ap50``, and a paired bootstrap over the evaluation images puts the
 challenger - champion interval's lower end above -tolerance); a refusal is a result with its reason and
 interval, tagged on the challenger, not a failure. The promotion is audited under the user who triggered the
-run; the tolerance is bounded (registry.max_promotion_tolerance)."""
+run, who must have an admin-level role (ui.promoter_roles: the rule the UI applies); the tolerance is bounded
+(registry.max_promotion_tolerance)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,16 @@ def ovtasks_promote():
         from ovtasks.orchestration.alerts import promotion_text, send_alert
         from ovtasks.orchestration.tasks import promote_model
 
+        from ovtasks.ui.authz import check_triggering_user
+
         ctx = get_current_context()
-        p = ctx["params"]
-        # the actor is whoever triggered this run (recorded by Airflow), never a parameter
-        who = getattr(ctx["dag_run"], "triggering_user_name", None) or f"airflow:{ctx['dag_run'].run_type}"
-        result = promote_model(settings(), p["model"], p["tolerance"], who, p["reason"])
+        p, run = ctx["params"], ctx["dag_run"]
+        s = settings()
+        # the actor is whoever triggered this run (recorded by Airflow), never a parameter, and must have the role
+        # the UI asks for; a run no user triggered (`airflow dags test`, the scheduler) is the platform's own
+        user = getattr(run, "triggering_user_name", None)
+        who = check_triggering_user(user, s.ui.promoter_roles) if user else f"airflow:{run.run_type}"
+        result = promote_model(s, p["model"], p["tolerance"], who, p["reason"])
         send_alert(*promotion_text(p["model"], result))  # promotions and refusals both reach the operators
         return result
 

@@ -168,6 +168,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0  # not reached
 
 
+def cli_actor() -> str:
+    """Who a promotion from the CLI is audited under: the registry login it acts with (MLflow's basic-auth user,
+    which must be allowed to write the model), else the operating-system user; never an argument."""
+    import getpass
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
+
 def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
     from ovtasks.registry.lifecycle import promote, registry_exists
 
@@ -182,13 +191,13 @@ def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
         from ovtasks.registry.lifecycle import rollback
 
         try:
-            r = rollback(settings, args.version, args.who, args.reason or "", architecture=args.model)
+            r = rollback(settings, args.version, cli_actor(), args.reason or "", architecture=args.model)
         except LookupError as exc:
             raise ValueError(str(exc)) from exc
         print_table([("champion set", "yes" if r.promoted else "NO"), ("reason", r.reason), ("champion before", str(r.champion_before)),
                       ("champion now", str(r.champion_after))], "rollback (no gate)")
         return 0 if r.promoted else 4
-    r = promote(settings, args.tolerance, args.who, args.reason or "", architecture=args.model)
+    r = promote(settings, args.tolerance, cli_actor(), args.reason or "", architecture=args.model)
     print_table([("promoted", "yes" if r.promoted else "NO"), ("reason", r.reason), ("challenger", str(r.challenger)),
                   ("champion before", str(r.champion_before)), ("champion now", str(r.champion_after)),
                   ("gate (challenger - champion, CI)", gate_text(r.gate))], "promotion gate")
@@ -313,7 +322,6 @@ def add_commands(sub) -> None:
     pr.add_argument("--model", default="ov-maskrcnn", choices=("ov-maskrcnn", "semantic-sam"))
     pr.add_argument("--tolerance", type=float, default=None,
                     help="novel mask AP50 points (default registry.promotion_tolerance; finite, at most registry.max_promotion_tolerance)")
-    pr.add_argument("--who", default=None)
     pr.add_argument("--reason", default=None)
     pr.add_argument("--version", default=None,
                     help="roll back: make this existing version the champion, without the gate (audited on the version)")

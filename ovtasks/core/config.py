@@ -265,6 +265,9 @@ class UiConfig(_Frozen):
     thumb_cache: str | None = Field(None, description="directory of cached thumbnails (default <data_dir>/cache/ui)")
     page_size_max: int = Field(100, ge=1, le=1000)
     promote_dag: str = Field("ovtasks_promote", description="promoting needs permission to trigger this DAG (and an admin-level role)")
+    promoter_roles: tuple[str, ...] = Field(("Admin",), description="Airflow roles (FAB) that may move the champion; with the "
+                                            "simple auth manager: the ADMIN role. The same rule in the UI and in a "
+                                            "promote DAG run triggered by a user")
 
 
 class PipelineConfig(_Frozen):

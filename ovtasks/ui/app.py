@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Response
-from fastapi.responses import HTMLResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from ovtasks.data import catalog
@@ -39,26 +40,28 @@ def user_name(user) -> str:
     return "unknown"
 
 
-def can_promote(user, promote_dag: str) -> tuple[bool, str]:
-    """Promotion is admin-level: the user may trigger ``promote_dag`` (a DAG-run POST) and, with the simple
-    auth manager, has the ADMIN role; with any other auth manager (FAB, Keycloak, ...) the admin grants the
-    custom-view permission ``POST ovtasks_promote``."""
+def can_promote(user, promote_dag: str, promoter_roles=("Admin",)) -> tuple[bool, str]:
+    """Promotion is admin-level: the user may trigger ``promote_dag`` (a DAG-run POST) and has an admin-level role
+    (:mod:`ovtasks.ui.authz`, the same rule a promote DAG run applies to the user who triggered it)."""
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+
+    from ovtasks.ui.authz import may_promote
 
     am = get_auth_manager()
     if not am.is_authorized_dag(method="POST", access_entity=DagAccessEntity.RUN, details=DagDetails(id=promote_dag), user=user):
         return False, f"needs permission to trigger {promote_dag}"
-    role = getattr(user, "role", None)
-    if type(am).__name__ == "SimpleAuthManager":
+    manager = type(am).__name__
+    if manager == "SimpleAuthManager":
         from airflow.configuration import conf
 
-        if conf.getboolean("core", "simple_auth_manager_all_admins", fallback=False) or str(role or "").upper() == "ADMIN":
-            return True, "admin"
-        return False, f"needs the admin role (has {role!r})"
-    if am.is_authorized_custom_view(method="POST", resource_name="ovtasks_promote", user=user):
-        return True, "custom view permission"
-    return False, "needs the 'POST ovtasks_promote' permission"
+        all_admins = conf.getboolean("core", "simple_auth_manager_all_admins", fallback=False)
+        roles = ["ADMIN"] if all_admins else [str(getattr(user, "role", None) or "")]
+    elif manager == "FabAuthManager":
+        roles = [getattr(r, "name", str(r)) for r in (getattr(user, "roles", None) or [])]
+    else:
+        return False, f"auth manager {manager}: promotion rights are not known for it"
+    return may_promote([r for r in roles if r], promoter_roles)
 
 
 GENERATOR = Literal["maskfree", "grounded"] | None  # anything else (``../x``) is a 422, never a path
@@ -80,6 +83,14 @@ def create_app(settings_factory=_settings, auth_dependency=None) -> FastAPI:
                   openapi_url=None)
     user_dep = Depends(auth_dependency)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc: RequestValidationError):
+        """422 with where and what, never the offending input: a non-finite number in it (Infinity, NaN) would
+        make FastAPI's own JSON answer fail with a 500."""
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()]})
+
     def missing(exc: Exception):
         return HTTPException(404, str(exc))
 
@@ -90,7 +101,7 @@ def create_app(settings_factory=_settings, auth_dependency=None) -> FastAPI:
     @app.get("/api/whoami")
     def whoami(user=user_dep):
         s = settings_factory()
-        ok, why = can_promote(user, s.ui.promote_dag)
+        ok, why = can_promote(user, s.ui.promote_dag, s.ui.promoter_roles)
         return {"user": user_name(user), "can_promote": ok, "why": why}
 
     @app.get("/api/datasets")
@@ -121,7 +132,7 @@ def create_app(settings_factory=_settings, auth_dependency=None) -> FastAPI:
         from ovtasks.registry.lifecycle import promote as run_gate
 
         s = settings_factory()
-        ok, why = can_promote(user, s.ui.promote_dag)
+        ok, why = can_promote(user, s.ui.promote_dag, s.ui.promoter_roles)
         if not ok:
             raise HTTPException(403, f"promotion refused to {user_name(user)}: {why}")
         try:

@@ -303,6 +303,14 @@ def test_weekly_loop_on_the_compose_environment(synth_small, clean_small, names,
             assert stack.wait(af, "ovtasks_promote", promote1, 300) == "success", stack.tail()
             retrain2 = af.trigger("ovtasks_retrain", {"steps": 3, "eval_images": 6})
             assert stack.wait(af, "ovtasks_retrain", retrain2, 600) == "success", stack.tail()
+            # a user who may trigger DAGs but has no admin role: the promote run fails, whatever its conf says
+            from ovtasks.orchestration.rest import Airflow
+
+            _in_names(names, [str(BIN / "airflow"), "users", "create", "--role", "Op", "--username", "analyst", "--password",
+                              "analyst-pw-123", "--firstname", "A", "--lastname", "N", "--email", "analyst@localhost"], init_env)
+            op = Airflow.login(af.base_url, "analyst", "analyst-pw-123")
+            bypass = op.trigger("ovtasks_promote", {"who": "admin", "tolerance": 10.0})
+            assert stack.wait(op, "ovtasks_promote", bypass, 300) == "failed"
             promote2 = af.trigger("ovtasks_promote", {"tolerance": 10.0})  # registry.max_promotion_tolerance
             assert stack.wait(af, "ovtasks_promote", promote2, 300) == "success", stack.tail()
             failing = af.trigger("ovtasks_pseudo_label", {"generator": "no-such-generator"})
@@ -330,11 +338,10 @@ def test_weekly_loop_on_the_compose_environment(synth_small, clean_small, names,
             instances = ask_served_model(f"models:/{MODEL}@champion", cpu["OVTASKS_REGISTRY__TRACKING_URI"], tmp_path / "query.png",
                                          "ball,box,star", tmp_path / "serve.log", env=ops, wrap=names.wrap)
             assert isinstance(instances, list) and all(i["name"] in {"ball", "box", "star"} for i in instances)
-            out = _in_names(names, [str(BIN / "ovtasks"), "promote", "--version", "1", "--who", "weekly-loop-test", "--reason",
-                                    "rollback drill"], ops).stdout
+            out = _in_names(names, [str(BIN / "ovtasks"), "promote", "--version", "1", "--reason", "rollback drill"], ops).stdout
             assert "champion now" in out
             rolled = json.loads(_in_names(names, [sys.executable, "-c", MLFLOW_CHECK, MODEL], ops).stdout.strip().splitlines()[-1])
-            assert rolled["champion"] == "1"
+            assert rolled["champion"] == "1" and rolled["promoted_by"] == "admin"  # the CLI acts as its MLflow login
 
             # task logs are in the store (remote logging), not only on the worker that ran the task
             logs = store.list("airflow-logs/")
@@ -344,6 +351,7 @@ def test_weekly_loop_on_the_compose_environment(synth_small, clean_small, names,
             assert "[ovtasks] ov-maskrcnn challenger v1: promoted" in subjects, subjects
             assert "[ovtasks] ov-maskrcnn challenger v2: promoted" in subjects, subjects
             assert any(x.startswith("[ovtasks] FAILED ovtasks_pseudo_label.") for x in subjects), subjects
+            assert any(x.startswith("[ovtasks] FAILED ovtasks_promote.") for x in subjects), subjects  # the refused bypass
             assert {m["To"] for m in smtp_server.messages} == {"ops@example.org"}  # compose's OVTASKS_ALERT_EMAILS
         finally:
             stack.stop()

@@ -144,14 +144,17 @@ def test_cli_train_and_promote(clean_small, labelled, synth_small, tmp_path, mon
                "--batch-size", "2", "--gt", synth_small[0], "--eval-images", "4", "--register"])
     out = capsys.readouterr().out
     assert rc == 0 and "ovtasks-ov-maskrcnn v1 (alias challenger)" in out and "| generalized | novel |" in out
-    assert main(["promote", "--who", "cli"]) == 0 and "yes" in capsys.readouterr().out
+    assert main(["promote", "--who", "cli"]) == 2  # the actor is who runs the command, never an argument
+    capsys.readouterr()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ops")  # the registry login the CLI acts as
+    assert main(["promote"]) == 0 and "yes" in capsys.readouterr().out
     _champion_answers_images(tmp_path, clean_small, capsys)
     # rollback: any existing version becomes the champion without the gate, audited on the version
     rc = main(["train", "--src", clean_small, "--pseudo", labelled, "--out", str(tmp_path / "m2"), "--steps", "2",
                "--batch-size", "2", "--gt", synth_small[0], "--eval-images", "4", "--register"])
     assert rc == 0 and "v2 (alias challenger)" in capsys.readouterr().out
-    assert main(["promote", "--version", "2", "--who", "ops", "--reason", "canary"]) == 0
-    assert main(["promote", "--version", "1", "--who", "ops", "--reason", "v2 misbehaves"]) == 0
+    assert main(["promote", "--version", "2", "--reason", "canary"]) == 0
+    assert main(["promote", "--version", "1", "--reason", "v2 misbehaves"]) == 0
     assert "champion set to v1 by ops (was v2): v2 misbehaves" in capsys.readouterr().out
     assert main(["promote", "--version", "1"]) == 4 and "already the champion" in capsys.readouterr().out
     assert main(["promote", "--version", "9"]) == 2 and "has no version 9" in capsys.readouterr().err

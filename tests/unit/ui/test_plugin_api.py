@@ -147,7 +147,12 @@ def test_promote_needs_admin_and_runs_the_gate(world):
         r = c.post("/ovtasks/api/promote", json={"reason": "try"}, headers=h[user])
         assert r.status_code == 403 and "refused" in r.json()["detail"], (user, r.text)
         assert c.get("/ovtasks/api/whoami", headers=h[user]).json()["can_promote"] is False
-    assert c.get("/ovtasks/api/whoami", headers=h["admin"]).json() == {"user": "admin", "can_promote": True, "why": "admin"}
+    assert c.get("/ovtasks/api/whoami", headers=h["admin"]).json() == {"user": "admin", "can_promote": True, "why": "role admin"}
+    # an unbounded tolerance is a 422 with its reason, never a 500 and never a tag (red-team round three, item 5)
+    for body in ('{"tolerance": Infinity}', '{"tolerance": NaN}', '{"tolerance": 1e308}', '{"tolerance": 11}'):
+        r = c.post("/ovtasks/api/promote", content=body, headers={**h["admin"], "Content-Type": "application/json"})
+        assert r.status_code == 422, (body, r.status_code, r.text)
+    assert c.get("/ovtasks/api/models", headers=h["viewer"]).status_code == 200
     assert c.post("/ovtasks/api/promote", data="model=ov-maskrcnn", headers={**h["admin"], "Content-Type": "application/x-www-form-urlencoded"}).status_code == 422
     r = c.post("/ovtasks/api/promote", json={"reason": "from the test"}, headers=h["admin"]).json()
     assert r["promoted"] is True and r["challenger"] == "2" and r["champion_after"] == "2"
