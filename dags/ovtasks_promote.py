@@ -35,7 +35,7 @@ def ovtasks_promote():
         # the actor is whoever triggered this run (recorded by Airflow), never a parameter, and must have the role
         # the UI asks for; a run no user triggered (`airflow dags test`, the scheduler) is the platform's own
         user = getattr(run, "triggering_user_name", None)
-        who = check_triggering_user(user, s.ui.promoter_roles) if user else f"airflow:{run.run_type}"
+        who = check_triggering_user(user, s.ui.promoter_roles, s.airflow) if user else f"airflow:{run.run_type}"
         result = promote_model(s, p["model"], p["tolerance"], who, p["reason"])
         send_alert(*promotion_text(p["model"], result))  # promotions and refusals both reach the operators
         return result

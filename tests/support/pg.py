@@ -10,8 +10,9 @@ import uuid
 import pytest
 
 
-@contextlib.contextmanager
-def fresh_database(prefix: str, purpose: str):
+def admin_connection(purpose: str):
+    """An autocommit connection to the machine's PostgreSQL as ``postgres``; the test skips, with the reason
+    printed, only when the server cannot be reached."""
     try:
         import psycopg2
     except ImportError as exc:  # pinned in pyproject: only a broken install gets here
@@ -22,6 +23,12 @@ def fresh_database(prefix: str, purpose: str):
         print(f"\nSKIP {purpose}: PostgreSQL at 127.0.0.1:5432 unreachable: {exc}", file=sys.stderr)
         pytest.skip(f"PostgreSQL unreachable: {exc}")
     conn.autocommit = True
+    return conn
+
+
+@contextlib.contextmanager
+def fresh_database(prefix: str, purpose: str):
+    conn = admin_connection(purpose)
     db = f"{prefix}_{uuid.uuid4().hex[:10]}"
     conn.cursor().execute(f"CREATE DATABASE {db}")
     try:

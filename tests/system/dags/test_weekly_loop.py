@@ -66,12 +66,9 @@ def compose_databases():
     """What compose's postgres container holds: the role ``airflow`` and docker/postgres-init's databases."""
     import psycopg2
 
-    try:
-        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        print(f"\nSKIP weekly loop: PostgreSQL at 127.0.0.1:5432 unreachable: {exc}", file=sys.stderr)
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
-    conn.autocommit = True
+    from tests.support.pg import admin_connection
+
+    conn = admin_connection("weekly loop")
     cur = conn.cursor()
     cur.execute("SELECT 1 FROM pg_roles WHERE rolname = 'airflow'")
     if not cur.fetchone():
@@ -195,7 +192,7 @@ def test_weekly_loop_on_the_compose_environment(synth_small, clean_small, names,
     # remote-log endpoints are each stack's own service names
     objects = render(merged_values("values-production.example.yaml", overrides={"ovtasks": {"bucket": bucket, "evaluationGt": ""}}))
     chart = config_map(objects)
-    own_names = {"OVTASKS_S3__ENDPOINT", "OVTASKS_REGISTRY__TRACKING_URI", "AIRFLOW_CONN_OVTASKS_S3"}
+    own_names = {"OVTASKS_S3__ENDPOINT", "OVTASKS_REGISTRY__TRACKING_URI", "AIRFLOW_CONN_OVTASKS_S3", "OVTASKS_AIRFLOW__URL"}
     chart_only = {"OVTASKS_S3__SECURE", "OVTASKS_S3__CREDENTIALS", "OVDAGS_ALERT_EMAILS"}
     same = {k: chart[k] for k in chart if k not in own_names | chart_only}
     assert same == {k: cpu.get(k) for k in same}, {k: (chart[k], cpu.get(k)) for k in same if chart[k] != cpu.get(k)}

@@ -146,14 +146,20 @@ def test_an_upload_replaces_the_whole_version(tmp_path, monkeypatch):
     assert sorted(p.name for p in got.iterdir()) == ["MODEL_COMPLETE", "config.json"] and (got / "config.json").read_bytes() == b"v2"
 
 
-def test_a_cache_that_does_not_match_its_marker_is_fetched_again(tmp_path, monkeypatch):
-    """A re-upload during a load left files under the old marker that fail its sha256 list; they are never reused."""
+def _published(tmp_path, monkeypatch):
+    """(source directory, URI) of a one-file model published to a file:// store, with a fresh model cache."""
     monkeypatch.setenv("OVTASKS_MODEL_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "m"
     src.mkdir()
     (src / "model.safetensors").write_bytes(b"weights-1")
     uri = (tmp_path / "store" / "itm").as_uri()
     publish_model(src, uri)
+    return src, uri
+
+
+def test_a_cache_that_does_not_match_its_marker_is_fetched_again(tmp_path, monkeypatch):
+    """A re-upload during a load left files under the old marker that fail its sha256 list; they are never reused."""
+    _src, uri = _published(tmp_path, monkeypatch)
     cached = Path(resolve_model(uri))
     (cached / "model.safetensors").write_bytes(b"half-written-by-a-racing-upload")
     (cached / "stray.bin").write_bytes(b"x")
@@ -164,12 +170,7 @@ def test_a_cache_that_does_not_match_its_marker_is_fetched_again(tmp_path, monke
 def test_a_file_replaced_while_it_is_read_is_not_cached_under_the_old_marker(tmp_path, monkeypatch):
     import ovtasks.models.hub as hub
 
-    monkeypatch.setenv("OVTASKS_MODEL_CACHE", str(tmp_path / "cache"))
-    src = tmp_path / "m"
-    src.mkdir()
-    (src / "model.safetensors").write_bytes(b"weights-1")
-    uri = (tmp_path / "store" / "itm").as_uri()
-    publish_model(src, uri)
+    src, uri = _published(tmp_path, monkeypatch)
     store_file = tmp_path / "store" / "itm" / "model.safetensors"
     real_fetch, calls = hub._fetch, []
 
