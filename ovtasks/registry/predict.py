@@ -26,7 +26,7 @@ def predict_images(model_ref: str, paths: Sequence[str | Path], out_dir: str | P
     from ovtasks.report.draw import overlay_instances
 
     local = model_ref
-    if "://" in model_ref or model_ref.startswith("models:/"):  # a registered version: loaded only as registered
+    if model_ref.startswith(("models:/", "runs:/")) or "://" in model_ref:  # registered versions only, loaded as registered
         from ovtasks.registry.integrity import verified_download
         from ovtasks.registry.lifecycle import _client
 
