@@ -10,7 +10,7 @@ the good shard beside it always passes, and a shard that passes gives the traine
 its image's size. Image files: every one is either decoded to an 8-bit RGB array within the pixel cap or skipped
 with an ingest reason.
 
-The default suite runs ``FUZZ_EXAMPLES`` (default 30: 10 shards, 60 images); ``make fuzz`` runs thousands.
+The default suite runs ``FUZZ_EXAMPLES`` (default 30: 5 shards, 30 images); ``make fuzz`` runs thousands.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tests.unit.validate.test_validate import _write_shard, good_doc
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
 SEED = int(os.environ.get("FUZZ_SEED", "20261208"))
 VOCAB = Vocabulary.load(None)
-HOSTILE_NUMBER = st.one_of(st.integers(-50, 80), st.floats(allow_nan=True, allow_infinity=True, width=32),
+HOSTILE_NUMBER = st.one_of(st.integers(-50, 80), st.floats(allow_nan=True, allow_infinity=True, width=32, allow_subnormal=False),
                            st.sampled_from(["3", "", None, True, [1], {"v": 1}]))
 
 
@@ -91,7 +91,7 @@ def shards(draw):
 
 
 @seed(SEED)
-@settings(max_examples=max(5, EXAMPLES // 3), deadline=None, derandomize=True,  # a GX run per shard: ~3 s each
+@settings(max_examples=max(5, EXAMPLES // 6), deadline=None, derandomize=True,  # two GX runs per example: ~6 s each
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(doc=shards())
 def test_fuzzed_pseudo_label_shards_through_the_gate_and_the_loader(doc):
@@ -165,7 +165,7 @@ def _exif(orientation: int) -> bytes:
 
 
 @seed(SEED)
-@settings(max_examples=2 * EXAMPLES, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=image_files())
 def test_fuzzed_image_files_are_decoded_as_training_saw_them_or_skipped(data):
     from ovtasks.core.config import IngestConfig
