@@ -96,7 +96,8 @@ def _marker_files(ref: str, marker: bytes) -> dict[str, str]:
     return files
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -106,7 +107,7 @@ def _sha256(path: Path) -> str:
 
 def _cache_matches(target: Path, files: dict[str, str]) -> bool:
     present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()} - {COMPLETE_MARKER}
-    return present == set(files) and all(_sha256(target / k) == sha for k, sha in files.items())
+    return present == set(files) and all(file_sha256(target / k) == sha for k, sha in files.items())
 
 
 def _fetch(store, files: dict[str, str], staging: Path) -> bool:
@@ -115,7 +116,7 @@ def _fetch(store, files: dict[str, str], staging: Path) -> bool:
         dest = staging / key
         dest.parent.mkdir(parents=True, exist_ok=True)
         store.get_file(key, dest)
-        if _sha256(dest) != sha:
+        if file_sha256(dest) != sha:
             return False
     return True
 
@@ -171,6 +172,6 @@ def publish_model(local: str | os.PathLike, uri: str, s3: S3Config | None = None
     for p in files:
         key = p.relative_to(local).as_posix()
         store.put_file(key, p)
-        manifest[key] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        manifest[key] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
     store.put_bytes(COMPLETE_MARKER, json.dumps(manifest, sort_keys=True).encode())
     return store.uri

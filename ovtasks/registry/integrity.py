@@ -10,7 +10,6 @@ the recorded ones; only then does anything load it. A version registered without
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -24,17 +23,15 @@ class IntegrityError(ValueError):
 
 def digest_tree(root: str | Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every file under ``root`` (symlinks are refused: they point outside)."""
+    from ovtasks.models.hub import file_sha256
+
     root = Path(root)
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_symlink():
             raise IntegrityError(f"{p.relative_to(root)} is a symbolic link")
         if p.is_file():
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[p.relative_to(root).as_posix()] = h.hexdigest()
+            out[p.relative_to(root).as_posix()] = file_sha256(p)
     return out
 
 
